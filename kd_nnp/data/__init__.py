@@ -1,0 +1,5 @@
+"""Frames: the on-disk store, its sources (MPtrj, files, pyxtal, COD, perturbations)."""
+
+from kd_nnp.data.store import Frame, FrameStore, LabelSet, Labels
+
+__all__ = ["Frame", "FrameStore", "LabelSet", "Labels"]

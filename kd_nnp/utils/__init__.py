@@ -1,0 +1,1 @@
+"""Shared utilities: paths, thread control, worker pools, provenance, Hydra glue."""
