@@ -1,0 +1,202 @@
+"""``kd-nnp data SUBCOMMAND``: build and inspect frames stores.
+
+    kd-nnp data pyxtal --db test --out stores/pyxtal [--codes UREAXX02 FORMAM] [--max-atoms 100]
+    kd-nnp data perturb --from stores/pyxtal --out stores/perturbed --n-strain 8 --n-rattle 4 \\
+        --seed 0 [--prerelax-teacher so3lr]
+    kd-nnp data files ../shared/data/x23_vdwdf2 --out stores/x23 --source-name x23
+    kd-nnp data mptrj --json MPtrj_2022.9_full.json --out stores/mptrj --include organic,complex
+    kd-nnp data mptrj --download --out stores/mptrj        # figshare, online only
+    kd-nnp data cod --ids Sampled_COD_Organic.csv --out cod_cifs
+    kd-nnp data info stores/pyxtal
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from kd_nnp.data.store import FrameStore, StoreError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kd-nnp data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch/BLAS threads (default 1)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    m = sub.add_parser("mptrj", help="stream MPtrj (JSON or FFAST extxyz) into a store")
+    g = m.add_mutually_exclusive_group(required=True)
+    g.add_argument("--json", type=Path, help="MPtrj_2022.9_full.json (or an MPtrj .extxyz)")
+    g.add_argument("--download", action="store_true", help="download from figshare first")
+    m.add_argument("--download-dir", type=Path, default=Path("downloads"))
+    m.add_argument("--figshare-api", default=None, help="figshare API URL (tests, mirrors)")
+    m.add_argument("--out", required=True, type=Path)
+    m.add_argument("--include", default="organic", help="classes: organic,complex,inorganic")
+    m.add_argument("--limit", type=int, default=None)
+
+    f = sub.add_parser("files", help="extxyz / traj / ASE db / CIF files or folders")
+    f.add_argument("paths", nargs="+", type=Path)
+    f.add_argument("--out", required=True, type=Path)
+    f.add_argument("--source-name", default="files")
+
+    x = sub.add_parser("pyxtal", help="CSD organic crystals shipped with pyxtal")
+    x.add_argument("--db", default="test", choices=["test", "mech"])
+    x.add_argument("--out", required=True, type=Path)
+    x.add_argument("--codes", nargs="*", default=None)
+    x.add_argument("--max-atoms", type=int, default=None)
+    x.add_argument("--limit", type=int, default=None)
+
+    q = sub.add_parser("perturb", help="strained / rattled / MD frames from a store's crystals")
+    q.add_argument("--from", dest="src", required=True, type=Path)
+    q.add_argument("--out", required=True, type=Path)
+    q.add_argument("--n-strain", type=int, default=8)
+    q.add_argument("--n-rattle", type=int, default=4)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument(
+        "--volume-range",
+        type=float,
+        nargs=2,
+        default=(-0.08, 0.20),
+        metavar=("LO", "HI"),
+        help="relative volume change range",
+    )
+    q.add_argument("--shear", type=float, default=0.03, help="anisotropic strain amplitude")
+    q.add_argument("--rattle-std", type=float, default=0.04, help="rattle (A)")
+    q.add_argument("--mode", choices=["molecular", "affine"], default="molecular")
+    q.add_argument("--no-parent", action="store_true", help="do not keep the parent frame")
+    q.add_argument("--prerelax-teacher", default=None, help="teacher for fixed-cell pre-relax")
+    q.add_argument("--prerelax-steps", type=int, default=50)
+    q.add_argument("--prerelax-fmax", type=float, default=0.1)
+    q.add_argument("--n-md", type=int, default=0, help="MD snapshots (needs the teacher)")
+    q.add_argument("--codes", nargs="*", default=None, help="only these parents")
+    q.add_argument("--limit", type=int, default=None)
+
+    c = sub.add_parser("cod", help="download COD CIFs by id (online)")
+    c.add_argument("--ids", required=True, type=Path)
+    c.add_argument("--out", required=True, type=Path)
+    c.add_argument("--base-url", default=None)
+    c.add_argument("--limit", type=int, default=None)
+    c.add_argument("--retry", action="store_true", help="re-fetch ids rejected before")
+
+    i = sub.add_parser("info", help="counts per source/group and label sets")
+    i.add_argument("store", type=Path)
+    return p
+
+
+def store_info(path: str | Path) -> str:
+    import sqlite3
+
+    fs = FrameStore(path)
+    con = sqlite3.connect(f"file:{fs.frames_path}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT a.value, b.value FROM text_key_values a JOIN text_key_values b "
+            "ON a.id = b.id WHERE a.key='source' AND b.key='group_id'"
+        ).fetchall()
+        n_labelled = con.execute(
+            "SELECT COUNT(*) FROM systems WHERE energy IS NOT NULL"
+        ).fetchone()[0]
+    except sqlite3.OperationalError:
+        rows, n_labelled = [], 0
+    finally:
+        con.close()
+    per_source = Counter(s for s, _ in rows)
+    groups: dict[str, set[str]] = {}
+    for s, g in rows:
+        groups.setdefault(s, set()).add(g)
+    lines = [f"store {fs.root}: {len(rows)} frames, {n_labelled} with hard labels"]
+    for s, n in sorted(per_source.items()):
+        lines.append(f"  source {s}: {n} frames in {len(groups[s])} groups")
+    for name in fs.label_names():
+        ls = fs.labels(name)
+        st = Counter(ls.status().values())
+        prov = ls.provenance
+        lines.append(
+            f"  labels {name}: {st.get('ok', 0)} ok, {st.get('failed', 0)} failed "
+            f"(teacher {prov.get('name')} {prov.get('version')}, hash {prov.get('hash')})"
+        )
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "mptrj":
+        from kd_nnp.data.classify import parse_classes
+        from kd_nnp.data.sources.mptrj import build_mptrj_store, download_mptrj
+
+        src = args.json
+        if args.download:
+            src = download_mptrj(args.download_dir, api_url=args.figshare_api)
+        stats = build_mptrj_store(
+            src, args.out, include=parse_classes(args.include), limit=args.limit
+        )
+        print(f"MPtrj {src}: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
+    elif args.cmd == "files":
+        from kd_nnp.data.sources.files import build_files_store
+
+        rep = build_files_store(args.paths, args.out, source_name=args.source_name)
+        print(rep.summary())
+        for path, idx, why in rep.skipped[:20]:
+            print(f"  skipped {path} [{idx}]: {why}")
+    elif args.cmd == "pyxtal":
+        from kd_nnp.data.sources.pyxtal_db import build_pyxtal_store
+
+        n, skipped = build_pyxtal_store(
+            str(args.out), args.db, args.codes, args.max_atoms, args.limit
+        )
+        print(f"pyxtal {args.db}.db: {n} crystals written to {args.out}, {len(skipped)} skipped")
+        for code, why in skipped:
+            print(f"  skipped {code}: {why}")
+    elif args.cmd == "perturb":
+        from kd_nnp.data.sources.perturb import build_perturb_store
+
+        n_par, n_fr = build_perturb_store(
+            str(args.src),
+            str(args.out),
+            teacher=args.prerelax_teacher,
+            codes=args.codes,
+            limit=args.limit,
+            n_strain=args.n_strain,
+            n_rattle=args.n_rattle,
+            seed=args.seed,
+            volume_range=tuple(args.volume_range),
+            shear=args.shear,
+            rattle_std=args.rattle_std,
+            mode=args.mode,
+            include_parent=not args.no_parent,
+            n_md=args.n_md,
+            prerelax=args.prerelax_teacher is not None,
+            prerelax_steps=args.prerelax_steps,
+            prerelax_fmax=args.prerelax_fmax,
+        )
+        print(f"perturb: {n_par} parents processed, {n_fr} frames written to {args.out}")
+    elif args.cmd == "cod":
+        from kd_nnp.data.sources.cod import COD_BASE_URL, download_cod, read_cod_ids
+
+        ids = read_cod_ids(args.ids)[: args.limit]
+        res = download_cod(ids, args.out, base_url=args.base_url or COD_BASE_URL, retry=args.retry)
+        st = Counter(r.status for r in res)
+        print(f"COD: {dict(st)}; report {args.out / 'cod_report.csv'}")
+    elif args.cmd == "info":
+        print(store_info(args.store))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kd_nnp.utils.threads import set_threads
+
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    set_threads(args.threads)
+    try:
+        return _run(args)
+    except (StoreError, ValueError, FileNotFoundError) as exc:
+        print(f"kd-nnp data {args.cmd}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Readers that turn external data (MPtrj, files, pyxtal, COD) into store frames."""

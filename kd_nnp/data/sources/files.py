@@ -1,0 +1,159 @@
+"""Frames from structure files: extxyz/xyz, ASE .traj, ASE .db, CIF, and folders of them.
+
+Labels attached to the atoms (a SinglePointCalculator, as ASE's readers give) become hard
+labels. The store is periodic-only: gas-phase frames (not fully periodic, or one molecule in
+a mostly empty box, detected by number density) are *reported and skipped*, never stored.
+Frame ids are ``<source>:<file stem>/<index>`` (CIFs with one block: ``<source>:<stem>``);
+the group id is the file stem (one trajectory or crystal per file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError
+
+SUFFIXES = {".extxyz", ".xyz", ".traj", ".db", ".cif"}
+# Molecular crystals hold ~0.05-0.15 atoms/A^3; one molecule in a 25 A box ~0.0002.
+GAS_MAX_DENSITY = 0.02
+
+
+@dataclass
+class ReadReport:
+    """What a reader kept and what it skipped (``(file, index, reason)``)."""
+
+    n_read: int = 0
+    n_kept: int = 0
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"read {self.n_read} frames, kept {self.n_kept}, skipped {len(self.skipped)}"]
+        reasons: dict[str, int] = {}
+        for _, _, why in self.skipped:
+            key = why.split(":")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+        lines += [f"  skipped ({n}): {why}" for why, n in sorted(reasons.items())]
+        return "\n".join(lines)
+
+
+def gas_phase_reason(atoms: Atoms, max_density: float = GAS_MAX_DENSITY) -> str | None:
+    """Why ``atoms`` is not a periodic crystal frame, or None if it is one."""
+    if not np.all(atoms.pbc):
+        return f"gas-phase: not periodic in all directions (pbc={atoms.pbc.tolist()})"
+    vol = abs(atoms.cell.volume)
+    if vol < 1e-6:
+        return "gas-phase: no cell"
+    density = len(atoms) / vol
+    if density < max_density:
+        return (
+            f"gas-phase: {density:.4f} atoms/A^3 < {max_density} "
+            "(isolated molecule in a vacuum box)"
+        )
+    return None
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files in ``paths``, folders expanded recursively (sorted, known suffixes only)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise StoreError(f"input {p} does not exist")
+    return out
+
+
+def _read_all(path: Path) -> list[tuple[str, Atoms]]:
+    """(index label, atoms) for every frame of ``path``; errors name the file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".db":
+            from ase.db import connect
+
+            out = []
+            for row in connect(str(path)).select():
+                label = str(row.id)
+                atoms = row.toatoms(attach_calculator=False)
+                _attach_row_labels(atoms, row)
+                out.append((label, atoms))
+            return out
+        from ase.io import read
+
+        fmt = {".xyz": "extxyz", ".extxyz": "extxyz", ".traj": "traj", ".cif": "cif"}.get(suffix)
+        if fmt is None:
+            raise StoreError(f"{path}: unsupported file type {suffix!r} (have {sorted(SUFFIXES)})")
+        frames = read(str(path), index=":", format=fmt)
+        return [(str(i), a) for i, a in enumerate(frames)]
+    except StoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader error becomes a named, clear error
+        raise StoreError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+
+
+def _attach_row_labels(atoms: Atoms, row: object) -> None:
+    lab = Labels(row.get("energy"), row.get("forces"), row.get("stress"))  # type: ignore[attr-defined]
+    lab.attach(atoms)
+
+
+def labels_of(atoms: Atoms) -> Labels | None:
+    calc = atoms.calc
+    if calc is None or not getattr(calc, "results", None):
+        return None
+    res = calc.results
+    lab = Labels(res.get("energy"), res.get("forces"), res.get("stress"))
+    return None if lab.empty else lab
+
+
+def iter_files(
+    paths: Iterable[str | Path],
+    *,
+    source_name: str = "files",
+    report: ReadReport | None = None,
+    max_density: float = GAS_MAX_DENSITY,
+) -> Iterator[Frame]:
+    """Frames from files/folders; gas-phase and unreadable CIFs are skipped into ``report``."""
+    report = report if report is not None else ReadReport()
+    for path in expand_paths(paths):
+        is_cif = path.suffix.lower() == ".cif"
+        try:
+            frames = _read_all(path)
+        except StoreError as exc:
+            if is_cif:  # a folder of CIFs: one broken file must not stop the rest
+                report.skipped.append((str(path), "-", f"unreadable: {exc}"))
+                continue
+            raise
+        single = len(frames) == 1 and is_cif
+        for label, atoms in frames:
+            report.n_read += 1
+            why = gas_phase_reason(atoms, max_density)
+            if why:
+                report.skipped.append((str(path), label, why))
+                continue
+            hard = labels_of(atoms)
+            info = {k: v for k, v in atoms.info.items() if isinstance(v, (int, float, str))}
+            info = {k: v for k, v in info.items() if k not in {"frame_id", "group_id", "source"}}
+            clean = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
+            fid = f"{source_name}:{path.stem}" + ("" if single else f"/{label}")
+            frame = Frame(fid, clean, path.stem, source_name, hard, info)
+            try:
+                frame.validate()
+            except StoreError as exc:
+                raise StoreError(f"{path} frame {label}: {exc}") from exc
+            report.n_kept += 1
+            yield frame
+
+
+def build_files_store(
+    paths: Iterable[str | Path], out: str | Path, *, source_name: str = "files"
+) -> ReadReport:
+    report = ReadReport()
+    store = FrameStore(out, create=True, description="frames from files")
+    store.add_frames(iter_files(paths, source_name=source_name, report=report))
+    return report
