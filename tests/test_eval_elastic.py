@@ -191,3 +191,23 @@ def test_chgnet_urea_elastic(tmp_path):
     r = df.iloc[0]
     assert r["status"] == "ok" and r["converged"]
     assert 1.0 < r["E_RH"] < 100.0
+
+
+def test_cli_elastic_on_cif_folder(tmp_path, capsys):
+    from kd_nnp.cli import main
+
+    atoms = load_dataset("pyxtal:test", codes=["FORMAM"])[0].atoms
+    (tmp_path / "cifs").mkdir()
+    atoms.write(tmp_path / "cifs" / "formam.cif")
+    rc = main(
+        [
+            "evaluate", "elastic", "--calc", "test_eval_elastic:linear_calc", "--structures",
+            str(tmp_path / "cifs"), "--out", str(tmp_path / "out"), "--workers", "1",
+            "--strains", "0.01", "--quiet",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    df = pd.read_csv(tmp_path / "out" / "elastic.csv")
+    known = moduli_from_stiffness(C_KNOWN)
+    assert df.loc[0, "E_RH"] == pytest.approx(known["E_RH"], rel=2e-3)
+    assert "formam" in capsys.readouterr().out

@@ -237,3 +237,22 @@ def test_failures_are_counted_not_dropped(tmp_path):
     table = (out / "table.md").read_text()
     assert "KONTIQ" in table and "deliberate failure" in table
     assert isinstance(df, pd.DataFrame)
+
+
+def test_cli_relax(tmp_path, capsys):
+    from kd_nnp.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(
+        [
+            "evaluate", "relax", "--calc", "test_eval_relax:scaled_calc", "--dataset",
+            "pyxtal:test", "--limit", "1", "--max-atoms", "30", "--workers", "1",
+            "--fmax", "0.01", "--out", str(out), "--quiet",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "test_eval_relax.scaled_calc" in printed and "DFTB-D3 (test.db)" in printed
+    df = pd.read_csv(out / "table.csv")
+    assert len(df[df["method"] == "test_eval_relax.scaled_calc"]) == 1
+    assert (out / "parity_volume.png").is_file()
