@@ -3,7 +3,7 @@
 Each id ends in one status: ``ok`` (downloaded and usable), ``exists`` (already on disk and
 usable: not downloaded again), ``failed_download`` or ``failed_parse`` (unparsable, disordered
 (partial occupancies), missing H, ...). Failures are reported, never fatal; unusable files
-are moved to ``OUT/rejected/`` so a rerun does not fetch them again unless ``retry=True``.
+are renamed ``OUT/<id>.cif.rejected`` (ignored by ``kd-nnp data files``) so a rerun does not fetch them again unless ``retry=True``.
 """
 
 from __future__ import annotations
@@ -108,12 +108,12 @@ def download_cod(
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    (out / "rejected").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     base = base_url if base_url.endswith("/") else base_url + "/"
     results: list[CodResult] = []
     for cod_id in tqdm(list(ids), desc="COD", disable=not progress):
         dest = out / f"{cod_id}.cif"
-        rejected = out / "rejected" / f"{cod_id}.cif"
+        rejected = out / f"{cod_id}.cif.rejected"
         existed = dest.exists()
         if rejected.exists() and not retry:
             try:

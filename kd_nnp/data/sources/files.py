@@ -4,7 +4,8 @@ Labels attached to the atoms (a SinglePointCalculator, as ASE's readers give) be
 labels. The store is periodic-only: gas-phase frames (not fully periodic, or one molecule in
 a mostly empty box, detected by number density) are *reported and skipped*, never stored.
 Frame ids are ``<source>:<file stem>/<index>`` (CIFs with one block: ``<source>:<stem>``);
-the group id is the file stem (one trajectory or crystal per file).
+the group id is the file stem (one trajectory or crystal per file; ``<source>:<stem>`` when
+the stem is a number such as a COD id, which ASE's database cannot hold as a string).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def _read_all(path: Path) -> list[tuple[str, Atoms]]:
         if fmt is None:
             raise StoreError(f"{path}: unsupported file type {suffix!r} (have {sorted(SUFFIXES)})")
         frames = read(str(path), index=":", format=fmt)
+        if not frames:
+            raise StoreError(f"{path}: no structure in the file")
         return [(str(i), a) for i, a in enumerate(frames)]
     except StoreError:
         raise
@@ -100,6 +103,16 @@ def _read_all(path: Path) -> list[tuple[str, Atoms]]:
 def _attach_row_labels(atoms: Atoms, row: object) -> None:
     lab = Labels(row.get("energy"), row.get("forces"), row.get("stress"))  # type: ignore[attr-defined]
     lab.attach(atoms)
+
+
+def _db_safe(value: object) -> object:
+    """ASE db rejects str values that parse as numbers: store those as numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def labels_of(atoms: Atoms) -> Labels | None:
@@ -137,11 +150,16 @@ def iter_files(
                 report.skipped.append((str(path), label, why))
                 continue
             hard = labels_of(atoms)
-            info = {k: v for k, v in atoms.info.items() if isinstance(v, (int, float, str))}
-            info = {k: v for k, v in info.items() if k not in {"frame_id", "group_id", "source"}}
+            info = {
+                k: _db_safe(v)
+                for k, v in atoms.info.items()
+                if isinstance(v, (int, float, str)) and k not in {"frame_id", "group_id", "source"}
+            }
             clean = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
             fid = f"{source_name}:{path.stem}" + ("" if single else f"/{label}")
-            frame = Frame(fid, clean, path.stem, source_name, hard, info)
+            # ASE db refuses strings that look like numbers (e.g. COD ids as file names)
+            group = path.stem if _db_safe(path.stem) == path.stem else f"{source_name}:{path.stem}"
+            frame = Frame(fid, clean, group, source_name, hard, info)
             try:
                 frame.validate()
             except StoreError as exc:
