@@ -1,0 +1,218 @@
+"""`kd-nnp label`: soft labels with provenance, failures recorded, two teachers in one store,
+and resumability after a kill (no frame computed twice, none lost)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.emt import EMT
+
+from kd_nnp.data.sources.perturb import make_perturbations
+from kd_nnp.data.sources.pyxtal_db import pyxtal_frames
+from kd_nnp.data.store import FrameStore, StoreError
+from kd_nnp.teachers.label import label_store
+from kd_nnp.utils.paths import REPO_ROOT
+
+TESTS = Path(__file__).resolve().parent
+
+
+def atoms_key(atoms) -> str:
+    return hashlib.sha1(np.round(atoms.positions, 6).tobytes()).hexdigest()[:12]
+
+
+class SlowEMT(Calculator):
+    """EMT that sleeps and logs every completed computation (to detect recomputation)."""
+
+    implemented_properties = ["energy", "forces", "stress"]
+
+    def __init__(
+        self, delay: float = 0.0, log: str = "", scale: float = 1.0, bad_above: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.delay, self.log, self.scale, self.bad_above = delay, log, scale, bad_above
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        a = self.atoms.copy()
+        a.calc = EMT()
+        e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress()
+        time.sleep(self.delay)
+        vol = a.get_volume() / len(a)
+        if self.bad_above and vol > self.bad_above * 1.05:
+            raise RuntimeError("teacher exploded on an expanded cell")
+        if self.bad_above and vol > self.bad_above:
+            f = f * np.nan
+        if self.log:
+            with open(self.log, "a") as fh:
+                fh.write(atoms_key(a) + "\n")
+        self.results = {
+            "energy": e * self.scale,
+            "forces": f * self.scale,
+            "stress": s * self.scale,
+        }
+
+
+def slow_emt(
+    delay: float = 0.0, log: str = "", scale: float = 1.0, bad_above: float = 0.0
+) -> SlowEMT:
+    return SlowEMT(delay, log, scale, bad_above)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FrameStore:
+    fs = FrameStore(tmp_path / "st", create=True)
+    fs.add_frames(
+        make_perturbations(
+            pyxtal_frames("test", codes=["UREAXX02"]), n_strain=7, n_rattle=4, seed=1
+        )
+    )
+    assert len(fs) == 12
+    return fs
+
+
+def test_label_two_teachers_coexist_with_provenance(store: FrameStore):
+    rep = label_store(store.root, "test_teachers_label:slow_emt", name="emt", progress=False)
+    assert rep.n_ok == 12 and rep.n_failed == 0
+    rep2 = label_store(
+        store.root,
+        "test_teachers_label:slow_emt",
+        settings={"scale": 2.0},
+        name="emt2",
+        progress=False,
+        check=False,
+    )
+    assert rep2.n_ok == 12
+    assert store.label_names() == ["emt", "emt2"]
+    a, b = store.labels("emt").load(), store.labels("emt2").load()
+    assert set(a) == set(store.frame_ids()) == set(b)
+    fid = store.frame_ids()[3]
+    atoms = store.get(fid).atoms
+    atoms.calc = EMT()
+    assert a[fid].energy == pytest.approx(atoms.get_potential_energy())
+    np.testing.assert_allclose(a[fid].stress, atoms.get_stress(), atol=1e-10)
+    assert b[fid].energy == pytest.approx(2 * a[fid].energy)
+    prov = store.labels("emt").provenance
+    assert prov["name"] == "test_teachers_label:slow_emt" and prov["settings"]["scale"] == 1.0
+    assert (
+        prov["check"]["stress_checks"] and prov["hash"] != store.labels("emt2").provenance["hash"]
+    )
+    # other settings under an existing label-set name are refused
+    with pytest.raises(StoreError, match="other teacher settings"):
+        label_store(
+            store.root,
+            "test_teachers_label:slow_emt",
+            settings={"scale": 3.0},
+            name="emt",
+            progress=False,
+            check=False,
+        )
+    # hard labels are untouched (perturbed frames have none)
+    assert all(f.hard is None for f in store.iter_frames())
+
+
+def test_failures_recorded_not_written(store: FrameStore):
+    vols = sorted(f.atoms.get_volume() / len(f.atoms) for f in store.iter_frames())
+    thr = vols[-4]  # the most expanded frames fail (NaN or exception)
+    rep = label_store(
+        store.root,
+        "test_teachers_label:slow_emt",
+        settings={"bad_above": thr},
+        name="flaky",
+        progress=False,
+        check=False,
+    )
+    ls = store.labels("flaky")
+    assert rep.n_failed == 3 and rep.n_ok == 9
+    fails = ls.failures()
+    assert len(fails) == 3 and len(ls.load()) == 9
+    assert any("non-finite" in e for e in fails.values())
+    # rerun: failures are not retried unless asked
+    assert (
+        label_store(
+            store.root,
+            "test_teachers_label:slow_emt",
+            settings={"bad_above": thr},
+            name="flaky",
+            progress=False,
+            check=False,
+        ).n_todo
+        == 0
+    )
+    assert (
+        label_store(
+            store.root,
+            "test_teachers_label:slow_emt",
+            settings={"bad_above": thr},
+            name="flaky",
+            progress=False,
+            check=False,
+            retry_failed=True,
+        ).n_todo
+        == 3
+    )
+
+
+def test_label_cli_killed_and_resumed(store: FrameStore, tmp_path: Path):
+    log = tmp_path / "computed.log"
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(TESTS)]), OMP_NUM_THREADS="1"
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "kd_nnp.cli",
+        "label",
+        f"store={store.root}",
+        "teacher=custom",
+        "teacher.name=test_teachers_label:slow_emt",
+        "teacher.check=false",
+        f"+teacher.log={log}",
+        "+teacher.delay=0.4",
+        "name=slow",
+        "progress=false",
+    ]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ls_path = store.root / "labels" / "slow.db"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if (
+                ls_path.exists()
+                and sum(v == "ok" for v in store.labels("slow").status().values()) >= 3
+            ):
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"label run ended early: {proc.stdout.read().decode()[-2000:]}")
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    n_first = len(store.labels("slow").status())
+    assert 3 <= n_first < 12, "the run was not interrupted mid-way"
+    # resume with two worker processes
+    out = subprocess.run(
+        args[:-1] + ["progress=false", "workers=2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    status = store.labels("slow").status()
+    assert len(status) == 12 and set(status.values()) == {"ok"}
+    computed = log.read_text().split()
+    keys = {atoms_key(f.atoms) for f in store.iter_frames()}
+    assert len(computed) == 12 and set(computed) == keys, "a frame was computed twice or lost"
+    # exactly one row per frame in the label set
+    assert len(list(store.labels("slow")._db().select())) == 12
