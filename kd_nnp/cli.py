@@ -10,9 +10,18 @@ import importlib
 import sys
 
 VERBS: dict[str, tuple[str, str]] = {
-    "data": ("kd_nnp.data.cli:main", "build a frames store from a source (mptrj, files, pyxtal, perturb, cod)"),
-    "label": ("kd_nnp.teachers.label:main", "label a store with a teacher (Hydra: store=... teacher=so3lr)"),
-    "train": ("kd_nnp.training.train:main", "distil: train the student (Hydra: experiment=... loss.r_se=1)"),
+    "data": (
+        "kd_nnp.data.cli:main",
+        "build a frames store from a source (mptrj, files, pyxtal, perturb, cod)",
+    ),
+    "label": (
+        "kd_nnp.teachers.label:main",
+        "label a store with a teacher (Hydra: store=... teacher=so3lr)",
+    ),
+    "train": (
+        "kd_nnp.training.train:main",
+        "distil: train the student (Hydra: experiment=... loss.r_se=1)",
+    ),
     "export": ("kd_nnp.training.export:main", "export a checkpoint as a CHGNet model file"),
     "evaluate": ("kd_nnp.evaluation.cli:main", "benchmarks: `evaluate relax`, `evaluate elastic`"),
     "report": ("kd_nnp.reports.cli:main", "aggregate a sweep directory into tables and figures"),

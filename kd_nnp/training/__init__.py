@@ -1,0 +1,1 @@
+"""Training: the frozen-backbone CHGNet student, the distillation loss, Lightning glue."""

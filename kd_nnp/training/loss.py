@@ -1,0 +1,124 @@
+"""The distillation loss of Taniguchi (Faraday Discuss. 2025), with masks and stress terms.
+
+    L = rHE*MAE(E_hard) + rHF*MAE(F_hard) + rSE*MAE(E_soft) + rSF*MAE(F_soft)
+        [+ rHS*MAE(S_hard) + rSS*MAE(S_soft)]                    (stress terms: an extension)
+
+- energies per atom (eV/atom), forces per Cartesian component (eV/A), stress per Voigt
+  component (GPa);
+- the ratios are used as given, NOT normalised to sum to one (as in the paper: the absolute
+  size of the ratios acts as a learning-rate multiplier);
+- each term is a masked mean: frames without that label contribute nothing and are not
+  counted in the denominator; a term with no labelled element in a batch contributes 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+TARGETS = ("hard", "soft")
+QUANTITIES = ("energy", "forces", "stress")
+RATIO_NAMES = {
+    ("hard", "energy"): "r_he",
+    ("hard", "forces"): "r_hf",
+    ("hard", "stress"): "r_hs",
+    ("soft", "energy"): "r_se",
+    ("soft", "forces"): "r_sf",
+    ("soft", "stress"): "r_ss",
+}
+
+
+class LossConfigError(ValueError):
+    """The loss ratios are inconsistent with themselves or with the data."""
+
+
+def masked_mae(pred: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, int]:
+    """Mean |pred-target| over rows where ``mask`` is True (all trailing components count).
+
+    Returns (mae, number of scalar elements averaged). With no element, mae is 0 (a tensor
+    connected to ``pred`` so autograd stays happy) and the count is 0.
+    """
+    mask = mask.to(torch.bool)
+    if mask.numel() == 0 or not bool(mask.any()):
+        return pred.sum() * 0.0, 0
+    diff = (pred[mask] - target[mask]).abs()
+    return diff.mean(), diff.numel()
+
+
+class DistillationLoss(nn.Module):
+    """Weighted sum of masked MAEs of hard and soft energy/forces/stress."""
+
+    def __init__(
+        self,
+        r_he: float = 0.0,
+        r_hf: float = 0.0,
+        r_se: float = 1.0,
+        r_sf: float = 1.0,
+        r_hs: float = 0.0,
+        r_ss: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.ratios = {
+            "r_he": float(r_he),
+            "r_hf": float(r_hf),
+            "r_se": float(r_se),
+            "r_sf": float(r_sf),
+            "r_hs": float(r_hs),
+            "r_ss": float(r_ss),
+        }
+        bad = {k: v for k, v in self.ratios.items() if v < 0 or v != v}
+        if bad:
+            raise LossConfigError(f"loss ratios must be >= 0, got {bad}")
+        if all(v == 0 for v in self.ratios.values()):
+            raise LossConfigError("all loss ratios are zero: nothing to train on")
+
+    def ratio(self, target: str, quantity: str) -> float:
+        return self.ratios[RATIO_NAMES[(target, quantity)]]
+
+    @property
+    def needs_forces(self) -> bool:
+        return self.ratio("hard", "forces") > 0 or self.ratio("soft", "forces") > 0
+
+    @property
+    def needs_stress(self) -> bool:
+        return self.ratio("hard", "stress") > 0 or self.ratio("soft", "stress") > 0
+
+    def check_available(self, available: Mapping[tuple[str, str], int]) -> None:
+        """Refuse a non-zero ratio whose target the data lacks entirely.
+
+        ``available[(target, quantity)]`` is the number of training frames carrying it.
+        """
+        missing = [
+            f"{RATIO_NAMES[key]}={self.ratio(*key)} but no training frame has {key[0]} {key[1]}"
+            for key in RATIO_NAMES
+            if self.ratio(*key) > 0 and available.get(key, 0) == 0
+        ]
+        if missing:
+            raise LossConfigError("loss configuration does not fit the data: " + "; ".join(missing))
+
+    def forward(
+        self, pred: Mapping[str, Tensor], batch: Mapping[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``pred``: 'energy' (B,) eV/atom, 'forces' (Natoms,3), 'stress' (B,6) GPa (optional).
+
+        ``batch``: f'{target}_{quantity}' tensors with f'{target}_{quantity}_mask' boolean masks
+        ((B,) for energy and stress, (Natoms,) for forces).
+        Returns the loss and a dict of the individual (unweighted) MAE terms.
+        """
+        total = pred["energy"].sum() * 0.0
+        terms: dict[str, Tensor] = {}
+        for (target, quantity), rname in RATIO_NAMES.items():
+            r = self.ratios[rname]
+            key = f"{target}_{quantity}"
+            if quantity not in pred or key not in batch:
+                if r > 0:
+                    raise LossConfigError(f"{rname}={r} but the batch or prediction lacks {key}")
+                continue
+            mae, count = masked_mae(pred[quantity], batch[key], batch[f"{key}_mask"])
+            if count:
+                terms[f"mae_{key}"] = mae.detach()
+            if r > 0:
+                total = total + r * mae
+        return total, terms

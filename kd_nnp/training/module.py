@@ -1,0 +1,228 @@
+"""``DistillationModule``: the frozen-backbone CHGNet student trained with the distillation loss.
+
+Two exact prediction paths give the same energies, forces, stresses and MLP gradients:
+
+- ``full``: CHGNet's own forward with autograd forces/stress through the frozen backbone;
+- ``cached``: features and their Jacobians cached once per frame
+  (:mod:`kd_nnp.training.features`), so a step touches only the MLP (issue 6).
+
+Forces need autograd in validation/test too: the Trainer must run with
+``inference_mode=False`` (the configs do), and the steps re-enable grad explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import MeanAbsoluteError, MeanMetric
+
+from kd_nnp.training.loss import QUANTITIES, TARGETS, DistillationLoss
+from kd_nnp.training.student import load_student, trainable_parameter_names
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+
+
+def stress_to_voigt(s: Tensor) -> Tensor:
+    """(..., 3, 3) -> (..., 6) in (xx, yy, zz, yz, xz, xy) order."""
+    return torch.stack([s[..., i, j] for i, j in VOIGT], dim=-1)
+
+
+def predict_full(model: torch.nn.Module, graphs: list, *, forces: bool, stress: bool) -> dict:
+    """CHGNet's own forward; 'e' per atom (eV/atom), 'f' list of (N,3), 's' list of (3,3) GPa."""
+    task = "e" + ("f" if forces else "") + ("s" if stress else "")
+    return model(graphs, task=task)
+
+
+class DistillationModule(L.LightningModule):
+    """Lightning wrapper of the student and :class:`DistillationLoss`.
+
+    Args:
+        student: dict with ``model_name`` (CHGNet version, default 0.3.0), ``freeze``
+            (``mlp`` | ``readout`` | ``all``) and optional ``path`` (a CHGNet model file).
+        loss: the loss (ratios); Hydra instantiates it from ``conf/loss``.
+        lr, weight_decay, optimizer (``adam`` | ``adamw``), scheduler (``none`` | ``cosine``
+            decaying to ``lr * decay_fraction`` over the run, chgnet's Trainer default).
+        compute_forces: predict forces (needed by force terms and force MAE metrics).
+        compute_stress: ``auto`` (when the loss has stress terms) or a bool.
+        backend: ``full`` | ``cached`` | ``auto`` (cached where the Jacobian fits
+            ``max_feature_bytes``); the data module attaches the cache.
+    """
+
+    def __init__(
+        self,
+        student: dict | None = None,
+        loss: DistillationLoss | None = None,
+        lr: float = 0.01,
+        weight_decay: float = 0.0,
+        optimizer: str = "adam",
+        scheduler: str = "none",
+        decay_fraction: float = 0.01,
+        compute_forces: bool = True,
+        compute_stress: bool | str = "auto",
+        backend: str = "full",
+        max_feature_bytes: int = 512 * 2**20,
+    ) -> None:
+        super().__init__()
+        student = dict(student or {})
+        self.student_cfg = {
+            "model_name": student.get("model_name", "0.3.0"),
+            "freeze": student.get("freeze", "mlp"),
+            "path": student.get("path"),
+        }
+        self.loss_fn = loss if loss is not None else DistillationLoss()
+        self.save_hyperparameters(
+            {
+                "student": self.student_cfg,
+                "ratios": self.loss_fn.ratios,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+                "decay_fraction": decay_fraction,
+                "compute_forces": compute_forces,
+                "compute_stress": compute_stress,
+                "backend": backend,
+            }
+        )
+        self.student = load_student(**self.student_cfg)
+        self.trainable_names = trainable_parameter_names(self.student)
+        self.lr, self.weight_decay = lr, weight_decay
+        self.optimizer_name, self.scheduler_name = optimizer, scheduler
+        self.decay_fraction = decay_fraction
+        self.compute_forces = bool(compute_forces) or self.loss_fn.needs_forces
+        self.compute_stress = (
+            self.loss_fn.needs_stress if compute_stress == "auto" else bool(compute_stress)
+        )
+        if self.loss_fn.needs_stress and not self.compute_stress:
+            raise ValueError("the loss has stress terms but compute_stress is false")
+        if self.loss_fn.needs_forces and not compute_forces:
+            raise ValueError("the loss has force terms but compute_forces is false")
+        if backend not in ("full", "cached", "auto"):
+            raise ValueError(f"backend must be full, cached or auto, got {backend!r}")
+        self.backend = backend
+        self.max_feature_bytes = max_feature_bytes
+        self.metrics = torch.nn.ModuleDict(
+            {
+                f"{split}_{t}_{q}": MeanAbsoluteError()
+                for split in SPLITS
+                for t in TARGETS
+                for q in QUANTITIES
+            }
+        )
+        self.loss_metrics = torch.nn.ModuleDict({f"{s}_loss": MeanMetric() for s in SPLITS})
+        # one row per (split, epoch); epoch 0 = before training (a validate() call before fit)
+        self.epoch_metrics: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Predictions: 'energy' (B,) eV/atom, 'forces' (Natoms,3) eV/A, 'stress' (B,6) GPa."""
+        fw, st = self.compute_forces, self.compute_stress
+        if batch.get("features") is not None and self.backend != "full":
+            from kd_nnp.training.features import predict_from_features
+
+            norm = self.student.readout_norm
+            out = predict_from_features(
+                self.student.mlp, norm, batch["features"], forces=fw, stress=st
+            )
+        else:
+            out = predict_full(self.student, batch["graphs"], forces=fw, stress=st)
+        pred = {"energy": out["e"].reshape(-1)}
+        if fw:
+            pred["forces"] = torch.cat(list(out["f"]), dim=0)
+        if st:
+            pred["stress"] = stress_to_voigt(torch.stack(list(out["s"]), dim=0))
+        return pred
+
+    # ------------------------------------------------------------------ steps
+    def _step(self, batch: dict[str, Any], split: str) -> Tensor:
+        with torch.enable_grad():
+            pred = self(batch)
+            loss, _ = self.loss_fn(pred, batch)
+        bs = len(batch["frame_ids"])
+        for t in TARGETS:
+            for q in QUANTITIES:
+                key = f"{t}_{q}"
+                if q not in pred or key not in batch:
+                    continue
+                mask = batch[f"{key}_mask"]
+                if bool(mask.any()):
+                    self.metrics[f"{split}_{key}"].update(pred[q][mask].detach(), batch[key][mask])
+        self.loss_metrics[f"{split}_loss"].update(loss.detach(), weight=bs)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _epoch_index(self) -> int:
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        return self.current_epoch + 1 if fitting else 0
+
+    def _log_epoch(self, split: str) -> None:
+        if self._trainer is not None and self.trainer.sanity_checking:
+            for m in (*self.metrics.values(), *self.loss_metrics.values()):
+                m.reset()
+            return
+        row: dict[str, Any] = {"split": split, "epoch": self._epoch_index()}
+        for t in TARGETS:
+            for q in QUANTITIES:
+                m = self.metrics[f"{split}_{t}_{q}"]
+                if int(m.total) > 0:
+                    value = m.compute()
+                    self.log(f"{split}/mae_{t}_{q}", value, on_epoch=True, sync_dist=True)
+                    row[f"mae_{t}_{q}"] = float(value)
+                m.reset()
+        lm = self.loss_metrics[f"{split}_loss"]
+        if float(lm.weight) > 0:
+            value = lm.compute()
+            self.log(f"{split}/loss", value, on_epoch=True, prog_bar=True, sync_dist=True)
+            row["loss"] = float(value)
+        lm.reset()
+        self.epoch_metrics.append(row)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    # ------------------------------------------------------------------ optim
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: check student.freeze")
+        if self.optimizer_name == "adam":
+            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        elif self.optimizer_name == "adamw":
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {self.optimizer_name!r} (adam, adamw)")
+        if self.scheduler_name == "none":
+            return opt
+        if self.scheduler_name == "cosine":
+            t_max = max(1, int(self.trainer.max_epochs or 1))
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=t_max, eta_min=self.lr * self.decay_fraction
+            )
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        raise ValueError(f"unknown scheduler {self.scheduler_name!r} (none, cosine)")
+
+    # ------------------------------------------------------------------ checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["chgnet_model_args"] = self.student.model_args
+        checkpoint["kd_nnp_student_cfg"] = self.student_cfg

@@ -1,0 +1,118 @@
+"""Shared fixtures: small real organic crystals, a labelled store, the shared data folder."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+SMALL_CODES = ("OXALAC11", "UREAXX02", "FORMAM", "OXALAC02")
+# fake per-element zero of the soft labels (eV/atom), like a teacher with another reference
+SOFT_ZERO = {1: -13.6, 6: -1030.0, 7: -1480.0, 8: -2040.0}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads() -> None:
+    from kd_nnp.utils.threads import set_threads
+
+    set_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["KD_NNP_CACHE"] = str(tmp_path_factory.mktemp("kd_cache"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    from kd_nnp.utils.paths import shared_data_dir
+
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("shared data not available (set KD_NNP_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_crystals() -> dict:
+    """code -> ase.Atoms of the smallest experimental crystals of pyxtal's test.db."""
+    from ase.db import connect
+
+    from kd_nnp.utils.paths import pyxtal_db
+
+    db = connect(pyxtal_db("test"))
+    out = {}
+    for code in SMALL_CODES:
+        row = next(db.select(csd_code=code))
+        out[code] = row.toatoms()
+    return out
+
+
+@pytest.fixture(scope="session")
+def chgnet_model():
+    from kd_nnp.training.student import load_chgnet
+
+    return load_chgnet("0.3.0").eval()
+
+
+def _soft_calculator(chgnet_model):
+    """CHGNet + D3(BJ): a cheap teacher that differs from the hard labels."""
+    from ase.calculators.mixing import SumCalculator
+    from chgnet.model.dynamics import CHGNetCalculator
+    from dftd3.ase import DFTD3
+
+    return SumCalculator(
+        [
+            CHGNetCalculator(model=chgnet_model, use_device="cpu"),
+            DFTD3(method="PBE", damping="d3bj"),
+        ]
+    )
+
+
+@pytest.fixture(scope="session")
+def labelled_store(tmp_path_factory, small_crystals, chgnet_model):
+    """A store of 20 frames (4 crystals x 5 perturbations) with hard and soft labels.
+
+    hard = pretrained CHGNet; soft ('toy_teacher') = CHGNet + D3(BJ) with a per-element energy
+    zero shift (so alignment matters); frames of OXALAC02 have no hard labels (teacher-only).
+    """
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    from kd_nnp.data.store import Frame, FrameStore, Labels
+
+    root = tmp_path_factory.mktemp("store")
+    store = FrameStore(root, create=True)
+    rng = np.random.default_rng(0)
+    hard_calc = CHGNetCalculator(model=chgnet_model, use_device="cpu")
+    soft_calc = _soft_calculator(chgnet_model)
+    frames, soft = [], []
+    for code, atoms in small_crystals.items():
+        for k, (strain, rattle) in enumerate(
+            [(0, 0), (-0.03, 0), (0.05, 0), (0, 0.03), (0.02, 0.05)]
+        ):
+            a = atoms.copy()
+            a.set_cell(a.cell * (1 + strain), scale_atoms=True)
+            a.positions += rng.normal(0, rattle, a.positions.shape) if rattle else 0
+
+            def calc(c, a=a):
+                b = a.copy()
+                b.calc = c
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return Labels(b.get_potential_energy(), b.get_forces(), b.get_stress())
+
+            hard = None if code == "OXALAC02" else calc(hard_calc)
+            fr = Frame(f"{code}/p{k}", a, code, "test", hard, {"strain": strain, "rattle": rattle})
+            s = calc(soft_calc)
+            s.energy += sum(SOFT_ZERO[z] for z in a.numbers)
+            frames.append(fr)
+            soft.append((fr, s, None, 0.0))
+    store.add_frames(frames)
+    store.labels("toy_teacher", create=True).write(soft)
+    return root

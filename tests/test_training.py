@@ -1,0 +1,186 @@
+"""Training core end to end: datamodule, module, soft != hard, a tiny real run via the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_nnp.training.data import FramesDataModule, split_frames
+from kd_nnp.training.loss import DistillationLoss
+from kd_nnp.training.module import DistillationModule
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dm(store, **kw) -> FramesDataModule:
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("grouped", False)
+    dm = FramesDataModule(str(store), label_set="toy_teacher", n_val=5, seed=0, **kw)
+    dm.setup("fit")
+    return dm
+
+
+def test_grouped_split_and_nested_subsets():
+    fids = [f"g{g}/f{i}" for g in range(6) for i in range(5)]
+    gids = [f.split("/")[0] for f in fids]
+    pool, val = split_frames(fids, gids, n_val=10, seed=3)
+    assert len(val) == 10 and not {f.split("/")[0] for f in val} & {f.split("/")[0] for f in pool}
+    pool2, val2 = split_frames(fids, gids, n_val=10, seed=3)
+    assert (pool, val) == (pool2, val2)
+    # nested: the first n of the pool for the same seed are the n_train subsets
+    assert pool[:5] == pool2[:5]
+    other, _ = split_frames(fids, gids, n_val=10, seed=4)
+    assert other != pool
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        split_frames(["a", "b"], ["g", "g"], n_val=1)
+
+
+def test_datamodule_reads_soft_and_hard_separately(labelled_store):
+    dm = _dm(labelled_store, grouped=True)
+    assert len(dm.train_samples) == 15 and len(dm.val_samples) == 5
+    val_groups, train_groups = dm.summary["val_groups"], dm.summary["train_groups"]
+    assert not set(val_groups) & set(train_groups)
+    # the soft labels are the teacher's, not the hard ones (the chgnet-KD reader bug)
+    batch = next(iter(dm.train_dataloader()))
+    both = batch["hard_energy_mask"] & batch["soft_energy_mask"]
+    assert both.any()
+    assert not torch.allclose(batch["hard_energy"][both], batch["soft_energy"][both], atol=1e-3)
+    assert not torch.allclose(batch["hard_forces"], batch["soft_forces"], atol=1e-4)
+    # teacher-only frames (OXALAC02) carry soft labels and no hard ones
+    all_train = [s for s in dm.train_samples + dm.val_samples if s.frame_id.startswith("OXALAC02")]
+    assert all(s.hard is None and s.soft is not None for s in all_train)
+    # alignment removed the fake per-element zero (thousands of eV) of the soft energies
+    ref = dm.reference
+    assert ref.method == "student" and ref.rmse_before > 100 and ref.rmse_after < 0.05
+    assert dm.available()[("hard", "energy")] < dm.available()[("soft", "energy")]
+    # the held-out crystal's stoichiometry is no combination of the 3 training ones here:
+    # its soft energies cannot be aligned and are masked, not given a made-up offset
+    val_ids = {s.frame_id for s in dm.val_samples}
+    assert dm.unaligned and set(dm.unaligned) <= val_ids
+    assert all(s.soft_energy_aligned is None for s in dm.val_samples if s.frame_id in dm.unaligned)
+
+
+def test_soft_and_hard_reach_the_loss_separately(labelled_store):
+    dm = _dm(labelled_store)
+    module = DistillationModule(loss=DistillationLoss(r_he=1, r_hf=1, r_se=1, r_sf=1))
+    batch = next(iter(dm.val_dataloader()))
+    pred = module(batch)
+    _, terms = module.loss_fn(pred, batch)
+    assert terms["mae_hard_energy"].item() < 1e-4  # hard labels are the pretrained CHGNet's
+    assert terms["mae_soft_energy"].item() > 10 * terms["mae_hard_energy"].item()
+    assert terms["mae_soft_forces"].item() > terms["mae_hard_forces"].item()
+
+
+def test_module_step_updates_only_mlp_and_lowers_soft_loss(labelled_store):
+    torch.manual_seed(0)
+    dm = _dm(labelled_store, batch_size=15)
+    module = DistillationModule(loss=DistillationLoss(r_he=0, r_hf=0, r_se=1, r_sf=1), lr=1e-4)
+    opt = module.configure_optimizers()
+    batch = next(iter(dm.train_dataloader()))
+    frozen = {
+        k: v.clone() for k, v in module.student.state_dict().items() if not k.startswith("mlp.")
+    }
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    # residuals are small (CHGNet vs CHGNet+D3 after alignment): 0.0103 -> 0.0089 measured
+    assert losses[-1] < 0.92 * losses[0], losses
+    for k, v in module.student.state_dict().items():
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), k
+
+
+def test_configuration_error_before_training(labelled_store):
+    dm = _dm(labelled_store)
+    loss = DistillationLoss(r_he=0, r_hf=0, r_se=1, r_sf=1, r_hs=1)
+    dm_avail = dict(dm.available())
+    dm_avail[("hard", "stress")] = 0
+    with pytest.raises(ValueError, match="r_hs=1.0 but no training frame has hard stress"):
+        loss.check_available(dm_avail)
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
+    return subprocess.run(
+        [sys.executable, "-m", "kd_nnp.cli", *args], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+
+
+def test_tiny_training_run_cli(labelled_store, tmp_path, chgnet_model):
+    r = _cli(
+        [
+            "train",
+            f"data.store={labelled_store}",
+            "data.label_set=toy_teacher",
+            "data.n_val=5",
+            "data.batch_size=5",
+            "data.grouped=false",
+            "trainer.max_epochs=4",
+            "loss=soft_only",
+            "loss.r_sf=0.2",
+            "model.lr=0.003",
+            f"paths.output_dir={tmp_path}",
+            "hydra.run.dir=" + str(tmp_path / "run"),
+        ],
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    hist = [h for h in metrics["history"] if h["split"] == "val"]
+    assert hist[0]["epoch"] == 0 and hist[-1]["epoch"] == 4
+    assert hist[-1]["mae_soft_energy"] < hist[0]["mae_soft_energy"]
+    for name in ("config.yaml", "provenance.json", "data_summary.json", "loss_curves.png",
+                 "crossover.json", "logs/metrics.csv", "student.pt"):  # fmt: skip
+        assert (run / name).exists(), name
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["packages"]["chgnet"] and "git_commit" in prov
+    # the exported student is a plain CHGNet model file with the backbone untouched
+    from chgnet.model import CHGNet
+
+    student = CHGNet.from_file(str(run / "student.pt"))
+    ref = chgnet_model.state_dict()
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, ref[k])}
+    assert changed and all(k.startswith("mlp.") for k in changed)
+    # a second launch of the same job is skipped (resumable sweeps)
+    mtime = (run / "metrics.json").stat().st_mtime
+    r2 = _cli(["train", f"data.store={labelled_store}", "data.label_set=toy_teacher",
+               "hydra.run.dir=" + str(run)], tmp_path)  # fmt: skip
+    assert r2.returncode == 0 and (run / "metrics.json").stat().st_mtime == mtime
+
+
+def test_tiny_multirun_sweep(labelled_store, tmp_path):
+    r = _cli(
+        [
+            "train", "-m",
+            f"data.store={labelled_store}",
+            "data.label_set=toy_teacher",
+            "data.n_val=5",
+            "data.n_train=6,12",
+            "trainer.max_epochs=1",
+            "loss=mixed",
+            "loss.r_he=0.1,10",
+            "validate_before_training=false",
+            "hydra.sweep.dir=" + str(tmp_path / "sweep"),
+        ],
+        tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    jobs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    assert len(jobs) == 4
+    seen = {
+        (json.loads(j.read_text())["ratios"]["r_he"], json.loads(j.read_text())["n_train"])
+        for j in jobs
+    }
+    assert seen == {(0.1, 6), (0.1, 12), (10.0, 6), (10.0, 12)}
