@@ -217,6 +217,15 @@ def test_benchmark_known_answer_resume_and_report(tmp_path):
     recs = read_results(out / "relax.jsonl")
     assert sorted(r["id"] for r in recs) == sorted(mine["id"])
     assert json.loads(lines[0]) == recs[0]
+    # report-only over a larger selection: the crystal never run is listed as missing
+    kw3 = {**kw, "limit": 3}
+    df3 = run_relax_benchmark(
+        "pyxtal:test", {"scaled": "test_eval_relax:scaled_calc"}, out, run=False, **kw3
+    )
+    mine3 = df3[df3["method"] == "scaled"]
+    assert len(mine3) == 3 and (mine3["status"] == "missing").sum() == 1
+    assert len(read_results(out / "relax.jsonl")) == 2
+    assert summarize(df3).set_index("method").loc["scaled", "n_errors"] == 1
 
 
 def test_failures_are_counted_not_dropped(tmp_path):

@@ -49,6 +49,11 @@ def _relax_parser(sub: argparse._SubParsersAction) -> None:
         help="do not add test.db's stored DFTB/ANI/GULP/CHARMM cells",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rebuild tables/plots from OUT/relax.jsonl (no new relaxations)",
+    )
 
 
 def _elastic_parser(sub: argparse._SubParsersAction) -> None:
@@ -117,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             rmsd=not args.no_rmsd,
             references=not args.no_references,
             progress=not args.quiet,
+            run=not args.report_only,
         )
         _print_summary(summarize(df))
         print(f"\nwrote {args.out}/table.md, table.csv, summary.csv, parity_*.png")
