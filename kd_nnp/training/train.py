@@ -67,7 +67,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule.setup("fit")
     module.loss_fn.check_available(datamodule.available())
     if module.backend != "full":
-        from kd_nnp.training.features import attach_feature_cache
+        from kd_nnp.training.cached import attach_feature_cache
 
         attach_feature_cache(datamodule, module)
     (run_dir / "data_summary.json").write_text(json.dumps(datamodule.summary, indent=2))
