@@ -1,0 +1,296 @@
+"""Cached-feature training (kd_nnp.training.features) against chgnet's own autograd path.
+
+Small real organic crystals from pyxtal's shipped database (16-24 atoms), rattled and
+strained a little so that forces and stress are far from zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.db import connect
+from chgnet.graph import CrystalGraph
+from chgnet.model import CHGNet
+from pymatgen.io.ase import AseAtomsAdaptor
+from torch import Tensor, nn
+
+from kd_nnp.training.features import (
+    FeatureCache,
+    FrameFeatures,
+    backbone_hash,
+    compute_features,
+    graph_hash,
+    jacobian_nbytes,
+    predict_from_features,
+    predict_full,
+)
+from kd_nnp.utils.paths import pyxtal_db
+
+ROWS = (91, 93, 1)  # OXALAC11 (16 atoms), UREAXX02 (16), FORMAM (24)
+REL = 1e-4  # relative tolerance (to the largest magnitude) for float32 comparisons
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _load_model() -> CHGNet:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CHGNet.load(model_name="0.3.0", use_device="cpu", verbose=False)
+    model.requires_grad_(False)
+    model.mlp.requires_grad_(True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> CHGNet:
+    return _load_model()
+
+
+def _frame_graph(model: CHGNet, row_id: int, seed: int, rattle: float = 0.04) -> CrystalGraph:
+    row = connect(pyxtal_db("test")).get(id=row_id)
+    atoms = row.toatoms()
+    rng = np.random.default_rng(seed)
+    strain = rng.normal(scale=0.01, size=(3, 3))
+    atoms.set_cell(atoms.cell.array @ (np.eye(3) + (strain + strain.T) / 2), scale_atoms=True)
+    atoms.positions += rng.normal(scale=rattle, size=atoms.positions.shape)
+    structure = AseAtomsAdaptor.get_structure(atoms)
+    return model.graph_converter(structure, graph_id=f"{row.csd_code}-{seed}")
+
+
+@pytest.fixture(scope="module")
+def graphs(model: CHGNet) -> list[CrystalGraph]:
+    return [_frame_graph(model, rid, seed=i) for i, rid in enumerate(ROWS)]
+
+
+@pytest.fixture(scope="module")
+def feats(model: CHGNet, graphs: list[CrystalGraph]) -> list[FrameFeatures]:
+    return [compute_features(model, g, forces=True, stress=True) for g in graphs]
+
+
+def _perturbed(model: CHGNet, seed: int, readout: bool = False) -> CHGNet:
+    """A copy whose MLP (and optionally readout LayerNorm) is moved off the pretrained point."""
+    new = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    modules: list[nn.Module] = [new.mlp] + ([new.readout_norm] if readout else [])
+    with torch.no_grad():
+        for mod in modules:
+            for p in mod.parameters():
+                p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=gen))
+    if readout:
+        new.readout_norm.requires_grad_(True)
+    return new
+
+
+def _assert_close(a: Tensor, b: Tensor, what: str, rel: float = REL) -> None:
+    scale = float(b.abs().max())
+    err = float((a - b).abs().max())
+    assert err <= rel * scale + 1e-6, f"{what}: max |diff| {err:.3g} > {rel} x {scale:.3g}"
+
+
+def _mae_loss(pred: dict, targets: dict) -> Tensor:
+    loss = (pred["e"] - targets["e"]).abs().mean()
+    loss = (
+        loss
+        + torch.cat([(f - t).abs().reshape(-1) for f, t in zip(pred["f"], targets["f"])]).mean()
+    )
+    loss = (
+        loss
+        + torch.cat([(s - t).abs().reshape(-1) for s, t in zip(pred["s"], targets["s"])]).mean()
+    )
+    return loss
+
+
+def _targets(ref: dict, seed: int) -> dict:
+    """Targets well away from the predictions, so that sign(pred - target) is unambiguous."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def shift(t: Tensor, scale: float) -> Tensor:
+        noise = torch.randn(t.shape, generator=gen)
+        return t.detach() + scale * (noise + 0.2 * torch.sign(noise))
+
+    return {
+        "e": shift(ref["e"], 0.05),
+        "f": [shift(f, 0.5) for f in ref["f"]],
+        "s": [shift(s, 1.0) for s in ref["s"]],
+    }
+
+
+# --------------------------------------------------------------------------------------
+def test_energy_equals_chgnet_forward(model: CHGNet, graphs: list[CrystalGraph],
+                                      feats: list[FrameFeatures]) -> None:  # fmt: skip
+    """sum mlp(LN(h)) + AtomRef == CHGNet's own energy: h really is the last-layer feature."""
+    for g, fr in zip(graphs, feats, strict=True):
+        with torch.no_grad():
+            e_ref = float(model([g], task="e")["e"][0]) * fr.n_atoms
+            e_cached = float(model.mlp(model.readout_norm(fr.h)).sum()) + fr.atomref_energy
+        assert abs(e_cached - e_ref) <= 1e-5 * abs(e_ref), (g.graph_id, e_cached, e_ref)
+
+
+@pytest.mark.parametrize("perturb", [False, True], ids=["pretrained", "perturbed_mlp"])
+def test_predictions_match_full_path(model: CHGNet, graphs: list[CrystalGraph],
+                                     feats: list[FrameFeatures], perturb: bool) -> None:  # fmt: skip
+    m = _perturbed(model, seed=1) if perturb else model
+    full = predict_full(m, graphs, forces=True, stress=True)
+    cached = predict_from_features(m.mlp, m.readout_norm, feats, forces=True, stress=True)
+    assert cached["e"].shape == (len(graphs),)
+    _assert_close(cached["e"], full["e"].detach(), "energy per atom", rel=1e-5)
+    for i, g in enumerate(graphs):
+        assert cached["f"][i].shape == (int(g.atomic_number.shape[0]), 3)
+        assert cached["s"][i].shape == (3, 3)
+        _assert_close(cached["f"][i], full["f"][i].detach(), f"forces {g.graph_id}")
+        _assert_close(cached["s"][i], full["s"][i].detach(), f"stress {g.graph_id}", rel=2e-4)
+        assert float(full["f"][i].abs().max()) > 0.5  # rattled: forces are not ~0
+        assert float(full["s"][i].abs().max()) > 0.5  # strained: stress (GPa) is not ~0
+    if perturb:  # the comparison is not between two copies of the pretrained numbers
+        base = predict_full(model, graphs, forces=True, stress=False)
+        assert float((base["f"][0] - full["f"][0].detach()).abs().max()) > 1e-2
+
+
+def _grads(params: list[nn.Parameter], loss: Tensor) -> list[Tensor]:
+    return list(torch.autograd.grad(loss, params))
+
+
+@pytest.mark.parametrize(
+    ("perturb", "readout"),
+    [(False, False), (True, False), (True, True)],
+    ids=["pretrained", "perturbed_mlp", "trainable_readout_norm"],
+)
+def test_loss_gradients_match_full_path(model: CHGNet, graphs: list[CrystalGraph],
+                                        feats: list[FrameFeatures], perturb: bool,
+                                        readout: bool) -> None:  # fmt: skip
+    m = _perturbed(model, seed=2, readout=readout) if perturb else model
+    named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    assert {n.split(".")[0] for n, _ in named} == ({"mlp", "readout_norm"} if readout else {"mlp"})
+    params = [p for _, p in named]
+    full = predict_full(m, graphs, forces=True, stress=True)
+    targets = _targets(full, seed=3)
+    g_full = _grads(params, _mae_loss(full, targets))
+    cached = predict_from_features(m.mlp, m.readout_norm, feats, forces=True, stress=True)
+    loss_cached = _mae_loss(cached, targets)
+    g_cached = _grads(params, loss_cached)
+    assert abs(float(loss_cached) - float(_mae_loss(full, targets))) < 5e-5 * float(loss_cached)
+    for (name, _), a, b in zip(named, g_cached, g_full, strict=True):
+        assert float(b.abs().max()) > 0, name
+        _assert_close(a, b, f"d loss / d {name}", rel=2e-4)
+
+
+def test_tangent_and_vmap_builders_agree(model: CHGNet, graphs: list[CrystalGraph],
+                                         feats: list[FrameFeatures]) -> None:  # fmt: skip
+    """The hand-written forward mode equals functorch's vmap(jvp) of the same function."""
+    ref = compute_features(model, graphs[0], forces=True, stress=True, method="vmap")
+    _assert_close(feats[0].h, ref.h, "h", rel=1e-6)
+    _assert_close(feats[0].jac_pos, ref.jac_pos, "dh/dR")
+    _assert_close(feats[0].jac_strain, ref.jac_strain, "dh/dstrain")
+
+
+def test_predict_from_features_refuses_missing_jacobian(model: CHGNet,
+                                                        feats: list[FrameFeatures]) -> None:  # fmt: skip
+    no_stress = copy.copy(feats[0])
+    no_stress.jac_strain = None
+    with pytest.raises(ValueError, match="dh/dstrain"):
+        predict_from_features(model.mlp, model.readout_norm, [no_stress], forces=True, stress=True)
+    out = predict_from_features(
+        model.mlp, model.readout_norm, [no_stress], forces=True, stress=False
+    )
+    assert set(out) == {"e", "f"}
+
+
+# --------------------------------------------------------------------------------------
+def _mtimes(entry: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
+
+
+def test_cache_round_trip(model: CHGNet, graphs: list[CrystalGraph],
+                          feats: list[FrameFeatures], tmp_path: Path) -> None:  # fmt: skip
+    cache = FeatureCache(tmp_path, model)
+    g = graphs[0]
+    first = cache.get(g, forces=True, stress=False)
+    assert cache.n_builds == 1
+    entry = cache.path(g)
+    assert sorted(p.name for p in entry.iterdir()) == ["h.npy", "jac_pos.npy", "meta.json"]
+    stamps = _mtimes(entry)
+    # a second get, and a fresh cache object (a new process), load without building
+    again = cache.get(g, forces=True, stress=False)
+    fresh = FeatureCache(tmp_path, model)
+    loaded = fresh.get(g, forces=True, stress=False)
+    assert cache.n_builds == 1 and fresh.n_builds == 0
+    assert _mtimes(entry) == stamps
+    for fr in (first, again, loaded):
+        assert torch.equal(fr.h, feats[0].h)
+        assert torch.equal(fr.jac_pos, feats[0].jac_pos)
+        assert fr.jac_strain is None
+        assert fr.atomref_energy == feats[0].atomref_energy
+        assert fr.volume == pytest.approx(feats[0].volume) and fr.n_atoms == feats[0].n_atoms
+    # asking for stress later adds dh/dstrain only; dh/dR and h stay as written
+    with_stress = fresh.get(g, forces=True, stress=True)
+    assert fresh.n_builds == 1
+    new_stamps = _mtimes(entry)
+    assert {k: new_stamps[k] for k in stamps} == stamps and "jac_strain.npy" in new_stamps
+    assert torch.equal(with_stress.jac_strain, feats[0].jac_strain)
+    # no temporary files left behind
+    assert not [p for p in entry.iterdir() if p.name.startswith(".")]
+    # predictions from loaded (memory-mapped) features are the in-memory ones
+    a = predict_from_features(
+        model.mlp, model.readout_norm, [with_stress], forces=True, stress=True
+    )
+    b = predict_from_features(model.mlp, model.readout_norm, feats[:1], forces=True, stress=True)
+    assert torch.equal(a["f"][0], b["f"][0]) and torch.equal(a["s"][0], b["s"][0])
+
+
+def test_cache_size_rule(model: CHGNet, graphs: list[CrystalGraph], tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path, model)
+    g = graphs[1]
+    n = int(g.atomic_number.shape[0])
+    fr = cache.get(g, forces=True, stress=True)
+    in_memory = sum(t.numel() * t.element_size() for t in (fr.h, fr.jac_pos, fr.jac_strain))
+    assert in_memory == jacobian_nbytes(n, True)
+    on_disk = sum(np.load(p, mmap_mode="r").nbytes for p in cache.path(g).glob("*.npy"))
+    assert on_disk == jacobian_nbytes(n, stress=True)
+    assert jacobian_nbytes(n, False) == 4 * (64 * n + 64 * n * 3 * n)
+    assert jacobian_nbytes(84, False) == pytest.approx(5.44e6, rel=0.01)
+
+
+def test_cache_key_tracks_content(
+    model: CHGNet, graphs: list[CrystalGraph], tmp_path: Path
+) -> None:
+    cache = FeatureCache(tmp_path, model)
+    g = graphs[0]
+    key = cache.key(g)
+    assert key == FeatureCache(tmp_path, model).key(copy.deepcopy(g))  # deterministic
+    # positions
+    moved = copy.deepcopy(g)
+    moved.atom_frac_coord = moved.atom_frac_coord.detach().clone()
+    moved.atom_frac_coord[0, 0] += 1e-6
+    assert graph_hash(moved) != graph_hash(g) and cache.key(moved) != key
+    # backbone weights change the key ...
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.atom_conv_layers[-1].mlp_out.layers[-1].weight[0, 0] += 1e-4
+    assert backbone_hash(other) != cache.backbone_key
+    assert FeatureCache(tmp_path, other).key(g) != key
+    # ... the trained readout (mlp, readout_norm) does not: training keeps the cache valid
+    trained = _perturbed(model, seed=4, readout=True)
+    assert FeatureCache(tmp_path, trained).key(g) == key
+
+
+def test_rejects_model_pooling_before_mlp(tmp_path: Path) -> None:
+    with warnings.catch_warnings(), open(os.devnull, "w") as devnull:
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(devnull):
+            pooled = CHGNet(mlp_first=False)
+    with pytest.raises(ValueError, match="mlp_first"):
+        FeatureCache(tmp_path, pooled)
