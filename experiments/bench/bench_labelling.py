@@ -61,22 +61,29 @@ def main() -> None:
         n = args.gfn2_n if name == "gfn2" else args.n
         out = subprocess.run(
             [sys.executable, __file__, "--child", name, "--n", str(n)],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
             print(f"{name}: failed\n{out.stderr[-2000:]}")
             continue
         rows.append(json.loads(line[0][7:]))
-    print(f"{'teacher':<10} {'frames':>6} {'atoms':>6} {'load s':>7} {'s/frame':>8} "
-          f"{'frames/s':>9} {'peak RSS MB':>12}")
+    print(
+        f"{'teacher':<10} {'frames':>6} {'atoms':>6} {'load s':>7} {'s/frame':>8} "
+        f"{'frames/s':>9} {'peak RSS MB':>12}"
+    )
     for r in rows:
-        print(f"{r['teacher']:<10} {r['frames']:>6} {r['mean_atoms']:>6.0f} {r['load_s']:>7.1f} "
-              f"{r['s_per_frame']:>8.3f} {r['frames_per_s']:>9.3f} {r['peak_rss_mb']:>12.0f}")
+        print(
+            f"{r['teacher']:<10} {r['frames']:>6} {r['mean_atoms']:>6.0f} {r['load_s']:>7.1f} "
+            f"{r['s_per_frame']:>8.3f} {r['frames_per_s']:>9.3f} {r['peak_rss_mb']:>12.0f}"
+        )
     if rows:
         base = rows[0]
         for r in rows[1:]:
-            print(f"{base['teacher']} is {base['frames_per_s'] / r['frames_per_s']:.1f}x the rate of {r['teacher']}")
+            print(
+                f"{base['teacher']} is {base['frames_per_s'] / r['frames_per_s']:.1f}x the rate of {r['teacher']}"
+            )
 
 
 if __name__ == "__main__":

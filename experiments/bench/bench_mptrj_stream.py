@@ -26,12 +26,19 @@ import numpy as np
 def _structure(symbols: list[str], rng: np.random.Generator) -> dict:
     a = 9.0
     return {
-        "@module": "pymatgen.core.structure", "@class": "Structure", "charge": 0,
+        "@module": "pymatgen.core.structure",
+        "@class": "Structure",
+        "charge": 0,
         "lattice": {"matrix": [[a, 0, 0], [0, a, 0], [0, 0, a]], "pbc": [True, True, True]},
         "properties": {},
         "sites": [
-            {"species": [{"element": s, "occu": 1}], "abc": (xyz / a).tolist(),
-             "xyz": xyz.tolist(), "label": s, "properties": {"magmom": 0.0}}
+            {
+                "species": [{"element": s, "occu": 1}],
+                "abc": (xyz / a).tolist(),
+                "xyz": xyz.tolist(),
+                "label": s,
+                "properties": {"magmom": 0.0},
+            }
             for s, xyz in zip(symbols, rng.uniform(0, a, size=(len(symbols), 3)))
         ],
     }
@@ -52,12 +59,17 @@ def write_synthetic(path: Path, target_bytes: int, frames_per_mp: int = 20) -> i
                 natoms = len(symbols)
                 frames[f"mp-{k}-{j // 5}-{j % 5}"] = {
                     "structure": _structure(symbols, rng),
-                    "uncorrected_total_energy": -5.0 * natoms, "corrected_total_energy": -5.1 * natoms,
-                    "energy_per_atom": -5.1, "ef_per_atom": -1.0, "e_per_atom_relaxed": -5.2,
+                    "uncorrected_total_energy": -5.0 * natoms,
+                    "corrected_total_energy": -5.1 * natoms,
+                    "energy_per_atom": -5.1,
+                    "ef_per_atom": -1.0,
+                    "e_per_atom_relaxed": -5.2,
                     "ef_per_atom_relaxed": -1.1,
                     "force": rng.normal(size=(natoms, 3)).round(8).tolist(),
                     "stress": rng.normal(size=(3, 3)).round(6).tolist(),
-                    "magmom": None, "bandgap": 0.0, "mp_id": f"mp-{k}",
+                    "magmom": None,
+                    "bandgap": 0.0,
+                    "mp_id": f"mp-{k}",
                 }
                 n += 1
             fh.write(("," if k else "") + json.dumps(f"mp-{k}") + ":" + json.dumps(frames))
@@ -100,8 +112,18 @@ def child_stream(path: str, out: str) -> None:
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"base_mb": base, "peak_mb": peak, "seconds": dt,
-                                  "stats": dict(stats), "samples": samples}))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "base_mb": base,
+                "peak_mb": peak,
+                "seconds": dt,
+                "stats": dict(stats),
+                "samples": samples,
+            }
+        )
+    )
 
 
 def _read_pos(path: str) -> int | None:
@@ -130,8 +152,18 @@ def child_load(path: str, nbytes: int) -> None:
     data = json.loads(text)
     del text
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"bytes": nbytes, "base_mb": base, "peak_mb": peak,
-                                  "rss_after_mb": _rss_mb(), "n_mp": len(data)}))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "bytes": nbytes,
+                "base_mb": base,
+                "peak_mb": peak,
+                "rss_after_mb": _rss_mb(),
+                "n_mp": len(data),
+            }
+        )
+    )
 
 
 def _run(args: list[str]) -> dict:
@@ -160,13 +192,19 @@ def main() -> None:
     if not path.exists():
         t0 = time.perf_counter()
         n = write_synthetic(path, int(a.gb * 1e9))
-        print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB, {n} frames) in {time.perf_counter() - t0:.0f} s")
+        print(
+            f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB, {n} frames) in {time.perf_counter() - t0:.0f} s"
+        )
     size_gb = path.stat().st_size / 1e9
     s = _run(["--child", "stream", str(path), str(Path(tmp) / "store")])
-    print(f"stream {size_gb:.2f} GB: {s['seconds']:.0f} s ({size_gb * 1e3 / s['seconds']:.0f} MB/s), "
-          f"frames {s['stats']}")
-    print(f"  RSS before {s['base_mb']:.0f} MB, peak {s['peak_mb']:.0f} MB "
-          f"(+{s['peak_mb'] - s['base_mb']:.0f} MB for {size_gb:.2f} GB)")
+    print(
+        f"stream {size_gb:.2f} GB: {s['seconds']:.0f} s ({size_gb * 1e3 / s['seconds']:.0f} MB/s), "
+        f"frames {s['stats']}"
+    )
+    print(
+        f"  RSS before {s['base_mb']:.0f} MB, peak {s['peak_mb']:.0f} MB "
+        f"(+{s['peak_mb'] - s['base_mb']:.0f} MB for {size_gb:.2f} GB)"
+    )
     samples = [x for x in s["samples"] if x[0] == x[0]]
     for q in (0.1, 0.25, 0.5, 0.75, 0.95):
         near = min(samples, key=lambda x: abs(x[0] - q), default=None)
@@ -175,11 +213,15 @@ def main() -> None:
     nbytes = int(a.load_mb * 1e6)
     ld = _run(["--child", "load", str(path), str(nbytes)])
     growth = ld["peak_mb"] - ld["base_mb"]
-    print(f"json.load of a {nbytes / 1e6:.0f} MB slice: +{growth:.0f} MB "
-          f"({growth / (nbytes / 1e6):.1f} MB per MB of JSON) -> the real 11 GB file would need "
-          f"~{growth / (nbytes / 1e6) * 11e3 / 1e3:.0f} GB")
-    print(f"ratio: streaming used {s['peak_mb'] - s['base_mb']:.0f} MB for {size_gb * 1e3:.0f} MB; "
-          f"json.load would use ~{growth / (nbytes / 1e6) * size_gb * 1e3:.0f} MB for the same file")
+    print(
+        f"json.load of a {nbytes / 1e6:.0f} MB slice: +{growth:.0f} MB "
+        f"({growth / (nbytes / 1e6):.1f} MB per MB of JSON) -> the real 11 GB file would need "
+        f"~{growth / (nbytes / 1e6) * 11e3 / 1e3:.0f} GB"
+    )
+    print(
+        f"ratio: streaming used {s['peak_mb'] - s['base_mb']:.0f} MB for {size_gb * 1e3:.0f} MB; "
+        f"json.load would use ~{growth / (nbytes / 1e6) * size_gb * 1e3:.0f} MB for the same file"
+    )
 
 
 if __name__ == "__main__":
