@@ -106,6 +106,8 @@ class DistillationModule(L.LightningModule):
             raise ValueError("the loss has force terms but compute_forces is false")
         if backend not in ("full", "cached", "auto"):
             raise ValueError(f"backend must be full, cached or auto, got {backend!r}")
+        if backend != "full" and self.student_cfg["freeze"] == "all":
+            raise ValueError("cached features need a frozen backbone: use backend=full with freeze=all")
         self.backend = backend
         self.max_feature_bytes = max_feature_bytes
         self.metrics = torch.nn.ModuleDict(
