@@ -211,3 +211,38 @@ def test_cli_elastic_on_cif_folder(tmp_path, capsys):
     known = moduli_from_stiffness(C_KNOWN)
     assert df.loc[0, "E_RH"] == pytest.approx(known["E_RH"], rel=2e-3)
     assert "formam" in capsys.readouterr().out
+
+
+class ExpandingCalc(Calculator):
+    """Constant -1 GPa stress and no forces: the cell expands without limit."""
+
+    implemented_properties = ("energy", "free_energy", "forces", "stress")
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        v = self.atoms.get_volume()
+        self.results = {
+            "energy": -units.GPa * v,
+            "free_energy": -units.GPa * v,
+            "forces": np.zeros((len(self.atoms), 3)),
+            "stress": -units.GPa * np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]),
+        }
+
+
+def expanding_calc() -> Calculator:
+    return ExpandingCalc()
+
+
+def test_runaway_relaxation_is_skipped_and_listed(tmp_path):
+    atoms = load_dataset("pyxtal:test", codes=["FORMAM"])[0].atoms
+    df = run_elastic_benchmark(
+        {"boom": "test_eval_elastic:expanding_calc"},
+        tmp_path,
+        structures=[("formam", atoms)],
+        workers=1,
+        progress=False,
+    )
+    r = df.iloc[0]
+    assert r["status"] == "skipped" and "volume runaway" in r["error"]
+    assert r["steps"] < 200  # stopped early, not after 2000 steps
+    assert "volume runaway" in (tmp_path / "elastic.md").read_text()

@@ -235,6 +235,20 @@ def _elastic_task(item: dict[str, Any]) -> dict[str, Any]:
     )
     rec: dict[str, Any] = {"status": "ok", **info, **compare_structures(exp, relaxed)}
     rec["relax_wall_s"] = rec.pop("wall_s")
+    bad = [
+        name
+        for name, flag in (
+            ("volume runaway", rec["aborted_volume_runaway"]),
+            ("volume blown up", rec["volume_blown_up"]),
+            ("molecule broken", rec["molecule_broken"]),
+            ("molecules merged", rec["molecule_merged"]),
+        )
+        if flag
+    ]
+    if bad:  # no stiffness of a structure that is no longer the crystal
+        rec.update(status="skipped", error="relaxation failed: " + ", ".join(bad))
+        rec["wall_s"] = time.perf_counter() - t0
+        return rec
     c, fit = fit_stiffness(relaxed, calc, p["strains"], ion_fmax=p["ion_fmax"])
     rec.update(fit)
     rec["C"] = np.round(c, 5).tolist()
