@@ -101,12 +101,14 @@ def test_cif_folder_and_bad_cif(tmp_path, formam):
 
 
 def test_pyxtal_reference_cells():
-    recs = pyxtal_reference_cells("pyxtal:test", ["FORMAM", "KONTIQ"])
-    assert len(recs) == 10
+    # MERQUY has Z' = 0.5: ASE reads its stored CIFs with half the atoms (whole cells
+    # must be compared, not volumes per atom)
+    recs = pyxtal_reference_cells("pyxtal:test", ["FORMAM", "KONTIQ", "MERQUY"])
+    assert len(recs) == 15
     ok = [r for r in recs if r["status"] == "ok"]
-    assert len(ok) >= 8
+    assert len(ok) >= 12
     for r in ok:
-        assert abs(r["vol_err_pct"]) < 40
+        assert abs(r["vol_err_pct"]) < 20, r
         # density and volume errors are consistent
         assert r["density_pred"] / r["density_exp"] == pytest.approx(
             r["volume_exp"] / r["volume_pred"], rel=1e-9

@@ -117,8 +117,8 @@ def density_g_cm3(atoms: Atoms) -> float:
 
 def pyxtal_reference_cells(spec: str, ids: Sequence[str]) -> list[dict]:
     """Relaxed cells stored in test.db for the crystals ``ids`` (one record per method and
-    crystal: volume and density errors vs the experimental cell, per atom so a different Z
-    in the stored CIF cannot fake an error). Unreadable entries are returned with an
+    crystal: volume and density errors of the stored cell vs the experimental cell, which
+    hold the same molecules). Unreadable entries are returned with an
     ``error`` field, never dropped."""
     if not spec.startswith("pyxtal:"):
         return []
@@ -133,7 +133,6 @@ def pyxtal_reference_cells(spec: str, ids: Sequence[str]) -> list[dict]:
             if code not in wanted:
                 continue
             exp = row.toatoms()
-            v_exp = exp.get_volume() / len(exp)
             rho_exp = density_g_cm3(exp)
             for key, label in PYXTAL_REFERENCE_METHODS.items():
                 rec: dict = {"method": label, "id": code, "reference": True}
@@ -148,15 +147,19 @@ def pyxtal_reference_cells(spec: str, ids: Sequence[str]) -> list[dict]:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         ref = read(io.StringIO(info["cif"]), format="cif")
-                    v = ref.get_volume() / len(ref)
+                    # compare whole cells (same Z): ASE's CIF reader merges atoms of
+                    # molecules on special positions in these pyxtal CIFs (Z' = 0.5 rows
+                    # come back with half the atoms), so a per-atom volume would be wrong
+                    ratio = ref.get_volume() / exp.get_volume()
                     rec.update(
-                        volume_exp=v_exp * len(exp),
-                        volume_pred=v * len(exp),
-                        vol_err_pct=100.0 * (v / v_exp - 1.0),
-                        abs_vol_err_pct=abs(100.0 * (v / v_exp - 1.0)),
+                        natoms_ref_cif=len(ref),
+                        volume_exp=exp.get_volume(),
+                        volume_pred=ref.get_volume(),
+                        vol_err_pct=100.0 * (ratio - 1.0),
+                        abs_vol_err_pct=abs(100.0 * (ratio - 1.0)),
                         density_exp=rho_exp,
-                        density_pred=rho_exp * v_exp / v,
-                        density_err=rho_exp * v_exp / v - rho_exp,
+                        density_pred=rho_exp / ratio,
+                        density_err=rho_exp / ratio - rho_exp,
                         converged=True,
                         status="ok",
                     )
