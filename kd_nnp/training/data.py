@@ -169,16 +169,13 @@ class FramesDataset(Dataset):
     def __init__(self, samples: list[Sample], feature_loader: Any = None) -> None:
         self.samples = samples
         self.feature_loader = feature_loader
-        self._graphs: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         s = self.samples[idx]
-        graph = self._graphs.get(s.graph_key)
-        if graph is None:
-            graph = GraphCache.load(s.graph_path)
+        graph = GraphCache.load(s.graph_path)
         feats = self.feature_loader(s, graph) if self.feature_loader is not None else None
         return {"sample": s, "graph": graph, "features": feats}
 

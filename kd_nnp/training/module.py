@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanAbsoluteError, MeanMetric
 
+from kd_nnp.training.features import predict_from_features, predict_full
 from kd_nnp.training.loss import QUANTITIES, TARGETS, DistillationLoss
 from kd_nnp.training.student import load_student, trainable_parameter_names
 
@@ -32,12 +33,6 @@ VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 def stress_to_voigt(s: Tensor) -> Tensor:
     """(..., 3, 3) -> (..., 6) in (xx, yy, zz, yz, xz, xy) order."""
     return torch.stack([s[..., i, j] for i, j in VOIGT], dim=-1)
-
-
-def predict_full(model: torch.nn.Module, graphs: list, *, forces: bool, stress: bool) -> dict:
-    """CHGNet's own forward; 'e' per atom (eV/atom), 'f' list of (N,3), 's' list of (3,3) GPa."""
-    task = "e" + ("f" if forces else "") + ("s" if stress else "")
-    return model(graphs, task=task)
 
 
 class DistillationModule(L.LightningModule):
@@ -107,7 +102,9 @@ class DistillationModule(L.LightningModule):
         if backend not in ("full", "cached", "auto"):
             raise ValueError(f"backend must be full, cached or auto, got {backend!r}")
         if backend != "full" and self.student_cfg["freeze"] == "all":
-            raise ValueError("cached features need a frozen backbone: use backend=full with freeze=all")
+            raise ValueError(
+                "cached features need a frozen backbone: use backend=full with freeze=all"
+            )
         self.backend = backend
         self.max_feature_bytes = max_feature_bytes
         self.metrics = torch.nn.ModuleDict(
@@ -127,8 +124,6 @@ class DistillationModule(L.LightningModule):
         """Predictions: 'energy' (B,) eV/atom, 'forces' (Natoms,3) eV/A, 'stress' (B,6) GPa."""
         fw, st = self.compute_forces, self.compute_stress
         if batch.get("features") is not None and self.backend != "full":
-            from kd_nnp.training.features import predict_from_features
-
             norm = self.student.readout_norm
             out = predict_from_features(
                 self.student.mlp, norm, batch["features"], forces=fw, stress=st
