@@ -267,3 +267,28 @@ def test_cli_relax(tmp_path, capsys):
     df = pd.read_csv(out / "table.csv")
     assert len(df[df["method"] == "test_eval_relax.scaled_calc"]) == 1
     assert (out / "parity_volume.png").is_file()
+
+
+def test_student_results_are_not_reused_after_retraining(tmp_path):
+    """A retrained student at the same path must be relaxed again (content fingerprint)."""
+    from kd_nnp.evaluation.relax import _is_done, spec_fingerprint
+
+    student = tmp_path / "student.pt"
+    student.write_bytes(b"weights v1")
+    params = {"fmax": 0.03}
+    fp1 = spec_fingerprint(f"student:{student}")
+    rec = {
+        "method": "student",
+        "spec": f"student:{student}",
+        "spec_fingerprint": fp1,
+        "settings": params,
+    }
+    assert _is_done(rec, {"student": fp1}, params)
+    student.write_bytes(b"weights v2")
+    fp2 = spec_fingerprint(f"student:{student}")
+    assert fp2 != fp1 and not _is_done(rec, {"student": fp2}, params)
+    # other settings, or a record of another calculator, are not reused either
+    assert not _is_done(rec, {"student": fp1}, {"fmax": 0.05})
+    assert spec_fingerprint("chgnet") == "chgnet"
+    old = {"method": "CHGNet", "spec": "chgnet", "settings": params}  # written before fingerprints
+    assert _is_done(old, {"CHGNet": "chgnet"}, params)

@@ -236,6 +236,25 @@ def _relax_task(item: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ driver
+def spec_fingerprint(spec: str) -> str:
+    """What a calculator spec computes: for ``student:PATH`` the spec plus the file's content
+    hash, so a retrained student at the same path never reuses the old student's results."""
+    if spec.startswith("student:"):
+        import hashlib
+
+        path = Path(spec.split(":", 1)[1])
+        if path.is_file():
+            return f"{spec}#{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+    return spec
+
+
+def _is_done(rec: dict[str, Any], fingerprints: dict[str, str], params: dict[str, Any]) -> bool:
+    fp = fingerprints.get(rec.get("method", ""))
+    if fp is None or rec.get("spec_fingerprint", rec.get("spec")) != fp:
+        return False
+    return rec.get("settings", params) == params
+
+
 def _as_crystals(
     structures: str | Sequence[tuple[str, Atoms]] | Sequence[Crystal], **filters: Any
 ) -> tuple[list[Crystal], str | None]:
@@ -334,7 +353,11 @@ def run_relax_benchmark(
         fh.write(json.dumps({"settings": settings, "environment": environment_record()}) + "\n")
 
     path = out / RESULTS_FILE
-    existing = read_results(path)
+    fingerprints = {label: spec_fingerprint(spec) for label, spec in calculators.items()}
+    existing = [r for r in read_results(path) if not run or _is_done(r, fingerprints, params)]
+    stale = len(read_results(path)) - len(existing)
+    if stale:
+        log.info("%d results in %s are from other calculators/settings: ignored", stale, path)
     done = {(r["method"], r["id"]) for r in existing}
     tasks = []
     for label, spec in calculators.items() if run else ():
@@ -367,6 +390,7 @@ def run_relax_benchmark(
             rec = {
                 "method": label,
                 "spec": spec,
+                "spec_fingerprint": fingerprints[label],
                 "id": cid,
                 "source": source,
                 "natoms": natoms,
@@ -383,7 +407,8 @@ def run_relax_benchmark(
 
     wanted = {c.id for c in crystals}
     exp_by_id = {c.id: c.atoms for c in crystals}
-    records = [r for r in existing if r["id"] in wanted and r["method"] in calculators]
+    latest = {(r["method"], r["id"]): r for r in existing}  # the last record of each pair
+    records = [r for r in latest.values() if r["id"] in wanted and r["method"] in calculators]
     have = {(r["method"], r["id"]) for r in records}
     for label, spec in calculators.items():
         for c in crystals:
