@@ -1,0 +1,246 @@
+"""``kd-nnp report SWEEP_DIR``: tables and figures of a training sweep (Fig. 4-6, Table 1).
+
+Writes into ``SWEEP_DIR/report/`` (or ``--out``): ``jobs.csv`` (one row per finished job),
+``failed.csv`` (jobs without ``metrics.json``), ``report.md`` linking everything, and by what
+varies in the sweep (or ``--kind``): ``fig4.{md,csv,png}`` (N_train varies), ``table1.{md,csv}``
++ ``fig5.png`` (several loss settings), ``fig6.png`` + ``crossover.csv`` (loss histories).
+
+Exit status: 0 = report written, 1 = written but no job has finished, 2 = bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kd_nnp.reports.aggregate import (
+    RATIOS,
+    Sweep,
+    SweepError,
+    crossover_table,
+    fig4_table,
+    load_sweep,
+    md_table,
+    table1,
+)
+
+KINDS = ("fig4", "table1", "fig6")
+MAX_MD_ROWS = 60
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kd-nnp report",
+        description="Aggregate a `kd-nnp train -m` sweep directory into tables and figures.",
+    )
+    p.add_argument("sweep_dir", type=Path, help="the sweep directory (hydra.sweep.dir)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (default SWEEP_DIR/report)"
+    )
+    p.add_argument(
+        "--kind",
+        action="append",
+        choices=("auto", "all", *KINDS),
+        default=None,
+        help="what to produce (repeatable); default auto: fig4 when N_train varies, table1 "
+        "(+fig5) when several loss settings exist, fig6 when loss histories exist",
+    )
+    p.add_argument("--fig6-r-hf", type=float, default=None, help="rHF of the Fig. 6 loss curves")
+    p.add_argument(
+        "--fig6-n-train", type=float, default=None, help="N_train of the Fig. 6 loss curves"
+    )
+    return p
+
+
+def auto_kinds(sweep: Sweep) -> list[str]:
+    """What the sweep supports: fig4 if N_train varies, table1 if settings vary, fig6 if
+    any job has a hard and soft energy history."""
+    jobs = sweep.jobs
+    kinds = []
+    if len(jobs) and jobs["n_train"].nunique(dropna=True) > 1:
+        kinds.append("fig4")
+    if len(jobs) and jobs["setting"].nunique(dropna=True) > 1:
+        kinds.append("table1")
+    if any(
+        any("mae_hard_energy" in r and "mae_soft_energy" in r for r in h)
+        for h in sweep.histories.values()
+    ):
+        kinds.append("fig6")
+    return kinds
+
+
+def _values(series: pd.Series) -> str:
+    vals = sorted(series.dropna().unique(), key=lambda v: (str(type(v)), v))
+    return ", ".join(f"{v:g}" if isinstance(v, float | int | np.number) else str(v) for v in vals)
+
+
+def _varies(sweep: Sweep) -> list[str]:
+    jobs = sweep.jobs
+    out = []
+    for col in (*RATIOS, *sweep.dims, "n_train", "seed", "data_seed"):
+        if col in jobs and jobs[col].nunique(dropna=True) > 1:
+            out.append(f"`{col}` in {{{_values(jobs[col])}}}")
+    return out
+
+
+def _best_cell(mean: float, std: float) -> str:
+    if not np.isfinite(mean):
+        return ""
+    return f"{mean:.3g} ({std:.2g})" if np.isfinite(std) else f"{mean:.3g}"
+
+
+def _write_fig4(sweep: Sweep, out: Path) -> tuple[str, list[Path]]:
+    from kd_nnp.reports import figures
+
+    metrics, note = sweep.metrics()
+    t = fig4_table(sweep, metrics)
+    t.to_csv(out / "fig4.csv", index=False)
+    view = t[["setting", "n_train", "n_jobs", "seeds"]].copy()
+    for m in metrics:
+        view[f"{m} mean (std)"] = [_best_cell(a, b) for a, b in zip(t[f"{m}_mean"], t[f"{m}_std"])]
+        view[f"{m} n"] = t[f"{m}_n"]
+    if sweep.has_evaluation:
+        view["failures"] = t["n_failures_sum"]
+    text = [f"# Fig. 4: metric vs N_train per loss setting\n\n{note}; mean (std) over seeds.\n"]
+    text.append(md_table(view))
+    if sweep.has_evaluation and len(sweep.baselines):
+        text += ["\n\nBaselines (dashed lines):\n", md_table(sweep.baselines)]
+    body = "\n".join(text) + "\n"
+    (out / "fig4.md").write_text(body)
+    fig = figures.fig4(sweep)
+    paths = [out / "fig4.csv", out / "fig4.md", figures.save(fig, out / "fig4.png")]
+    if len(sweep.baselines):
+        sweep.baselines.to_csv(out / "baselines.csv", index=False)
+        paths.append(out / "baselines.csv")
+    return body, paths
+
+
+def _write_table1(sweep: Sweep, out: Path) -> tuple[str, list[Path]]:
+    from kd_nnp.reports import figures
+
+    _, note = sweep.metrics()
+    t = table1(sweep)
+    t.to_csv(out / "table1.csv", index=False)
+    cols = ["r_he", "r_hf"]
+    cols += [c for c in (*RATIOS, *sweep.dims) if c not in cols and t[c].nunique(dropna=False) > 1]
+    view = t[cols].copy()
+    metric = t["metric"].iloc[0] if len(t) else sweep.primary_metric()
+    view[f"best {metric} (std)"] = [_best_cell(a, b) for a, b in zip(t["best_mean"], t["best_std"])]
+    view["optimal N_train"] = t["best_n_train"]
+    view["seeds"] = t["best_n"]
+    view["N_train tried"] = t["n_train_values"]
+    body = (
+        "# Table 1: best seed-mean metric per loss setting and the N_train where it occurs\n\n"
+        f"{note}.\n\n{md_table(view)}\n"
+    )
+    (out / "table1.md").write_text(body)
+    fig = figures.fig5(sweep)
+    return body, [out / "table1.csv", out / "table1.md", figures.save(fig, out / "fig5.png")]
+
+
+def _write_fig6(
+    sweep: Sweep, out: Path, r_hf: float | None, n_train: float | None
+) -> tuple[str, list[Path]]:
+    from kd_nnp.reports import figures
+
+    c = crossover_table(sweep)
+    c.to_csv(out / "crossover.csv", index=False)
+    fig = figures.fig6(sweep, r_hf=r_hf, n_train=n_train)
+    n_val = int(np.isfinite(c["crossover_epoch"].astype(float)).sum()) if len(c) else 0
+    body = f"Crossover (first epoch with MAE_H,E > MAE_S,E, val split) in {n_val} of {len(c)} jobs."
+    return body, [out / "crossover.csv", figures.save(fig, out / "fig6.png")]
+
+
+def write_report(
+    sweep: Sweep,
+    out: Path,
+    kinds: list[str],
+    fig6_r_hf: float | None = None,
+    fig6_n_train: float | None = None,
+) -> list[Path]:
+    """Write the tables, figures and ``report.md`` for ``kinds``; return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    sweep.jobs.to_csv(out / "jobs.csv", index=False)
+    sweep.failed.to_csv(out / "failed.csv", index=False)
+    written += [out / "jobs.csv", out / "failed.csv"]
+    _, note = sweep.metrics()
+    md = [
+        "# Sweep report",
+        "",
+        f"Sweep directory: `{sweep.root}`",
+        "",
+        f"- finished jobs: {sweep.n_finished}",
+        f"- failed/unfinished jobs (no metrics.json): {sweep.n_failed} ([failed.csv](failed.csv))",
+        f"- what varies: {'; '.join(_varies(sweep)) or 'nothing (one setting)'}",
+        f"- metric: {note}",
+    ]
+    datasets = sweep.jobs["eval_dataset"].dropna().unique() if len(sweep.jobs) else []
+    if len(datasets):
+        n_eval = int(sweep.jobs["vol_mae_pct"].notna().sum())
+        md.append(
+            f"- evaluated jobs: {n_eval} of {sweep.n_finished} (dataset: {_values(pd.Series(datasets))})"
+        )
+    md += [f"- warning: {w}" for w in sweep.warnings]
+    md += ["", "## Jobs", "", "One row per finished job: [jobs.csv](jobs.csv).", ""]
+    if sweep.n_finished and sweep.n_finished <= MAX_MD_ROWS:
+        metrics, _ = sweep.metrics()
+        cols = ["job", *RATIOS, *sweep.dims, "n_train", "seed", "epochs", *metrics]
+        cols += ["crossover_epoch"]
+        md.append(md_table(sweep.jobs, cols))
+    if sweep.n_failed:
+        md += ["", "## Failed / unfinished jobs", "", md_table(sweep.failed, ["job", "reason"])]
+    if sweep.n_finished:
+        if "fig4" in kinds:
+            body, paths = _write_fig4(sweep, out)
+            written += paths
+            md += ["", "## Fig. 4 style", "", "![fig4](fig4.png)", "", "[fig4.csv](fig4.csv), "
+                   "[fig4.md](fig4.md)", "", body.split("\n", 2)[2]]  # fmt: skip
+        if "table1" in kinds:
+            body, paths = _write_table1(sweep, out)
+            written += paths
+            md += ["", "## Table 1 style and Fig. 5", "", "![fig5](fig5.png)", "",
+                   "[table1.csv](table1.csv), [table1.md](table1.md)", "",
+                   body.split("\n", 2)[2]]  # fmt: skip
+        if "fig6" in kinds:
+            body, paths = _write_fig6(sweep, out, fig6_r_hf, fig6_n_train)
+            written += paths
+            md += ["", "## Fig. 6 style: loss curves and crossover", "", "![fig6](fig6.png)",
+                   "", f"[crossover.csv](crossover.csv). {body}"]  # fmt: skip
+    (out / "report.md").write_text("\n".join(md).rstrip() + "\n")
+    written.append(out / "report.md")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep_dir)
+    except SweepError as exc:
+        print(f"kd-nnp report: {exc}", file=sys.stderr)
+        return 2
+    for w in sweep.warnings:
+        print(f"kd-nnp report: warning: {w}", file=sys.stderr)
+    requested = args.kind or ["auto"]
+    if "all" in requested:
+        kinds = list(KINDS)
+    else:
+        kinds = [k for k in requested if k in KINDS]
+        if "auto" in requested:
+            kinds += [k for k in auto_kinds(sweep) if k not in kinds]
+    out = args.out or sweep.root / "report"
+    written = write_report(sweep, out, kinds, args.fig6_r_hf, args.fig6_n_train)
+    print(f"{sweep.root}: {sweep.n_finished} finished, {sweep.n_failed} failed/unfinished")
+    for _, r in sweep.failed.iterrows():
+        print(f"  failed/unfinished: {r['job']}: {r['reason']}")
+    print(f"report ({', '.join(kinds) or 'jobs table only'}): {out / 'report.md'}")
+    for p in written:
+        print(f"  {p}")
+    if not sweep.n_finished:
+        print(f"kd-nnp report: no finished job (metrics.json) in {sweep.root}", file=sys.stderr)
+        return 1
+    return 0
