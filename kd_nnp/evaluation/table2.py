@@ -1,0 +1,148 @@
+"""``python -m kd_nnp.evaluation.table2``: the paper's Table 2 for a distilled student.
+
+Elastic moduli (Voigt / Reuss / Hill / RH averages of E, K, G; Poisson ratio; anisotropy) of
+the shared elastic set, MAE vs experiment, in the paper's column layout: the mean model (it
+predicts the mean experimental value of the compounds evaluated: no structure-property
+relation), PFP (the paper's teacher, from the reference tensors), pretrained CHGNet, the
+teacher used here and the student(s)::
+
+    python -m kd_nnp.evaluation.table2 --student outputs/runs/RUN/student.pt --out table2
+    python -m kd_nnp.evaluation.table2 --sweep outputs/paper_table2/DATE --out table2
+
+``--sweep`` takes the student of the sweep's job with the lowest held-out volume MAE
+(``metrics.json: evaluation.summary.vol_mae_pct``, what the paper selected its model by).
+Pretrained CHGNet and the teacher are computed once per settings in ``--baseline-root``
+(shared with the sweep jobs' ``evaluate`` blocks); everything resumes after a kill. Needs the
+shared elastic data (``$KD_NNP_SHARED_DATA`` or ``../shared/data``); exits 2 when absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from kd_nnp.utils.threads import set_threads
+
+log = logging.getLogger(__name__)
+
+
+def best_student(sweep_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The student of the finished job with the lowest held-out volume MAE in a sweep."""
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep folder not found: {root}")
+    best: tuple[float, Path, dict[str, Any]] | None = None
+    n_jobs = 0
+    for mfile in sorted(root.glob("*/metrics.json")):
+        n_jobs += 1
+        metrics = json.loads(mfile.read_text())
+        summary = (metrics.get("evaluation") or {}).get("summary") or {}
+        mae = summary.get("vol_mae_pct")
+        student = mfile.parent / "student.pt"
+        if mae is None or not student.is_file():
+            continue
+        if best is None or float(mae) < best[0]:
+            best = (float(mae), student, metrics)
+    if best is None:
+        raise ValueError(
+            f"{root}: none of {n_jobs} finished job(s) has an evaluated student "
+            "(metrics.json: evaluation.summary.vol_mae_pct); run the sweep with an evaluate block"
+        )
+    return best[1], best[2]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kd_nnp.evaluation.table2",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--student",
+        action="append",
+        help="student model file, or LABEL=PATH (repeatable)",
+    )
+    src.add_argument("--sweep", type=Path, help="sweep folder: use its best evaluated student")
+    p.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
+    p.add_argument("--teacher", default="so3lr", help="teacher column (kd_nnp teacher name)")
+    p.add_argument("--no-teacher", action="store_true", help="no teacher column")
+    p.add_argument("--no-chgnet", action="store_true", help="no pretrained CHGNet column")
+    p.add_argument(
+        "--baseline-root",
+        type=Path,
+        default=Path("outputs/baselines"),
+        help="cache of baseline results shared with sweeps (default outputs/baselines)",
+    )
+    p.add_argument("--shared-dir", type=Path, default=None, help="shared data folder")
+    p.add_argument("--compounds", default=None, help="comma-separated compound names")
+    p.add_argument("--all-files", action="store_true", help="every structure file of a compound")
+    p.add_argument("--max-atoms", type=int, default=None)
+    p.add_argument("--strains", default="0.005,0.01", help="strain magnitudes (+/- each)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--fmax", type=float, default=0.03)
+    p.add_argument("--ion-fmax", type=float, default=0.01)
+    p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--stress-tol", type=float, default=0.01)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kd_nnp.training.post_eval import elastic_comparison
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    set_threads()
+    students: dict[str, str] = {}
+    if args.sweep is not None:
+        path, metrics = best_student(args.sweep)
+        mae = metrics["evaluation"]["summary"]["vol_mae_pct"]
+        print(f"best student of {args.sweep}: {path} (held-out volume MAE {mae:.2f} %)")
+        students["Knowledge distillation"] = f"student:{path.resolve()}"
+    else:
+        for item in args.student:
+            label, sep, path = item.partition("=")
+            if not sep or Path(item).expanduser().is_file():  # sweep job folders contain '='
+                label, path = "Knowledge distillation" if len(args.student) == 1 else "", item
+            p = Path(path).expanduser()
+            if not p.is_file():
+                raise SystemExit(f"student model file not found: {p}")
+            students[label or f"student({p.parent.name}/{p.stem})"] = f"student:{p.resolve()}"
+    baselines: dict[str, str] = {}
+    if not args.no_chgnet:
+        baselines["Pretrained CHGNet"] = "chgnet"
+    if not args.no_teacher:
+        baselines[f"teacher ({args.teacher})"] = f"teacher:{args.teacher}"
+    res = elastic_comparison(
+        students,
+        args.out,
+        baselines=baselines,
+        baseline_root=args.baseline_root,
+        shared_dir=args.shared_dir,
+        compounds=[c for c in args.compounds.split(",") if c] if args.compounds else None,
+        all_files=args.all_files,
+        max_atoms=args.max_atoms,
+        strains=[float(s) for s in args.strains.split(",") if s],
+        workers=args.workers,
+        fmax=args.fmax,
+        ion_fmax=args.ion_fmax,
+        max_steps=args.max_steps,
+        stress_tol_gpa=args.stress_tol,
+        progress=not args.quiet,
+    )
+    if "skipped" in res:
+        print(f"table2: {res['skipped']}", file=sys.stderr)
+        return 2
+    (args.out / "table2.json").write_text(json.dumps(res, indent=2))
+    print((args.out / "elastic.md").read_text())
+    print(f"wrote {args.out}/elastic.md, elastic_mae.csv, table2.json, parity_E_RH.png")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

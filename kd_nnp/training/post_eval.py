@@ -1,0 +1,405 @@
+"""Per-job evaluation of a trained student: the paper's measurements after each sweep point.
+
+``run_training`` calls :func:`evaluate_student` when ``cfg.evaluate`` is set (the
+``conf/evaluate/`` group, used by ``conf/experiment/paper_*.yaml``) and stores the result
+under ``metrics["evaluation"]`` in the job's ``metrics.json``:
+
+- the student relaxes held-out experimental crystals (``dataset``, default ``pyxtal:test``;
+  ``codes``, ``split_from`` (a demo ``crystals.json``: its ``"eval"`` list) or
+  ``limit``/``max_atoms``) with :func:`kd_nnp.evaluation.relax.run_relax_benchmark` into
+  ``RUN/eval/`` (resumable: ``relax.jsonl``);
+- the ``baselines`` (``{label: calculator spec}``, e.g. pretrained CHGNet and the teacher) are
+  relaxed ONCE per (dataset, crystals, relax settings) into a shared cache folder
+  ``baseline_root/relax-<stable hash>`` that every job of every sweep reuses. Results there are
+  keyed by calculator spec (labels are presentation only), and a file lock makes concurrent
+  jobs (SLURM arrays) wait for the first one instead of relaxing the same pairs twice;
+- optionally (``elastic:`` block) the paper's Table 2: stiffness tensors and moduli of the
+  shared elastic set for the student, the baselines (cached the same way) and the reference
+  columns "Mean model" and "PFP" (:func:`elastic_comparison`).
+
+The returned dict (NaN -> null)::
+
+    {"dataset": str, "crystals": [ids], "settings": {...},
+     "summary": <summarize() row of the student>,
+     "per_crystal": [{"id", "vol_err_pct", "density_err", "rmsd15", "failure", "converged"}],
+     "baselines": {label: <summarize() row>},
+     "elastic": {...}}            # only with an ``elastic:`` block
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from kd_nnp.utils.provenance import stable_hash
+
+log = logging.getLogger(__name__)
+
+STUDENT_LABEL = "student"
+RELAX_KEYS = {
+    "dataset",
+    "codes",
+    "split_from",
+    "limit",
+    "max_atoms",
+    "workers",
+    "fmax",
+    "max_steps",
+    "stress_tol_gpa",
+    "exp_cell_factor",
+    "rmsd",
+    "references",
+    "baselines",
+    "baseline_root",
+    "baseline_dir",
+    "progress",
+    "elastic",
+}
+ELASTIC_KEYS = {
+    "shared_dir",
+    "compounds",
+    "all_files",
+    "max_atoms",
+    "strains",
+    "workers",
+    "fmax",
+    "ion_fmax",
+    "max_steps",
+    "stress_tol_gpa",
+    "baselines",
+    "baseline_dir",
+}
+PER_CRYSTAL_COLUMNS = ("id", "vol_err_pct", "density_err", "rmsd15", "failure", "converged")
+
+
+# ------------------------------------------------------------------ helpers
+def _plain(cfg: Any) -> Any:
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def _check_keys(cfg: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """DataFrame rows as JSON-able dicts (NaN -> None, numpy scalars -> Python)."""
+    if not len(df):
+        return []
+    return json.loads(df.to_json(orient="records"))
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive lock on ``folder/.lock`` (jobs of a sweep computing a shared cache)."""
+    from filelock import FileLock, Timeout
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for %s (another job is computing the shared baselines)", lock.lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def codes_from_split(path: str | Path) -> list[str]:
+    """The held-out crystal ids of a demo-style split file ``{"eval": [...], "train": [...]}``."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"evaluate.split_from: {p} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"evaluate.split_from: {p} is not JSON ({exc})") from exc
+    codes = data.get("eval") if isinstance(data, dict) else None
+    if not isinstance(codes, list) or not codes or not all(isinstance(c, str) for c in codes):
+        raise ValueError(f"evaluate.split_from: {p} has no non-empty 'eval' list of crystal ids")
+    return codes
+
+
+def _check_cache_labels(path: Path, specs: Sequence[str]) -> None:
+    """Records in a shared baseline file are keyed by spec: refuse a file written otherwise."""
+    from kd_nnp.evaluation.relax import read_results
+
+    for rec in read_results(path):
+        if rec.get("method") != rec.get("spec"):
+            raise ValueError(
+                f"{path}: record for {rec.get('id')} has method {rec.get('method')!r} != spec "
+                f"{rec.get('spec')!r}; this folder is not a kd_nnp baseline cache"
+            )
+
+
+# ------------------------------------------------------------------ relaxation
+def evaluate_student(eval_cfg: DictConfig, student_path: Path, run_dir: Path) -> dict[str, Any]:
+    """Relax held-out crystals with the student (and cached baselines); see module doc."""
+    from kd_nnp.evaluation.relax import (
+        RESULTS_FILE,
+        run_relax_benchmark,
+        summarize,
+        write_report,
+    )
+    from kd_nnp.evaluation.structures import load_dataset
+
+    cfg: dict[str, Any] = dict(_plain(eval_cfg) or {})
+    _check_keys(cfg, RELAX_KEYS, "evaluate")
+    dataset = str(cfg.get("dataset") or "pyxtal:test")
+    codes = cfg.get("codes")
+    split_from = cfg.get("split_from")
+    if codes and split_from:
+        raise ValueError("evaluate: give codes or split_from, not both")
+    if split_from:
+        codes = codes_from_split(split_from)
+    if isinstance(codes, str):
+        codes = [c for c in codes.split(",") if c]
+    codes = [str(c) for c in codes] if codes else None
+    crystals = load_dataset(
+        dataset, limit=cfg.get("limit"), max_atoms=cfg.get("max_atoms"), codes=codes
+    )
+    if not crystals:
+        raise ValueError(
+            f"evaluate: no crystal of {dataset} left after the filters "
+            f"(codes={codes}, limit={cfg.get('limit')}, max_atoms={cfg.get('max_atoms')})"
+        )
+    ids = [c.id for c in crystals]
+    params = {
+        "fmax": float(cfg.get("fmax", 0.03)),
+        "max_steps": int(cfg.get("max_steps", 2000)),
+        "stress_tol_gpa": float(cfg.get("stress_tol_gpa", 0.01)),
+        "exp_cell_factor": cfg.get("exp_cell_factor"),
+    }
+    rmsd = bool(cfg.get("rmsd", True))
+    references = bool(cfg.get("references", False))
+    workers = int(cfg.get("workers", 1))
+    progress = bool(cfg.get("progress", False))
+    baselines: dict[str, str] = {str(k): str(v) for k, v in (cfg.get("baselines") or {}).items()}
+    key = {"dataset": dataset, "crystals": ids, "params": params, "rmsd": rmsd}
+    baseline_root = Path(cfg.get("baseline_root") or "outputs/baselines").expanduser()
+    baseline_dir = Path(
+        cfg.get("baseline_dir") or baseline_root / f"relax-{stable_hash(key)}"
+    ).expanduser()
+    student_spec = f"student:{Path(student_path).resolve()}"
+    eval_dir = Path(run_dir) / "eval"
+    common = dict(workers=workers, codes=ids, rmsd=rmsd, progress=progress, **params)
+
+    frames = []
+    df_s = run_relax_benchmark(
+        dataset,
+        {STUDENT_LABEL: student_spec},
+        eval_dir,
+        references=False,
+        report=False,
+        **common,
+    )
+    frames.append(df_s)
+    if baselines or references:
+        specs = sorted(set(baselines.values()))
+        with folder_lock(baseline_dir):
+            key_file = baseline_dir / "key.json"
+            if not key_file.exists():
+                key_file.write_text(json.dumps(key, indent=2, default=str))
+            _check_cache_labels(baseline_dir / RESULTS_FILE, specs)
+            df_b = run_relax_benchmark(
+                dataset,
+                {s: s for s in specs},
+                baseline_dir,
+                references=references,
+                report=True,
+                **common,
+            )
+        for label, spec in baselines.items():
+            g = df_b[(df_b["method"] == spec) & ~df_b["reference"]].copy()
+            g["method"] = label
+            frames.append(g)
+        if references:
+            frames.append(df_b[df_b["reference"]])
+    df = pd.concat(frames, ignore_index=True)
+    df = df.drop_duplicates(subset=["method", "id"], keep="first").reset_index(drop=True)
+    write_report(df, eval_dir)
+    summ = summarize(df)
+    rows = {r["method"]: r for r in _records(summ)}
+
+    per = df[(df["method"] == STUDENT_LABEL) & ~df["reference"]].copy()
+    for col in PER_CRYSTAL_COLUMNS:
+        if col not in per:
+            per[col] = math.nan
+    per["_order"] = per["id"].map({cid: i for i, cid in enumerate(ids)})
+    per = per.sort_values("_order")[list(PER_CRYSTAL_COLUMNS)]
+
+    result: dict[str, Any] = {
+        "dataset": dataset,
+        "crystals": ids,
+        "settings": {
+            **params,
+            "rmsd": rmsd,
+            "references": references,
+            "workers": workers,
+            "codes": codes,
+            "split_from": str(split_from) if split_from else None,
+            "limit": cfg.get("limit"),
+            "max_atoms": cfg.get("max_atoms"),
+            "student_spec": student_spec,
+            "baseline_specs": baselines,
+            "baseline_dir": str(baseline_dir.resolve()),
+            "eval_dir": str(eval_dir.resolve()),
+        },
+        "summary": rows.get(STUDENT_LABEL, {}),
+        "per_crystal": _records(per),
+        "baselines": {m: r for m, r in rows.items() if m != STUDENT_LABEL},
+    }
+    if cfg.get("elastic"):
+        ecfg = dict(cfg["elastic"])
+        _check_keys(ecfg, ELASTIC_KEYS, "evaluate.elastic")
+        eb = ecfg.pop("baselines", None)
+        result["elastic"] = elastic_comparison(
+            {STUDENT_LABEL: student_spec},
+            eval_dir / "elastic",
+            baselines={str(k): str(v) for k, v in (baselines if eb is None else eb).items()},
+            baseline_root=baseline_root,
+            progress=progress,
+            **ecfg,
+        )
+    return _nan_to_none(result)
+
+
+# ------------------------------------------------------------------ elastic (Table 2)
+TABLE2_FIXED_COLUMNS = ("Mean model", "PFP")
+
+
+def elastic_comparison(
+    students: Mapping[str, str],
+    out_dir: str | Path,
+    *,
+    baselines: Mapping[str, str] | None = None,
+    baseline_root: str | Path = "outputs/baselines",
+    baseline_dir: str | Path | None = None,
+    shared_dir: str | Path | None = None,
+    compounds: Sequence[str] | None = None,
+    all_files: bool = False,
+    max_atoms: int | None = None,
+    strains: Sequence[float] = (0.005, 0.01),
+    workers: int = 1,
+    fmax: float = 0.03,
+    ion_fmax: float = 0.01,
+    max_steps: int = 2000,
+    stress_tol_gpa: float = 0.01,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The paper's Table 2: elastic-moduli MAE vs experiment of the ``students`` (``{label:
+    spec}``), the ``baselines`` (cached once per settings in ``baseline_root/elastic-<hash>``),
+    the mean model (predicts the mean experimental value) and PFP (the paper's teacher, from
+    the reference tensors). Writes ``out_dir/elastic.md`` (+ ``elastic_mae.csv``,
+    ``elastic.csv``, ``parity_E_RH.png``). Without the shared data (``shared_dir`` or
+    ``$KD_NNP_SHARED_DATA`` / ``../shared/data``) it returns ``{"skipped": reason}``."""
+    from kd_nnp.evaluation.elastic import (
+        MODULI,
+        load_reference_tensors,
+        mae_table,
+        run_elastic_benchmark,
+        write_elastic_report,
+    )
+    from kd_nnp.utils.paths import shared_data_dir
+
+    sd = Path(shared_dir).expanduser() if shared_dir else shared_data_dir()
+    if sd is None or not (sd / "elastic" / "elastic44_mapping.csv").is_file():
+        reason = (
+            f"elastic reference data not found (looked in {sd}); set $KD_NNP_SHARED_DATA or "
+            "evaluate.elastic.shared_dir"
+        )
+        log.warning("skipping the elastic comparison: %s", reason)
+        return {"skipped": reason}
+    compounds = [str(c) for c in compounds] if compounds else None
+    params = {
+        "strains": [float(s) for s in strains],
+        "fmax": float(fmax),
+        "ion_fmax": float(ion_fmax),
+        "max_steps": int(max_steps),
+        "stress_tol_gpa": float(stress_tol_gpa),
+    }
+    bench = dict(
+        shared=True,
+        shared_dir=sd,
+        compounds=compounds,
+        all_files=all_files,
+        max_atoms=max_atoms,
+        workers=workers,
+        progress=progress,
+        **params,
+    )
+    baselines = dict(baselines or {})
+    key = {
+        "kind": "elastic",
+        "shared_dir": str(sd.resolve()),
+        "compounds": sorted(compounds) if compounds else "all",
+        "all_files": all_files,
+        "max_atoms": max_atoms,
+        "params": params,
+    }
+    bdir = Path(baseline_dir or Path(baseline_root) / f"elastic-{stable_hash(key)}").expanduser()
+    out = Path(out_dir)
+    frames = []
+    if baselines:
+        specs = sorted(set(baselines.values()))
+        with folder_lock(bdir):
+            if not (bdir / "key.json").exists():
+                (bdir / "key.json").write_text(json.dumps(key, indent=2))
+            df_b = run_elastic_benchmark({s: s for s in specs}, bdir, **bench)
+        for label, spec in baselines.items():
+            g = df_b[df_b["method"] == spec].copy() if len(df_b) else df_b
+            if len(g):
+                g["method"] = label
+                frames.append(g)
+    df_s = run_elastic_benchmark(dict(students), out, **bench)
+    frames.insert(0, df_s)
+    df = pd.concat([f for f in frames if len(f)], ignore_index=True) if frames else pd.DataFrame()
+    methods = [*baselines, *students]
+    refs = load_reference_tensors(sd / "elastic" / "stiffness_tensors_rev.csv")
+    write_elastic_report(df, refs, out, methods)
+    tab, counts = mae_table(df, refs, methods)
+    columns = [*TABLE2_FIXED_COLUMNS, *methods]
+    per_cols = [
+        c for c in ("method", "compound", "id", "status", "vol_err_pct", "negative_moduli")
+        if c in df
+    ]  # fmt: skip
+    return _nan_to_none(
+        {
+            "columns": columns,
+            "mae": {c: {m: float(tab.loc[m, c]) for m in MODULI} for c in columns},
+            "counts": counts,
+            "per_structure": _records(df[[*per_cols, *[m for m in MODULI if m in df]]])
+            if len(df)
+            else [],
+            "settings": {
+                **key,
+                "baseline_specs": baselines,
+                "student_specs": dict(students),
+                "baseline_dir": str(bdir.resolve()),
+                "out_dir": str(out.resolve()),
+            },
+        }
+    )
