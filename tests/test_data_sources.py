@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ase.io import write
+from ase.io import read, write
 
 from kd_nnp.cli import main as kd_main
 from kd_nnp.data.sources.cod import download_cod, read_cod_ids
@@ -64,6 +64,48 @@ def test_files_traj_and_folder(tmp_path: Path):
         "files:frames/2",
     ]
     assert any("broken.cif" in p and "unreadable" in why for p, _, why in rep.skipped)
+
+
+def test_files_traj_info_with_reserved_keys(tmp_path: Path):
+    """X23's .traj files carry energy/free_energy/stress in atoms.info: ASE db refuses
+    those as key-value pairs ("Bad key: energy"); they are renamed, the labels come from the
+    SinglePointCalculator."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import Trajectory
+
+    _, urea = pyxtal_crystals("test", codes=["UREAXX02"])[0]
+    rng = np.random.default_rng(0)
+    path = tmp_path / "21_urea.traj"
+    with Trajectory(str(path), "w") as traj:
+        for i in range(2):
+            a = urea.copy()
+            a.rattle(0.01, seed=i)
+            e = -41.5 - i
+            forces = rng.normal(size=(len(a), 3))
+            stress = rng.normal(size=6) * 1e-4
+            a.info = {
+                "energy": e + 100.0,  # deliberately not the label: labels come from the calc
+                "free_energy": e,
+                "stress": np.zeros((3, 3)),  # an array: not a key-value pair
+                "config_stress_weight": 0.0,
+                "C": 1,  # an element symbol (reserved by ASE db)
+                "bad-key": "x",
+            }
+            a.calc = SinglePointCalculator(a, energy=e, forces=forces, stress=stress)
+            traj.write(a)
+    rep = build_files_store([path], tmp_path / "st", source_name="x23")
+    assert rep.n_kept == 2
+    store = FrameStore(tmp_path / "st")
+    fr = store.get("x23:21_urea/1")
+    ref = read(path, 1)
+    assert fr.hard.energy == pytest.approx(-42.5)
+    np.testing.assert_allclose(fr.hard.forces, ref.get_forces(), atol=1e-12)
+    np.testing.assert_allclose(fr.hard.stress, ref.get_stress(), atol=1e-12)
+    assert fr.info["info_energy"] == pytest.approx(57.5)
+    assert fr.info["info_free_energy"] == pytest.approx(-42.5)
+    assert fr.info["config_stress_weight"] == 0.0
+    assert fr.info["info_C"] == 1 and fr.info["bad_key"] == "x"
+    assert "stress" not in fr.info and "energy" not in fr.info
 
 
 def test_files_bad_input_names_file(tmp_path: Path):

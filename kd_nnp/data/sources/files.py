@@ -115,6 +115,44 @@ def _db_safe(value: object) -> object:
     return value
 
 
+# keys the store sets itself (kd_nnp.data.store) and may not come from a file's info
+STORE_KEYS = {"frame_id", "group_id", "source", "status", "error"}
+
+
+def info_key(key: str) -> str:
+    """A key-value name ASE's database accepts for an ``atoms.info`` key.
+
+    ASE db refuses its reserved keys (``ase.db.core.reserved_keys``: ``energy``,
+    ``free_energy``, ``stress``, ``forces``, element symbols, ...) and names that are not
+    words; the X23 ``.traj`` files carry ``energy``/``free_energy`` in ``atoms.info``. Such
+    keys get the prefix ``info_`` (``info_energy``), other non-word characters become ``_``.
+    The labels themselves come from the attached calculator (:func:`labels_of`), never from
+    these copies.
+    """
+    import re
+
+    from ase.db.core import reserved_keys, word
+
+    k = key if word.match(key) else re.sub(r"\W", "_", key)
+    if not word.match(k) or k in reserved_keys or k in STORE_KEYS:
+        k = f"info_{k}"
+    return k
+
+
+def info_key_values(info: dict) -> dict[str, object]:
+    """Scalar ``atoms.info`` entries as store-safe key-value pairs (see :func:`info_key`)."""
+    out: dict[str, object] = {}
+    for k, v in info.items():
+        if isinstance(v, (bool, np.bool_)):
+            v = bool(v)
+        elif isinstance(v, (np.integer, np.floating)):
+            v = v.item()
+        if not isinstance(v, (int, float, str)):
+            continue  # arrays (e.g. X23's 3x3 info stress), None, objects: not key-value pairs
+        out[info_key(str(k))] = _db_safe(v)
+    return out
+
+
 def labels_of(atoms: Atoms) -> Labels | None:
     calc = atoms.calc
     if calc is None or not getattr(calc, "results", None):
@@ -150,11 +188,7 @@ def iter_files(
                 report.skipped.append((str(path), label, why))
                 continue
             hard = labels_of(atoms)
-            info = {
-                k: _db_safe(v)
-                for k, v in atoms.info.items()
-                if isinstance(v, (int, float, str)) and k not in {"frame_id", "group_id", "source"}
-            }
+            info = info_key_values(atoms.info)
             clean = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
             fid = f"{source_name}:{path.stem}" + ("" if single else f"/{label}")
             # ASE db refuses strings that look like numbers (e.g. COD ids as file names)
