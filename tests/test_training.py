@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_nnp.training.data import FramesDataModule, split_frames
+from kd_nnp.training.data import FramesDataModule, FramesDataset, collate, split_frames
 from kd_nnp.training.loss import DistillationLoss
 from kd_nnp.training.module import DistillationModule
 
@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _dm(store, **kw) -> FramesDataModule:
     kw.setdefault("batch_size", 4)
     kw.setdefault("grouped", False)
-    dm = FramesDataModule(str(store), label_set="toy_teacher", n_val=5, seed=0, **kw)
+    kw.setdefault("seed", 0)
+    dm = FramesDataModule(str(store), label_set="toy_teacher", n_val=5, **kw)
     dm.setup("fit")
     return dm
 
@@ -64,6 +65,82 @@ def test_datamodule_reads_soft_and_hard_separately(labelled_store):
     val_ids = {s.frame_id for s in dm.val_samples}
     assert dm.unaligned and set(dm.unaligned) <= val_ids
     assert all(s.soft_energy_aligned is None for s in dm.val_samples if s.frame_id in dm.unaligned)
+
+
+# a vdW-DF2-like hard scale: per-element offsets (eV/atom) away from CHGNet's own zero
+HARD_ZERO = {1: 0.41, 6: 0.93, 7: 0.27, 8: 1.35}
+
+
+def _shifted_hard_store(labelled_store, root: Path) -> tuple[Path, dict[str, float]]:
+    """A copy of the labelled store whose hard energies (= pretrained CHGNet) carry HARD_ZERO."""
+    import shutil
+
+    from kd_nnp.data.store import FrameStore
+
+    src = FrameStore(labelled_store)
+    frames, original = [], {}
+    for fr in src.iter_frames():
+        if fr.hard is not None:
+            original[fr.frame_id] = fr.hard.energy
+            fr.hard.energy += sum(HARD_ZERO[int(z)] for z in fr.atoms.numbers)
+        frames.append(fr)
+    dst = FrameStore(root, create=True)
+    dst.add_frames(frames)
+    (root / "labels").mkdir(exist_ok=True)
+    shutil.copy(Path(labelled_store) / "labels" / "toy_teacher.db", root / "labels")
+    return root, original
+
+
+def test_hard_reference_alignment(labelled_store, tmp_path):
+    store, original = _shifted_hard_store(labelled_store, tmp_path / "shifted")
+    # default: hard energies untouched (MPtrj-PBE labels are on CHGNet's own scale)
+    dm0 = _dm(store)
+    assert dm0.hard_reference.method == "none" and dm0.summary["hard_energy_unaligned_frames"] == []
+    batch = collate([FramesDataset(dm0.train_samples)[i] for i in range(len(dm0.train_samples))])
+    for k, s in enumerate(dm0.train_samples):
+        if s.hard is not None:
+            assert batch["hard_energy_mask"][k]
+            assert batch["hard_energy"][k].item() == pytest.approx(s.hard.energy / s.n_atoms)
+            assert s.hard.energy != pytest.approx(original[s.frame_id], abs=0.1)
+
+    # hard_reference=student: the known per-element offset is removed exactly (the hard labels
+    # here are the pretrained student's own energies)
+    dm = _dm(store, hard_reference="student", grouped=True)
+    ref = dm.hard_reference
+    assert ref.method == "student" and ref.rmse_before > 0.3 and ref.rmse_after < 1e-4
+    assert (
+        dm.summary["hard_reference"]["shifts"] and dm.summary["hard_reference"]["rmse_after"] < 1e-4
+    )
+    aligned = [s for s in dm.train_samples + dm.val_samples if s.hard_energy_aligned is not None]
+    assert len(aligned) >= len([s for s in dm.train_samples if s.hard is not None])
+    for s in aligned:
+        assert s.hard_energy_aligned == pytest.approx(original[s.frame_id], abs=1e-3)
+    # energy differences within one composition are untouched
+    a = [s for s in aligned if s.frame_id.startswith("UREAXX02")]
+    assert a[0].hard_energy_aligned - a[1].hard_energy_aligned == pytest.approx(
+        a[0].hard.energy - a[1].hard.energy, abs=1e-6
+    )
+    # the held-out crystal's composition is outside the training span (3 training
+    # compositions): its hard energies are masked and listed, never given an arbitrary offset
+    masked = dm.summary["hard_energy_unaligned_frames"]
+    assert masked and set(masked) <= {s.frame_id for s in dm.val_samples}
+    vb = collate([FramesDataset(dm.val_samples)[i] for i in range(len(dm.val_samples))])
+    for k, s in enumerate(dm.val_samples):
+        if s.frame_id in masked:
+            assert not vb["hard_energy_mask"][k] and vb["hard_forces_mask"].any()
+        elif s.hard is not None:
+            assert vb["hard_energy"][k].item() == pytest.approx(
+                original[s.frame_id] / s.n_atoms, abs=1e-4
+            )
+    # the soft alignment onto hard energies uses the aligned ones
+    dm_h = _dm(store, hard_reference="student", reference="hard")
+    dm_h0 = _dm(labelled_store, reference="hard")
+    for s, s0 in zip(dm_h.train_samples, dm_h0.train_samples):
+        assert s.frame_id == s0.frame_id
+        if s.soft_energy_aligned is not None:
+            assert s.soft_energy_aligned == pytest.approx(s0.soft_energy_aligned, abs=1e-3)
+    with pytest.raises(ValueError, match="hard_reference"):
+        FramesDataModule(str(store), hard_reference="hard")
 
 
 def test_soft_and_hard_reach_the_loss_separately(labelled_store):

@@ -6,7 +6,9 @@
   then draws ``n_train`` training frames from a seeded permutation of the rest, so that for a
   given seed the Ntrain=100 set is inside the Ntrain=500 set (nested subsets share caches);
 - aligns soft energies with a per-element reference fitted on the training frames only
-  (:mod:`kd_nnp.teachers.reference`), recorded in ``reference`` and in the run folder;
+  (:mod:`kd_nnp.teachers.reference`), recorded in ``reference`` and in the run folder; hard
+  energies likewise when ``hard_reference="student"`` (DFT labels on another absolute scale
+  than the student's, e.g. vdW-DF2; the default ``none`` leaves them untouched);
 - converts structures to CHGNet graphs once, cached on disk by content hash
   (:class:`GraphCache`), so epochs, Ntrain subsets and sweep jobs reuse them.
 """
@@ -36,6 +38,7 @@ from kd_nnp.utils.paths import cache_dir
 log = logging.getLogger(__name__)
 
 EV_A3_TO_GPA = 160.21766208
+HARD_REFERENCE_METHODS = ("none", "student")
 GRAPH_CACHE_VERSION = 1
 
 
@@ -157,6 +160,9 @@ class Sample:
     hard: Labels | None
     soft: Labels | None
     soft_energy_aligned: float | None = None
+    # hard energy after the hard reference alignment (None: the raw hard energy is used)
+    hard_energy_aligned: float | None = None
+    hard_energy_masked: bool = False  # composition outside the hard reference's span
     features: Any = None  # FrameFeatures when the feature cache is on
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -194,7 +200,14 @@ def _labels_tensors(
     for i, (smp, n) in enumerate(zip(samples, n_atoms)):
         lab = smp.hard if target == "hard" else smp.soft
         if lab is not None:
-            energy = lab.energy if target == "hard" else smp.soft_energy_aligned
+            if target == "soft":
+                energy = smp.soft_energy_aligned
+            elif smp.hard_energy_masked:
+                energy = None
+            elif smp.hard_energy_aligned is not None:
+                energy = smp.hard_energy_aligned
+            else:
+                energy = lab.energy
             if energy is not None:
                 e[i] = energy / n
                 em[i] = True
@@ -245,6 +258,11 @@ class FramesDataModule(L.LightningDataModule):
         grouped: split by ``group_id`` (no group in both train and validation).
         reference: soft-energy alignment, ``student`` | ``hard`` | ``none``
             (see :mod:`kd_nnp.teachers.reference`).
+        hard_reference: hard-energy alignment, ``none`` (default: MPtrj-PBE labels are on
+            CHGNet's own scale) | ``student`` (per-element shift onto the pretrained
+            student's energies, for DFT labels on another absolute scale such as vdW-DF2).
+            With both ``hard_reference=student`` and ``reference=hard`` the soft energies
+            are aligned onto the *aligned* hard energies.
         use_hard / use_soft: ignore hard or soft labels entirely (e.g. soft-only sweeps
             still *evaluate* hard MAE when this stays True; set False to drop them).
         max_atoms: skip frames larger than this.
@@ -263,6 +281,7 @@ class FramesDataModule(L.LightningDataModule):
         batch_size: int = 32,
         grouped: bool = True,
         reference: str = "student",
+        hard_reference: str = "none",
         use_hard: bool = True,
         use_soft: bool = True,
         max_atoms: int | None = None,
@@ -281,6 +300,12 @@ class FramesDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.grouped = grouped
         self.reference_method = reference
+        if hard_reference not in HARD_REFERENCE_METHODS:
+            raise ValueError(
+                f"unknown data.hard_reference {hard_reference!r}: use "
+                + " or ".join(HARD_REFERENCE_METHODS)
+            )
+        self.hard_reference_method = hard_reference
         self.use_hard = use_hard
         self.use_soft = use_soft
         self.max_atoms = max_atoms
@@ -291,6 +316,9 @@ class FramesDataModule(L.LightningDataModule):
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
         self.reference: ElementReference | None = None
+        self.hard_reference: ElementReference | None = None
+        self.unaligned: list[str] = []
+        self.hard_unaligned: list[str] = []
         self.feature_loader: Any = None
         self.summary: dict[str, Any] = {}
 
@@ -352,6 +380,7 @@ class FramesDataModule(L.LightningDataModule):
 
         self.train_samples = [make(f) for f in pool]
         self.val_samples = [make(f) for f in val_ids]
+        self._fit_hard_reference()
         self._fit_reference()
         self.summary = {
             "store": str(self.store_path),
@@ -365,9 +394,48 @@ class FramesDataModule(L.LightningDataModule):
             "graphs_built": gcache.n_built,
             "reference": self.reference.to_dict() if self.reference else None,
             "soft_energy_unaligned_frames": self.unaligned,
+            "hard_reference": self.hard_reference.to_dict() if self.hard_reference else None,
+            "hard_energy_unaligned_frames": self.hard_unaligned,
             "available": {f"{k[0]}_{k[1]}": v for k, v in self.available().items()},
         }
         log.info("data: %s", {k: v for k, v in self.summary.items() if "groups" not in k})
+
+    def _hard_energy(self, s: Sample) -> float | None:
+        """The hard energy the losses see (after the hard alignment; None when masked)."""
+        if s.hard is None or s.hard.energy is None or s.hard_energy_masked:
+            return None
+        return s.hard_energy_aligned if s.hard_energy_aligned is not None else s.hard.energy
+
+    def _fit_hard_reference(self) -> None:
+        """Per-element shift of the hard energies onto the pretrained student's scale."""
+        self.hard_unaligned = []
+        train_hard = [
+            s for s in self.train_samples if s.hard is not None and s.hard.energy is not None
+        ]
+        if self.hard_reference_method == "none" or not train_hard:
+            self.hard_reference = ElementReference("none")
+            return
+        target = self._pretrained_energies(train_hard)
+        self.hard_reference = fit_element_reference(
+            [s.numbers for s in train_hard],
+            [s.hard.energy for s in train_hard],
+            target,
+            "student",
+        )
+        for s in self.train_samples + self.val_samples:
+            if s.hard is not None and s.hard.energy is not None:
+                if self.hard_reference.identifiable(s.numbers):
+                    s.hard_energy_aligned = self.hard_reference.apply(s.numbers, s.hard.energy)
+                else:  # undetermined correction: no hard energy label for this frame
+                    s.hard_energy_masked = True
+                    self.hard_unaligned.append(s.frame_id)
+        if self.hard_unaligned:
+            log.warning(
+                "%d frame(s) have compositions outside the span of the training compositions; "
+                "their hard energies are masked (hard reference cannot align them): %s",
+                len(self.hard_unaligned),
+                self.hard_unaligned[:5],
+            )
 
     def _fit_reference(self) -> None:
         train_soft = [
@@ -377,7 +445,7 @@ class FramesDataModule(L.LightningDataModule):
         if not train_soft or method == "none":
             self.reference = ElementReference("none")
         elif method == "hard":
-            pairs = [s for s in train_soft if s.hard is not None and s.hard.energy is not None]
+            pairs = [s for s in train_soft if self._hard_energy(s) is not None]
             if not pairs:
                 raise ValueError(
                     "reference=hard but no training frame has both hard and soft energy"
@@ -385,7 +453,7 @@ class FramesDataModule(L.LightningDataModule):
             self.reference = fit_element_reference(
                 [s.numbers for s in pairs],
                 [s.soft.energy for s in pairs],
-                [s.hard.energy for s in pairs],
+                [self._hard_energy(s) for s in pairs],
                 "hard",
             )
         elif method == "student":
