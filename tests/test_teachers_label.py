@@ -119,6 +119,30 @@ def test_label_two_teachers_coexist_with_provenance(store: FrameStore):
     assert all(f.hard is None for f in store.iter_frames())
 
 
+def test_label_set_name_agrees_with_training(store: FrameStore):
+    """`kd-nnp label teacher=custom teacher.name=pkg.mod:factory` writes the set under
+    label_set_name(spec); training with data.label_set=${teacher.name} (the spec) finds it,
+    and a missing set is reported with the sets the store has."""
+    from kd_nnp.teachers.label import label_set_name, resolve_label_set
+    from kd_nnp.training.data import FramesDataModule
+
+    spec = "test_teachers_label:slow_emt"
+    assert label_set_name(spec) == "test_teachers_label_slow_emt"
+    assert label_set_name("so3lr") == "so3lr"
+    assert label_set_name("mace.calculators:mace_off") == "mace_calculators_mace_off"
+    rep = label_store(store.root, spec, progress=False, check=False)
+    assert rep.name == label_set_name(spec) and store.label_names() == [label_set_name(spec)]
+    assert resolve_label_set(store, spec) == label_set_name(spec)
+    assert resolve_label_set(store, label_set_name(spec)) == label_set_name(spec)
+    dm = FramesDataModule(str(store.root), label_set=spec, grouped=False, n_val=2, reference="none")
+    dm.setup("fit")
+    assert dm.label_set == label_set_name(spec) and dm.available()[("soft", "energy")] == 10
+    with pytest.raises(
+        StoreError, match=r"no label set 'so3lr' \(have: \['test_teachers_label_slow_emt'\]\)"
+    ):
+        FramesDataModule(str(store.root), label_set="so3lr", grouped=False, n_val=2).setup()
+
+
 def test_failures_recorded_not_written(store: FrameStore):
     vols = sorted(f.atoms.get_volume() / len(f.atoms) for f in store.iter_frames())
     thr = vols[-4]  # the most expanded frames fail (NaN or exception)

@@ -72,6 +72,28 @@ class LabelReport:
         return s
 
 
+def label_set_name(teacher: str) -> str:
+    """Default label-set name of a teacher spec: ``so3lr`` -> ``so3lr``,
+    ``mace.calculators:mace_off`` -> ``mace_calculators_mace_off`` (a plain file name).
+
+    ``kd-nnp label`` names the set with it (unless ``name=`` is given) and training
+    (``data.label_set: ${teacher.name}``) looks the set up through
+    :func:`resolve_label_set`, so both agree for ``module:factory`` teachers.
+    """
+    return str(teacher).replace(":", "_").replace(".", "_")
+
+
+def resolve_label_set(store: FrameStore, name: str) -> str:
+    """The label set of ``store`` meant by ``name``: ``name`` itself when the store has it,
+    else :func:`label_set_name` of it (a teacher spec) when the store has that; otherwise
+    ``name`` unchanged (``store.labels(name)`` then raises, listing the sets it has)."""
+    have = store.label_names()
+    if name in have:
+        return name
+    default = label_set_name(name)
+    return default if default in have else name
+
+
 class _Terminated(KeyboardInterrupt):
     pass
 
@@ -102,7 +124,7 @@ def label_store(
     set_threads(threads)
     settings = dict(settings or {})
     fs = FrameStore(store)
-    name = name or teacher.replace(":", "_").replace(".", "_")
+    name = name or label_set_name(teacher)
     t = load_teacher(teacher, check=check, **settings)
     labels: LabelSet = fs.labels(name, create=True)
     prov = t.provenance()

@@ -330,6 +330,10 @@ class FramesDataModule(L.LightningDataModule):
         frames = list(store.iter_frames())
         soft: dict[str, Labels] = {}
         if self.use_soft and self.label_set:
+            from kd_nnp.teachers.label import resolve_label_set
+
+            # a module:factory teacher's set is stored as label_set_name(spec)
+            self.label_set = resolve_label_set(store, str(self.label_set))
             soft = store.labels(self.label_set).load()
         usable: list[Frame] = []
         skipped = {"too_large": 0, "no_labels": 0}
