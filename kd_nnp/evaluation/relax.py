@@ -224,6 +224,10 @@ def _atoms_from_dict(d: dict[str, Any]) -> Atoms:
 
 def _relax_task(item: dict[str, Any]) -> dict[str, Any]:
     """One (calculator, crystal) relaxation in a worker process."""
+    import warnings
+
+    # FrechetCellFilter's matrix log: scipy warns at ~1e-13 relative error on every step
+    warnings.filterwarnings("ignore", message="logm result may be inaccurate")
     exp = _atoms_from_dict(item["atoms"])
     calc = _get_calc(item["spec"])
     pred, info = relax_structure(exp, calc, **item["params"])
