@@ -45,3 +45,48 @@ def test_prepare_dry_run_prints_hard_reference(shared_data, tmp_path, capsys):
     train_lines = [line for line in out.splitlines() if "kd-nnp train" in line]
     assert len(train_lines) == 4 and all("data.hard_reference=student" in t for t in train_lines)
     assert not (tmp_path / "st").exists()
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from kd_nnp.utils.paths import conf_dir
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose(
+            "train", overrides=["data.store=STORE", *overrides], return_hydra_config=True
+        )
+
+
+@pytest.mark.parametrize(
+    "exp, sweep",
+    [
+        (
+            "x23_fig4",
+            {"loss": "hard_only,soft_only", "data.n_train": "10,100,1000", "seed": "0,1"},
+        ),
+        (
+            "x23_table1",
+            {"loss.r_he": "0.1,1,10", "loss.r_hf": "0.0", "data.n_train": "100,1000", "seed": "0"},
+        ),
+    ],
+)
+def test_x23_reduced_experiment_configs(exp, sweep):
+    """The reduced CPU reproduction (docs/paper_reproduction.md): energy terms only, aligned
+    vdW-DF2 hard energies, cached energy-only features, the paper's optimiser preset."""
+    cfg = _compose([f"experiment={exp}"])
+    assert {k: str(v) for k, v in cfg.hydra.sweeper.params.items()} == sweep
+    assert cfg.data.hard_reference == "student" and cfg.data.reference == "student"
+    assert cfg.model.backend == "cached" and not cfg.model.compute_forces
+    assert not cfg.model.compute_stress
+    assert cfg.model.lr == 0.01 and cfg.data.batch_size == 32 and cfg.trainer.max_epochs == 100
+    assert cfg.evaluate.max_atoms == 60 and cfg.evaluate.workers == 1
+    assert cfg.evaluate.fmax == 0.03 and cfg.evaluate.stress_tol_gpa == 0.01
+    for loss in ("hard_only", "soft_only") if exp == "x23_fig4" else ("mixed",):
+        over = [f"loss={loss}"] if exp == "x23_fig4" else ["loss.r_he=10"]
+        c = _compose([f"experiment={exp}", *over])
+        assert c.loss.r_hf == 0 and c.loss.r_sf == 0
+        if exp == "x23_table1":
+            assert (c.loss.r_he, c.loss.r_se) == (10, 1.0)
+        else:
+            assert (c.loss.r_he, c.loss.r_se) == ((1.0, 0.0) if loss == "hard_only" else (0.0, 1.0))
