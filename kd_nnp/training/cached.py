@@ -32,10 +32,26 @@ def attach_feature_cache(datamodule: Any, module: Any, *, prebuild: bool = True)
         need = jacobian_nbytes(n_atoms, stress) if forces else 0
         return module.backend == "cached" or need <= module.max_feature_bytes
 
+    entries: dict[str, Any] = {}  # graph key -> cache entry folder (hash the graph once)
+    in_memory: dict[str, Any] = {}  # graph key -> features (energy-only: a few KB per frame)
+
     def loader(sample: Any, graph: Any) -> Any:
+        """Features of ``sample``; ``graph`` may be None (loaded from disk the first time)."""
         if not fits(sample.n_atoms):
             return None
-        return cache.get(graph, forces=forces, stress=stress)
+        key = sample.graph_key
+        if key in in_memory:
+            return in_memory[key]
+        if key in entries:
+            return cache.load_entry(entries[key], forces=forces, stress=stress)
+        if graph is None:
+            graph = GraphCache.load(sample.graph_path)
+        feats = cache.get(graph, forces=forces, stress=stress)
+        entries[key] = cache.path(graph)
+        if not (forces or stress):  # no Jacobian: keep the small arrays in RAM
+            feats.h = feats.h.clone()
+            in_memory[key] = feats
+        return feats
 
     datamodule.feature_loader = loader
     stats = {"frames": 0, "cached": 0, "full_path": 0, "build_s": 0.0}

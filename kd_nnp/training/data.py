@@ -181,8 +181,9 @@ class FramesDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         s = self.samples[idx]
-        graph = GraphCache.load(s.graph_path)
-        feats = self.feature_loader(s, graph) if self.feature_loader is not None else None
+        # with cached features the graph is not needed (collate loads it if a batch mixes)
+        feats = self.feature_loader(s, None) if self.feature_loader is not None else None
+        graph = GraphCache.load(s.graph_path) if feats is None else None
         return {"sample": s, "graph": graph, "features": feats}
 
 
@@ -231,12 +232,14 @@ def _labels_tensors(
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     samples = [it["sample"] for it in items]
     n_atoms = [s.n_atoms for s in samples]
+    cached = all(it["features"] is not None for it in items)
     batch: dict[str, Any] = {
         "frame_ids": [s.frame_id for s in samples],
-        "graphs": [it["graph"] for it in items],
-        "features": [it["features"] for it in items]
-        if all(it["features"] is not None for it in items)
-        else None,
+        # the full path needs every graph of the batch; the cached path needs none
+        "graphs": None
+        if cached
+        else [it["graph"] or GraphCache.load(it["sample"].graph_path) for it in items],
+        "features": [it["features"] for it in items] if cached else None,
         "n_atoms": torch.as_tensor(n_atoms, dtype=torch.long),
     }
     batch.update(_labels_tensors(samples, "hard", n_atoms))

@@ -877,6 +877,10 @@ class FeatureCache:
                 os.replace(tmp, meta_path)
         return self._load(entry, forces=forces, stress=stress)
 
+    def load_entry(self, entry: Path, *, forces: bool, stress: bool) -> FrameFeatures:
+        """Load an entry already known to exist (``path(graph)`` of an earlier ``get``)."""
+        return self._load(entry, forces=forces, stress=stress)
+
     @staticmethod
     def _load(entry: Path, *, forces: bool, stress: bool) -> FrameFeatures:
         try:
