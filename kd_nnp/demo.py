@@ -24,65 +24,147 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 log = logging.getLogger(__name__)
 
 
-def split_crystals(
-    db: str, max_atoms: int, n_eval: int, n_train: int, seed: int
-) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
-    """Held-out evaluation crystals and training crystals with no molecule in common."""
-    import numpy as np
+def _molecule_keys(atoms: Any) -> set[str]:
+    """Keys that identify a crystal's molecule: its SMILES and its molecular formula."""
+    keys = {str(atoms.info[k]) for k in ("mol_smi", "mol_formula") if atoms.info.get(k)}
+    return keys or {atoms.get_chemical_formula(empirical=True)}
 
+
+def _usable(db: str, max_atoms: int) -> list[tuple[str, Any]]:
     from kd_nnp.data.sanity import structure_issue
     from kd_nnp.data.sources.pyxtal_db import pyxtal_crystals
 
-    crystals = pyxtal_crystals(db, max_atoms=max_atoms)
-    by_mol: dict[str, list[tuple[str, Any]]] = {}
-    for code, atoms in crystals:
+    out = []
+    for code, atoms in pyxtal_crystals(db, max_atoms=max_atoms):
         issue = structure_issue(atoms, formula=atoms.info.get("mol_formula"))
         if issue:  # e.g. H atoms not resolved in the X-ray structure
-            print(f"      skipping {code}: {issue}")
+            log.info("skipping %s/%s: %s", db, code, issue)
             continue
+        out.append((code, atoms))
+    return out
+
+
+def split_crystals(
+    db: str,
+    max_atoms: int,
+    n_eval: int,
+    n_train: int | None,
+    seed: int,
+    *,
+    eval_max_atoms: int | None = None,
+    train_dbs: list[str] | None = None,
+) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """Held-out evaluation crystals and training crystals with no molecule in common.
+
+    ``n_eval`` molecules of ``db`` (crystals with at most ``eval_max_atoms`` atoms) are drawn
+    with ``seed``; one experimental crystal of each is held out. Training crystals come from
+    ``train_dbs`` (default: ``db``) with at most ``max_atoms`` atoms; any crystal sharing the
+    SMILES *or the molecular formula* of a held-out molecule is excluded (stricter than
+    SMILES alone: the two databases spell SMILES differently). ``n_train=None``: all of them.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    by_mol: dict[str, list[tuple[str, Any]]] = {}
+    for code, atoms in _usable(db, eval_max_atoms or max_atoms):
         key = str(atoms.info.get("mol_smi") or atoms.get_chemical_formula(empirical=True))
         by_mol.setdefault(key, []).append((code, atoms))
     keys = sorted(by_mol)
-    np.random.default_rng(seed).shuffle(keys)
+    rng.shuffle(keys)
     if len(keys) < n_eval + 1:
         raise ValueError(
-            f"only {len(keys)} distinct molecules with <= {max_atoms} atoms in {db}.db"
+            f"only {len(keys)} distinct molecules with <= {eval_max_atoms or max_atoms} atoms "
+            f"in {db}.db, {n_eval} needed for evaluation"
         )
     eval_set = [by_mol[k][0] for k in keys[:n_eval]]
-    train_set = [c for k in keys[n_eval:] for c in by_mol[k]][:n_train]
+    held_keys = set().union(*(_molecule_keys(a) for _, a in eval_set)) if eval_set else set()
+    held_codes = {c for c, _ in eval_set}
+    pool: list[tuple[str, Any]] = []
+    seen: set[str] = set()
+    for tdb in train_dbs or [db]:
+        for code, atoms in _usable(tdb, max_atoms):
+            if code in seen or code in held_codes or _molecule_keys(atoms) & held_keys:
+                continue
+            seen.add(code)
+            pool.append((code, atoms))
+    order = rng.permutation(len(pool))
+    train_set = [pool[i] for i in order]
+    if n_train is not None:
+        train_set = train_set[: int(n_train)]
+    if not train_set:
+        raise ValueError(f"no training crystal left in {train_dbs or [db]} after the hold-out")
     return eval_set, train_set
 
 
-def build_store(cfg: DictConfig, train_crystals: list[tuple[str, Any]], out: Path) -> Path:
-    from kd_nnp.data.sources.perturb import make_perturbations
-    from kd_nnp.data.store import FrameStore
+_WORKER_TEACHER: Any = None
+
+
+def _init_perturb_worker(teacher: str) -> None:
+    global _WORKER_TEACHER
     from kd_nnp.teachers.registry import load_teacher
+
+    _WORKER_TEACHER = load_teacher(teacher)
+
+
+def _perturb_task(item: dict[str, Any]) -> list[Any]:
+    from kd_nnp.data.sources.perturb import make_perturbations
+
+    f = item["frames"]
+    calc = _WORKER_TEACHER.calculator if (_WORKER_TEACHER and f["prerelax_steps"] > 0) else None
+    return make_perturbations(
+        [(item["code"], item["atoms"])],
+        n_strain=f["n_strain"],
+        n_rattle=f["n_rattle"],
+        seed=item["seed"],
+        volume_range=tuple(f["volume_range"]),
+        shear=f["shear"],
+        rattle_std=f["rattle_std"],
+        prerelax_calc=calc,
+        prerelax_steps=f["prerelax_steps"],
+        source="demo-perturb",
+    )
+
+
+def build_store(
+    cfg: DictConfig, train_crystals: list[tuple[str, Any]], out: Path, workers: int = 1
+) -> Path:
+    """Teacher-pre-relaxed, strained and rattled frames of each training crystal.
+
+    One crystal per task (worker processes, one thread each); each finished crystal is
+    written at once, so a killed run loses at most the crystals in flight."""
+    from kd_nnp.data.store import FrameStore
+    from kd_nnp.utils.parallel import run_tasks
 
     store_dir = out / "store"
     done = store_dir / "frames.done.json"
-    if done.exists():
+    wanted = [c for c, _ in train_crystals]
+    if done.exists() and json.loads(done.read_text()).get("crystals") == wanted:
         return store_dir
     store = FrameStore(store_dir, create=True, description="kd-nnp demo: perturbed pyxtal crystals")
-    f = cfg.demo.frames
-    teacher = load_teacher(cfg.demo.teacher) if f.prerelax_steps > 0 else None
-    have = set(store.frame_ids())
-    for code, atoms in train_crystals:  # one crystal at a time: a kill loses one crystal at most
-        if any(fid.startswith(f"{code}/") for fid in have):
-            continue
-        frames = make_perturbations(
-            [(code, atoms)],
-            n_strain=f.n_strain,
-            n_rattle=f.n_rattle,
-            seed=cfg.demo.seed,
-            volume_range=tuple(f.volume_range),
-            shear=f.shear,
-            rattle_std=f.rattle_std,
-            prerelax_calc=teacher.calculator if teacher else None,
-            prerelax_steps=f.prerelax_steps,
-            source="demo-perturb",
-        )
-        store.add_frames(frames)
-    done.write_text(json.dumps({"crystals": [c for c, _ in train_crystals]}))
+    have = {fid.split("/")[0] for fid in store.frame_ids()}
+    frames_cfg = OmegaConf.to_container(cfg.demo.frames, resolve=True)
+    todo = [
+        (code, {"code": code, "atoms": atoms, "frames": frames_cfg, "seed": int(cfg.demo.seed)})
+        for code, atoms in train_crystals
+        if code not in have
+    ]
+    failed = []
+    for res in run_tasks(
+        _perturb_task,
+        todo,
+        n_workers=min(int(workers), len(todo)),
+        initializer=_init_perturb_worker,
+        initargs=(str(cfg.demo.teacher),),
+        desc="frames (teacher pre-relaxation)",
+    ):
+        if res.ok:
+            store.add_frames(res.value)
+        else:
+            failed.append(res.key)
+            print(f"      frames of {res.key} failed: {res.error.splitlines()[0]}")
+    if failed:
+        raise RuntimeError(f"building frames failed for {failed}; rerun to retry them")
+    done.write_text(json.dumps({"crystals": wanted}))
     return store_dir
 
 
@@ -108,12 +190,20 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     c = cfg.demo.crystals
 
     t = time.perf_counter()
-    eval_set, train_set = split_crystals(c.db, c.max_atoms, c.n_eval, c.n_train, cfg.demo.seed)
+    eval_set, train_set = split_crystals(
+        c.db,
+        c.max_atoms,
+        c.n_eval,
+        c.n_train,
+        cfg.demo.seed,
+        eval_max_atoms=c.get("eval_max_atoms"),
+        train_dbs=list(c.get("train_dbs") or [c.db]),
+    )
     (out / "crystals.json").write_text(
         json.dumps({"eval": [k for k, _ in eval_set], "train": [k for k, _ in train_set]}, indent=2)
     )
     print(f"[1/5] crystals: {len(train_set)} for training, {len(eval_set)} held out")
-    store_dir = build_store(cfg, train_set, out)
+    store_dir = build_store(cfg, train_set, out, workers=int(cfg.demo.workers))
     times["frames"] = time.perf_counter() - t
 
     t = time.perf_counter()

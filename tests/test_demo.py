@@ -33,3 +33,22 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert r2.returncode == 0, r2.stderr[-4000:]
     again = json.loads((out / "demo_result.json").read_text())
     assert again["times_s"]["train"] < 0.5 * result["times_s"]["train"] + 5
+
+
+def test_split_holds_out_whole_molecules_across_databases():
+    """Training crystals (test.db + mech.db) share neither SMILES nor formula with held-out ones."""
+    from kd_nnp.demo import _molecule_keys, split_crystals
+
+    ev, tr = split_crystals("test", 100, 8, None, 0, eval_max_atoms=60, train_dbs=["test", "mech"])
+    assert len(ev) == 8 and all(len(a) <= 60 for _, a in ev)
+    assert all(len(a) <= 100 for _, a in tr)
+    held = set().union(*(_molecule_keys(a) for _, a in ev))
+    assert not any(_molecule_keys(a) & held for _, a in tr)
+    codes = [c for c, _ in tr]
+    assert len(codes) == len(set(codes)) and not set(codes) & {c for c, _ in ev}
+    # mech.db adds crystals that test.db alone does not have
+    _, tr_test = split_crystals("test", 100, 8, None, 0, eval_max_atoms=60)
+    assert len(tr) > len(tr_test)
+    # deterministic for a seed; n_train takes a prefix of the same order
+    ev2, tr2 = split_crystals("test", 100, 8, 5, 0, eval_max_atoms=60, train_dbs=["test", "mech"])
+    assert [c for c, _ in ev2] == [c for c, _ in ev] and [c for c, _ in tr2] == codes[:5]
