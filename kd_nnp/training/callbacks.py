@@ -90,7 +90,10 @@ def plot_loss_curves(
     axes[0].set_title("energy")
     axes[1].set_title("forces")
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:  # e.g. no force terms in an energy-only run
+            ax.text(0.5, 0.5, "not trained / no labels", ha="center", transform=ax.transAxes)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
