@@ -50,8 +50,8 @@ lint:  ## ruff
 	$(PY) -m ruff check kd_nnp tests experiments
 	$(PY) -m ruff format --check kd_nnp tests experiments
 
-bench:  ## performance benchmarks (prints a table; see docs/performance.md)
-	$(PY) experiments/bench/run_all.py
+bench:  ## performance benchmarks, one table (< 20 min; BENCH_ARGS=--quick: < 3 min; see docs/performance.md)
+	$(PY) experiments/bench/run_all.py $(BENCH_ARGS)
 
 clean:  ## remove caches and run outputs (keeps .venv)
 	rm -rf outputs multirun runs .pytest_cache .ruff_cache

@@ -1,29 +1,35 @@
 """MLP-only training: chgnet's Trainer (autograd through the frozen backbone every step)
-vs kd_nnp's cached features (kd_nnp.training.features), side by side in one run.
+vs kd_nnp's DistillationModule with the cached-feature and the full backend, side by side.
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/bench/bench_training.py --frames 8
+    .venv/bin/python experiments/bench/bench_training.py [--codes BENZEN,NACJAF,ACSALA]
+        [--n-strain 1 --n-rattle 1] [--batch-size 4] [--epochs 3]
 
-Frames: real organic crystals of pyxtal's shipped ``test.db`` with ``--min-atoms`` to
-``--max-atoms`` atoms, rattled (0.05 A) and strained (~1 %). Labels: the pretrained CHGNet's
-own energies/forces plus Gaussian noise (a stand-in teacher; timing does not depend on it).
-Both sides use the same MAE energy+force loss (chgnet's ``CombinedLoss(criterion="MAE")``),
-Adam, the same batch size, one thread. Every measurement that reports memory runs in its
-own subprocess (peak RSS = VmHWM of /proc/self/status):
+(``run_all.py --only training`` runs the same thing and prints it in the common table.)
 
-- ``trainer``: ``chgnet.trainer.Trainer._train`` epochs over pre-converted graphs
-  (graph conversion excluded from both sides), only ``model.mlp`` trainable;
-- ``build``:   one-time ``FeatureCache.get`` per frame (h and dh/dR, to a fresh folder);
-- ``cached``:  epochs of ``predict_from_features`` + the same loss + Adam from that cache.
+Frames: real organic crystals of pyxtal's shipped ``test.db`` perturbed by kd_nnp
+(:func:`common.perturbed_frames`), written to a frames store with stand-in labels
+(:func:`common.child_prepare`). All paths read the same frames in the same order (the data
+module's, unshuffled) with the same batch size, and minimise the same MAE energy (per atom)
++ force loss (chgnet's ``CombinedLoss(criterion="MAE")`` = kd_nnp's ``DistillationLoss(r_he=1,
+r_hf=1)``) with Adam, lr 1e-3, only ``model.mlp`` trainable, one thread. Graph conversion is
+excluded (done once into kd_nnp's graph cache, timed separately). Each measurement runs in
+its own process so that its peak RSS (``VmHWM``) is its own:
 
-The parent also checks that both paths give the same loss and MLP gradients at step 0.
+- ``build``:   FramesDataModule setup (graph cache) + one-time ``FeatureCache.get`` per frame;
+- ``trainer``: ``chgnet.trainer.Trainer._train`` epochs over the same graphs;
+- ``cached``:  ``lightning.Trainer.fit`` of ``DistillationModule(backend="cached")`` on the
+  ``FramesDataModule`` (the real kd_nnp path, data loading included), then the same steps on
+  pre-collated batches (compute only);
+- ``full``:    the same module with ``backend="full"`` (chgnet's forward inside kd_nnp),
+  then the check: step 0 on the first batch, loss and MLP gradients of chgnet's forward +
+  ``CombinedLoss`` vs kd_nnp's cached and full backends, one fresh model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
+import os
 import sys
 import tempfile
 import time
@@ -32,276 +38,424 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from kd_nnp.utils.threads import set_threads
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 HERE = Path(__file__).resolve()
+LR = 1e-3
+GB = 1e9
 
 
-def _load_model() -> Any:
-    from chgnet.model import CHGNet
+# ----------------------------------------------------------------------------- helpers
+def _datamodule(cfg: dict[str, Any]) -> Any:
+    from kd_nnp.training.data import FramesDataModule
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = CHGNet.load(model_name="0.3.0", use_device="cpu", verbose=False)
-    model.requires_grad_(False)
-    model.mlp.requires_grad_(True)
-    return model
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB.
-
-    ``VmHWM`` of /proc/self/status (a fresh high-water mark after exec); getrusage's
-    ru_maxrss is not used where VmHWM exists because Linux carries it over from the parent
-    through fork + exec, which reported the parent's peak for the small children."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return FramesDataModule(
+        store=cfg["store"], label_set=None, n_val=0, batch_size=cfg["batch_size"],
+        use_soft=False, reference="none", shuffle=False, seed=0,
+    )  # fmt: skip
 
 
-def _batches(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def _module(backend: str) -> Any:
+    from kd_nnp.training.loss import DistillationLoss
+    from kd_nnp.training.module import DistillationModule
+
+    loss = DistillationLoss(r_he=1.0, r_hf=1.0, r_se=0.0, r_sf=0.0)
+    return DistillationModule(
+        student={"model_name": "0.3.0", "freeze": "mlp"}, loss=loss, lr=LR,
+        compute_stress=False, backend=backend,
+    )  # fmt: skip
 
 
-def make_dataset(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Pick, perturb and label the frames; save graphs + labels for the children."""
-    from ase.db import connect
-    from pymatgen.io.ase import AseAtomsAdaptor
+def _epoch_timer() -> Any:
+    import lightning as L
 
-    from kd_nnp.utils.paths import pyxtal_db
+    class EpochTimer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._t = 0.0
 
-    db = connect(pyxtal_db("test"))
-    rows = sorted(
-        (r for r in db.select() if args.min_atoms <= r.natoms <= args.max_atoms),
-        key=lambda r: (r.natoms, r.id),
-    )
-    if len(rows) < args.frames:
-        raise SystemExit(
-            f"only {len(rows)} pyxtal crystals have {args.min_atoms}-{args.max_atoms} atoms"
-        )
-    picks = [rows[int(i)] for i in np.linspace(0, len(rows) - 1, args.frames).round()]
-    rng = np.random.default_rng(args.seed)
-    model = _load_model()
-    graphs, energies, forces = [], [], []
-    for row in picks:
-        atoms = row.toatoms()
-        strain = rng.normal(scale=0.01, size=(3, 3))
-        atoms.set_cell(atoms.cell.array @ (np.eye(3) + (strain + strain.T) / 2), scale_atoms=True)
-        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
-        graph = model.graph_converter(AseAtomsAdaptor.get_structure(atoms), graph_id=row.csd_code)
-        pred = model([graph], task="ef")
-        energies.append(float(pred["e"][0]) + float(rng.normal(scale=0.02)))
-        f = pred["f"][0].detach()
-        forces.append(f + torch.from_numpy(rng.normal(scale=0.1, size=tuple(f.shape))).float())
-        graphs.append(graph)
-    data = {"graphs": graphs, "e": energies, "f": forces}
-    torch.save(data, workdir / "data.pt")
-    return data
+        def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
+            self._t = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+            self.times.append(time.perf_counter() - self._t)
+
+    return EpochTimer()
 
 
-def _load_data(workdir: Path) -> dict[str, Any]:
-    return torch.load(workdir / "data.pt", weights_only=False)
+def _lightning_trainer(epochs: int, callbacks: list[Any]) -> Any:
+    import lightning as L
 
-
-def _targets(data: dict[str, Any], idx: list[int]) -> dict[str, Any]:
-    return {"e": torch.tensor([data["e"][i] for i in idx]), "f": [data["f"][i] for i in idx]}
-
-
-def _criterion() -> Any:
-    from chgnet.trainer.trainer import CombinedLoss
-
-    return CombinedLoss(target_str="ef", criterion="MAE", energy_loss_ratio=1, force_loss_ratio=1)
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        inference_mode=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=callbacks,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- children
-def child_trainer(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def child_build(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Graph cache + one-time feature build of every frame; writes the frame order."""
+    from kd_nnp.training.data import GraphCache
+    from kd_nnp.training.features import FeatureCache, jacobian_nbytes
+    from kd_nnp.utils.paths import cache_dir
+
+    t = time.perf_counter()
+    dm = _datamodule(cfg)
+    dm.setup("fit")
+    graph_s = time.perf_counter() - t
+    cache = FeatureCache(cache_dir() / "features", common.load_chgnet())
+    frames = []
+    for s in dm.train_samples:
+        g = GraphCache.load(s.graph_path)
+        t = time.perf_counter()
+        before = cache.n_builds
+        cache.get(g, forces=True, stress=False)
+        frames.append({"frame_id": s.frame_id, "n_atoms": s.n_atoms,
+                       "seconds": time.perf_counter() - t, "built": cache.n_builds > before,
+                       "nbytes": jacobian_nbytes(s.n_atoms, False)})  # fmt: skip
+    manifest = [{"frame_id": s.frame_id, "graph": str(s.graph_path)} for s in dm.train_samples]
+    Path(cfg["manifest"]).write_text(json.dumps(manifest))
+    disk = sum(p.stat().st_size for p in (cache_dir() / "features").rglob("*.npy"))
+    return {"graph_s": graph_s, "graphs_built": dm.summary["graphs_built"], "frames": frames,
+            "disk_bytes": disk}  # fmt: skip
+
+
+def child_trainer(cfg: dict[str, Any]) -> dict[str, Any]:
+    """chgnet's own Trainer, MLP only, MAE energy + forces."""
+    import torch
     from chgnet.data.dataset import collate_graphs
     from chgnet.trainer import Trainer
     from torch.utils.data import DataLoader
 
-    data = _load_data(workdir)
-    model = _load_model()
-    items = [
-        (g, {"e": torch.tensor(e), "f": f})
-        for g, e, f in zip(data["graphs"], data["e"], data["f"], strict=True)
-    ]
-    loader = DataLoader(items, batch_size=args.batch_size, shuffle=False, collate_fn=collate_graphs)
+    from kd_nnp.data.store import FrameStore
+    from kd_nnp.training.data import GraphCache
+
+    manifest = json.loads(Path(cfg["manifest"]).read_text())
+    store = FrameStore(cfg["store"])
+    items = []
+    for m in manifest:
+        fr = store.get(m["frame_id"])
+        e = torch.tensor(fr.hard.energy / fr.n_atoms, dtype=torch.float32)
+        f = torch.tensor(np.asarray(fr.hard.forces), dtype=torch.float32)
+        items.append((GraphCache.load(Path(m["graph"])), {"e": e, "f": f}))
+    model = common.load_chgnet()
+    loader = DataLoader(items, batch_size=cfg["batch_size"], shuffle=False,
+                        collate_fn=collate_graphs)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = Trainer(
-            model, targets="ef", criterion="MAE", optimizer="Adam", learning_rate=1e-3,
-            epochs=args.epochs, use_device="cpu", print_freq=10**9,
+            model, targets="ef", criterion="MAE", optimizer="Adam", learning_rate=LR,
+            epochs=cfg["epochs"], use_device="cpu", print_freq=10**9,
         )  # fmt: skip
     trainable = sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
     assert trainable == ["mlp"], trainable
+    rss0 = common.rss_mb()
     times = []
-    for epoch in range(args.epochs):
+    for epoch in range(cfg["epochs"]):
         t = time.perf_counter()
         trainer._train(loader, epoch)
         times.append(time.perf_counter() - t)
-    return {"epoch_s": times, "n_batches": len(loader), "peak_rss_mb": _peak_rss_mb()}
+    return {"epoch_s": times, "n_batches": len(loader), "rss_before_mb": rss0}
 
 
-def child_build(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from kd_nnp.training.features import FeatureCache
+def child_kdnnp(cfg: dict[str, Any]) -> dict[str, Any]:
+    """kd_nnp's DistillationModule through lightning (backend from cfg), data module included."""
+    import torch
 
-    data = _load_data(workdir)
-    cache = FeatureCache(Path(args.cache_dir), _load_model())
-    per_frame = []
-    for g in data["graphs"]:
-        t = time.perf_counter()
-        built = cache.n_builds
-        cache.get(g, forces=True, stress=False)
-        per_frame.append(
-            {
-                "n_atoms": int(g.atomic_number.shape[0]),
-                "seconds": time.perf_counter() - t,
-                "built": cache.n_builds > built,
-            }
-        )
-    disk = sum(p.stat().st_size for p in Path(args.cache_dir).rglob("*.npy"))
-    return {"frames": per_frame, "disk_bytes": disk, "peak_rss_mb": _peak_rss_mb()}
+    from kd_nnp.training.cached import attach_feature_cache
+    from kd_nnp.training.features import jacobian_nbytes
 
-
-def child_cached(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from kd_nnp.training.features import FeatureCache, predict_from_features
-
-    data = _load_data(workdir)
-    model = _load_model()
-    cache = FeatureCache(Path(args.cache_dir), model)
+    backend = cfg["backend"]
+    dm = _datamodule(cfg)
+    dm.setup("fit")
+    module = _module(backend)
+    rss0 = common.rss_mb()
+    stats: dict[str, Any] = {}
+    if backend != "full":
+        stats = attach_feature_cache(dm, module, prebuild=True)
+    rss_feats = common.rss_mb()
+    # largest frame for which 1000 cached frames plus this process fit 3 GB, all resident
+    n_max = 1
+    while rss0 * 1e6 + 1000 * jacobian_nbytes(n_max + 1, False) <= 3 * GB:
+        n_max += 1
+    timer = _epoch_timer()
+    trainer = _lightning_trainer(cfg["epochs"], [timer])
     t = time.perf_counter()
-    feats = [cache.get(g, forces=True, stress=False) for g in data["graphs"]]
-    load_s = time.perf_counter() - t
-    assert cache.n_builds == 0, "the build child should have filled the cache"
-    criterion = _criterion()
-    optimizer = torch.optim.Adam(model.mlp.parameters(), lr=1e-3)
-    index_batches = _batches(list(range(len(feats))), args.batch_size)
-    times = []
-    for _ in range(args.epochs):
-        t = time.perf_counter()
-        for idx in index_batches:
-            pred = predict_from_features(
-                model.mlp, model.readout_norm, [feats[i] for i in idx], forces=True, stress=False
-            )
-            loss = criterion(_targets(data, idx), pred)["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        times.append(time.perf_counter() - t)
-    return {"epoch_s": times, "load_s": load_s, "peak_rss_mb": _peak_rss_mb()}
+    trainer.fit(module, datamodule=dm)
+    fit_s = time.perf_counter() - t
+    out: dict[str, Any] = {"epoch_s": timer.times, "fit_s": fit_s, "rss_before_mb": rss0,
+                           "rss_after_attach_mb": rss_feats, "feature_cache": stats,
+                           "n_max_1000_3gb": n_max, "rss_after_fit": common.rss_parts_mb(),
+                           "n_batches": len(dm.train_dataloader())}  # fmt: skip
+    if backend != "full":
+        # the data loader alone (graph file + feature-cache lookup per frame, collate)
+        times = []
+        for _ in range(cfg["epochs"]):
+            t = time.perf_counter()
+            for _batch in dm.train_dataloader():
+                pass
+            times.append(time.perf_counter() - t)
+        out["loader_epoch_s"] = times
+        # the same steps on pre-collated batches: compute only (no loader, no Lightning)
+        batches = list(dm.train_dataloader())
+        opt = torch.optim.Adam([p for p in module.student.parameters() if p.requires_grad], lr=LR)
+        times = []
+        for _ in range(cfg["epochs"]):
+            t = time.perf_counter()
+            for batch in batches:
+                with torch.enable_grad():
+                    loss, _ = module.loss_fn(module(batch), batch)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            times.append(time.perf_counter() - t)
+        out["compute_epoch_s"] = times
+    else:  # step-0 check in this process (saves a process start): a fresh module
+        out["check"] = child_check(cfg)
+    return out
 
 
-def run_child(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    cmd = [sys.executable, str(HERE), "--child", mode, "--workdir", str(workdir)]
-    for key in ("batch_size", "epochs", "cache_dir"):
-        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def child_check(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Step 0, first batch, one model: chgnet forward + CombinedLoss vs kd_nnp backends."""
+    import torch
+    from chgnet.trainer.trainer import CombinedLoss
+
+    from kd_nnp.training.cached import attach_feature_cache
+    from kd_nnp.training.data import GraphCache
+    from kd_nnp.training.features import predict_full
+
+    dm = _datamodule(cfg)
+    dm.setup("fit")
+    module = _module("cached")
+    attach_feature_cache(dm, module, prebuild=False)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["features"] is not None, "the first batch has no cached features"
+    if not batch.get("graphs"):  # a cached batch may come without graphs: the full path needs them
+        by_id = {s.frame_id: s for s in dm.train_samples}
+        graphs = [GraphCache.load(by_id[f].graph_path) for f in batch["frame_ids"]]
+        batch = dict(batch, graphs=graphs)
+    params = [p for p in module.student.mlp.parameters()]
+    sizes = batch["n_atoms"].tolist()
+    targets = {"e": batch["hard_energy"], "f": list(torch.split(batch["hard_forces"], sizes))}
+    criterion = CombinedLoss(target_str="ef", criterion="MAE", energy_loss_ratio=1,
+                             force_loss_ratio=1)  # fmt: skip
+    pred = predict_full(module.student, batch["graphs"], forces=True, stress=False)
+    loss_chgnet = criterion(targets, pred)["loss"]
+    g_chgnet = torch.autograd.grad(loss_chgnet, params)
+    out: dict[str, Any] = {"frame_ids": batch["frame_ids"], "loss_chgnet": float(loss_chgnet)}
+    scale = max(float(g.abs().max()) for g in g_chgnet)
+    out["grad_max_abs"] = scale
+    for backend in ("cached", "full"):
+        module.backend = backend
+        with torch.enable_grad():
+            loss, _ = module.loss_fn(module(batch), batch)
+        grads = torch.autograd.grad(loss, params)
+        diff = max(float((a - b).abs().max()) for a, b in zip(grads, g_chgnet, strict=True))
+        out[f"loss_{backend}"] = float(loss)
+        out[f"loss_rel_diff_{backend}"] = abs(float(loss) - float(loss_chgnet)) / abs(
+            float(loss_chgnet)
+        )
+        out[f"grad_max_abs_diff_{backend}"] = diff
+    return out
+
+
+CHILDREN = {
+    "build": child_build,
+    "trainer": child_trainer,
+    "cached": child_kdnnp,
+    "full": child_kdnnp,  # + the step-0 check
+    "check": child_check,
+}
 
 
 # ----------------------------------------------------------------------------- parent
-def check_step0(data: dict[str, Any], args: argparse.Namespace) -> dict[str, float]:
-    """Loss and MLP gradients at step 0 on the first batch, both paths, same model."""
-    from kd_nnp.training.features import FeatureCache, predict_from_features, predict_full
+def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """The whole section; each child's failure is recorded, the others still run."""
+    workdir = Path(workdir)
+    store, info = common.prepare_store(workdir, cfg["codes"], cfg["n_strain"], cfg["n_rattle"])
+    res: dict[str, Any] = {"config": dict(cfg), "store": str(store), "frames": info,
+                           "errors": {}}  # fmt: skip
+    base = {"store": str(store), "batch_size": cfg["batch_size"], "epochs": cfg["epochs"],
+            "manifest": str(workdir / "train_manifest.json")}  # fmt: skip
+    cache = workdir / "train_cache"
+    if cache.exists():  # a fresh feature cache: the build is measured every run
+        import shutil
 
-    model = _load_model()
-    cache = FeatureCache(Path(args.cache_dir), model)
-    idx = list(range(min(args.batch_size, len(data["graphs"]))))
-    graphs = [data["graphs"][i] for i in idx]
-    criterion = _criterion()
-    params = list(model.mlp.parameters())
-    loss_full = criterion(
-        _targets(data, idx), predict_full(model, graphs, forces=True, stress=False)
+        shutil.rmtree(cache)
+    env = {"KD_NNP_CACHE": str(cache)}
+    timeout = cfg.get("timeout", 1200)
+    for name in ("build", "trainer", "cached", "full"):
+        if name != "build" and "build" in res["errors"]:
+            res["errors"][name] = "skipped: the build child failed"
+            continue
+        child_cfg = dict(base, backend=name)
+        t = time.perf_counter()
+        try:
+            res[name] = common.run_child(HERE, name, child_cfg, workdir / "logs",
+                                         timeout=timeout, env_extra=env)  # fmt: skip
+            if "check" in res[name]:
+                res["check"] = res[name].pop("check")
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            res["errors"][name] = common.error_summary(exc)
+            res.setdefault("tracebacks", {})[name] = common.format_exc(exc)
+        print(f"  training/{name}: {time.perf_counter() - t:.0f} s"
+              + (f"  FAILED {res['errors'][name]}" if name in res["errors"] else ""),
+              flush=True)  # fmt: skip
+    return res
+
+
+def _steady(times: list[float]) -> float:
+    """Mean epoch time after the first epoch (which pages in caches, starts Lightning)."""
+    return float(np.mean(times[1:] or times))
+
+
+def rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Table rows of this section (see run_all.py)."""
+    out: list[dict[str, Any]] = []
+    sec = "training"
+    err = res.get("errors", {})
+
+    def row(what: str, value: str, compare: str = "", ok: bool | None = None) -> None:
+        out.append({"section": sec, "what": what, "value": value, "compare": compare, "ok": ok})
+
+    n_atoms = res.get("frames", {}).get("n_atoms", [])
+    if n_atoms:
+        c = res["config"]
+        row("frames (test.db, perturbed)",
+            f"{len(n_atoms)} x {min(n_atoms)}-{max(n_atoms)} atoms (mean {np.mean(n_atoms):.0f})",
+            f"batch {c['batch_size']}, {c['epochs']} epochs, 1 thread")  # fmt: skip
+    for name in ("build", "trainer", "cached", "full", "check"):
+        if name in err:
+            row(f"{name} child", "FAILED", err[name], False)
+    tr, ca, fu = res.get("trainer"), res.get("cached"), res.get("full")
+    t_tr = _steady(tr["epoch_s"]) if tr else None
+    if tr:
+        row(
+            "chgnet Trainer epoch",
+            f"{t_tr:.3f} s",
+            f"{t_tr / tr['n_batches'] * 1e3:.0f} ms/step; epochs {_fmt_list(tr['epoch_s'])}",
+        )
+    if ca:
+        t = _steady(ca["epoch_s"])
+        row("kd_nnp cached epoch (lightning + loader)", f"{t:.3f} s",
+            f"{t_tr / t:.0f}x faster than Trainer" if t_tr else "")  # fmt: skip
+        if "loader_epoch_s" in ca:
+            tl = _steady(ca["loader_epoch_s"])
+            row("  of which the data loader alone", f"{tl:.4f} s",
+                "FramesDataset (feature lookup per frame) + collate, no compute")  # fmt: skip
+        if "compute_epoch_s" in ca:
+            tc = _steady(ca["compute_epoch_s"])
+            row("kd_nnp cached epoch (compute only)", f"{tc:.4f} s",
+                f"{t_tr / tc:.0f}x faster than Trainer" if t_tr else "")  # fmt: skip
+    if fu:
+        t = _steady(fu["epoch_s"])
+        row("kd_nnp full-backend epoch", f"{t:.3f} s",
+            f"{t / t_tr:.2f}x the Trainer's time" if t_tr else "")  # fmt: skip
+    b = res.get("build")
+    if b:
+        built = [f for f in b["frames"] if f["built"]]
+        total = sum(f["seconds"] for f in built)
+        per = np.mean([f["seconds"] / f["n_atoms"] ** 2 for f in built]) if built else float("nan")
+        row("one-time feature build (h, dh/dR)", f"{total:.1f} s",
+            f"{len(built)} frames, {per * 1e3:.1f} ms x N^2 per frame"
+            + (f"; = {total / t_tr:.1f} Trainer epochs" if t_tr else ""))  # fmt: skip
+        row("one-time graph conversion", f"{b['graph_s']:.1f} s", f"{b['graphs_built']} graphs")
+        row(
+            "feature cache on disk",
+            f"{b['disk_bytes'] / 1e6:.1f} MB",
+            f"{sum(f['nbytes'] for f in b['frames']) / 1e6:.1f} MB by jacobian_nbytes",
+        )
+    ck = res.get("check")
+    if ck:
+        for backend in ("cached", "full"):
+            rel = ck[f"loss_rel_diff_{backend}"]
+            row(f"step-0 loss, chgnet vs kd_nnp {backend}",
+                f"{ck['loss_chgnet']:.6f} vs {ck[f'loss_{backend}']:.6f}",
+                f"rel diff {rel:.1e} (target <= 1e-5)", rel <= 1e-5)  # fmt: skip
+            d = ck[f"grad_max_abs_diff_{backend}"]
+            row(f"step-0 MLP gradients, chgnet vs kd_nnp {backend}", f"max |diff| {d:.1e}",
+                f"max |grad| {ck['grad_max_abs']:.2e}; rel {d / ck['grad_max_abs']:.1e}",
+                d <= 1e-4 * ck["grad_max_abs"])  # fmt: skip
+    peaks = {k: res[k]["peak_rss_mb"] for k in ("trainer", "build", "cached", "full") if k in res}
+    for k, label in (("trainer", "chgnet Trainer"), ("build", "feature build"),
+                     ("cached", "kd_nnp cached"), ("full", "kd_nnp full")):  # fmt: skip
+        if k in peaks:
+            extra = ""
+            if k == "cached" and "trainer" in peaks:
+                extra = f"Trainer/cached = {peaks['trainer'] / peaks[k]:.1f}x"
+            row(f"peak RSS, {label}", f"{peaks[k]:.0f} MB", extra)
+    if b and ca:
+        out.extend(_memory_rows(res))
+    return out
+
+
+def _memory_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    b, ca = res["build"], res["cached"]
+    n = [f["n_atoms"] for f in b["frames"]]
+    per_frame = float(np.mean([f["nbytes"] for f in b["frames"]]))
+    base = ca["rss_before_mb"] * 1e6
+    bs = res["config"]["batch_size"]
+    all_resident = base + 1000 * per_frame
+    working = base + bs * max(f["nbytes"] for f in b["frames"])
+    n_max = ca["n_max_1000_3gb"]
+    parts = ca.get("rss_after_fit", {})
+    out = []
+
+    def row(what: str, value: str, compare: str = "", ok: bool | None = None) -> None:
+        out.append({"section": "training", "what": what, "value": value, "compare": compare,
+                    "ok": ok})  # fmt: skip
+
+    row(
+        "cache bytes per frame (jacobian_nbytes, mean)",
+        f"{per_frame / 1e6:.2f} MB",
+        f"mean {np.mean(n):.0f} atoms, {len(n)} frames",
     )
-    g_full = torch.autograd.grad(loss_full["loss"], params)
-    feats = [cache.get(g, forces=True, stress=False) for g in graphs]
-    pred = predict_from_features(model.mlp, model.readout_norm, feats, forces=True, stress=False)
-    loss_cached = criterion(_targets(data, idx), pred)
-    g_cached = torch.autograd.grad(loss_cached["loss"], params)
-    lf, lc = float(loss_full["loss"]), float(loss_cached["loss"])
-    diff = max(float((a - b).abs().max()) for a, b in zip(g_cached, g_full, strict=True))
-    scale = max(float(b.abs().max()) for b in g_full)
-    return {"loss_full": lf, "loss_cached": lc, "loss_rel_diff": abs(lf - lc) / abs(lf),
-            "grad_max_abs_diff": diff, "grad_max_abs": scale}  # fmt: skip
+    if parts:
+        row(
+            "RSS of the cached process after its epochs",
+            f"{parts['anon']:.0f} MB private",
+            f"+ {parts['file']:.0f} MB file-backed (libraries + the memory-mapped features, "
+            f"{len(n) * per_frame / 1e6:.1f} MB of which are features)",
+        )
+    row("EXTRAPOLATED 1000 frames, all features resident",
+        f"{all_resident / GB:.2f} GB",
+        f"{base / 1e6:.0f} MB base + 1000 x {per_frame / 1e6:.2f} MB; target <= 3 GB; "
+        f"fits for frames <= {n_max} atoms", all_resident <= 3 * GB)  # fmt: skip
+    row("EXTRAPOLATED 1000 frames, mmap working set", f"{working / GB:.2f} GB",
+        f"base + one batch of {bs}; the other pages are clean, reclaimable page cache; "
+        f"disk {1000 * per_frame / GB:.1f} GB")  # fmt: skip
+    return out
+
+
+def _fmt_list(xs: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.3g}" for x in xs) + "]"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--frames", type=int, default=8, help="number of frames (default 8)")
-    ap.add_argument("--min-atoms", type=int, default=48)
-    ap.add_argument("--max-atoms", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache-dir", default=None, help="feature cache (default: fresh temp dir)")
-    ap.add_argument("--child", choices=["trainer", "build", "cached"], help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    set_threads(1)
-
-    if args.child:
-        fn = {"trainer": child_trainer, "build": child_build, "cached": child_cached}[args.child]
-        print(json.dumps(fn(args, Path(args.workdir))))
+    if common.child_main(CHILDREN):
         return
-
-    with tempfile.TemporaryDirectory(prefix="kd_nnp_bench_") as tmp:
-        workdir = Path(tmp)
-        if args.cache_dir is None:
-            args.cache_dir = str(workdir / "features")
-        t0 = time.perf_counter()
-        data = make_dataset(args, workdir)
-        sizes = [int(g.atomic_number.shape[0]) for g in data["graphs"]]
-        print(f"{len(sizes)} frames, {min(sizes)}-{max(sizes)} atoms (mean {np.mean(sizes):.0f}), "
-              f"batch {args.batch_size}, {args.epochs} epochs, 1 thread")  # fmt: skip
-        trainer = run_child("trainer", args, workdir)
-        build = run_child("build", args, workdir)
-        cached = run_child("cached", args, workdir)
-        check = check_step0(data, args)
-
-    built = [f for f in build["frames"] if f["built"]]
-    t_tr = float(np.mean(trainer["epoch_s"][1:] or trainer["epoch_s"]))
-    t_ca = float(np.mean(cached["epoch_s"][1:] or cached["epoch_s"]))
-    nb = trainer["n_batches"]
-    print("\n(a) epoch time (mean over epochs after the first; all epochs listed)")
-    print(f"    chgnet Trainer : {t_tr:9.3f} s/epoch  {t_tr / nb * 1e3:9.1f} ms/step   "
-          f"{[round(t, 3) for t in trainer['epoch_s']]}")  # fmt: skip
-    print(f"    kd_nnp cached  : {t_ca:9.3f} s/epoch  {t_ca / nb * 1e3:9.1f} ms/step   "
-          f"{[round(t, 4) for t in cached['epoch_s']]}")  # fmt: skip
-    print(f"    speed-up       : {t_tr / t_ca:9.0f} x   (loading {len(sizes)} mmapped frames: "
-          f"{cached['load_s'] * 1e3:.0f} ms)")  # fmt: skip
-    print("\n(b) one-time cache build (h + dh/dR), per frame")
-    for f in build["frames"]:
-        print(f"    {f['n_atoms']:4d} atoms: {f['seconds']:7.1f} s"
-              + ("" if f["built"] else "  (already cached)"))  # fmt: skip
-    if built:
-        per_atom2 = np.mean([f["seconds"] / f["n_atoms"] ** 2 for f in built])
-        total = sum(f["seconds"] for f in built)
-        print(f"    total {total:.0f} s = {total / t_tr:.1f} Trainer epochs; "
-              f"~{per_atom2 * 1e3:.2f} ms x N^2 per frame")  # fmt: skip
-    print(f"    on disk: {build['disk_bytes'] / 1e6:.1f} MB for {len(sizes)} frames")
-    print("\n(c) step 0, first batch, same model")
-    print(f"    loss full {check['loss_full']:.6f}  cached {check['loss_cached']:.6f}  "
-          f"rel diff {check['loss_rel_diff']:.1e}")  # fmt: skip
-    print(f"    MLP gradients: max |diff| {check['grad_max_abs_diff']:.2e} "
-          f"(max |grad| {check['grad_max_abs']:.2e})")  # fmt: skip
-    print("\n(d) peak RSS (each in its own process)")
-    print(f"    chgnet Trainer : {trainer['peak_rss_mb']:8.0f} MB")
-    print(f"    cache build    : {build['peak_rss_mb']:8.0f} MB")
-    print(
-        f"    kd_nnp cached  : {cached['peak_rss_mb']:8.0f} MB   "
-        f"(ratio Trainer/cached {trainer['peak_rss_mb'] / cached['peak_rss_mb']:.1f})"
-    )
-    print(f"\ntotal bench time {time.perf_counter() - t0:.0f} s")
-    ok = check["loss_rel_diff"] < 1e-5
-    if not ok:
-        raise SystemExit("step-0 loss differs between the paths by more than 1e-5 (relative)")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--codes", default="BENZEN,NACJAF,ACSALA",
+                    help="test.db csd codes (comma separated)")  # fmt: skip
+    ap.add_argument("--n-strain", type=int, default=1)
+    ap.add_argument("--n-rattle", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--workdir", default=None, help="default: a temporary folder")
+    args = ap.parse_args()
+    cfg = {"codes": args.codes.split(","), "n_strain": args.n_strain, "n_rattle": args.n_rattle,
+           "batch_size": args.batch_size, "epochs": args.epochs}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="kd_bench_train_") as tmp:
+        res = run(cfg, Path(args.workdir or tmp))
+    for r in rows(res):
+        flag = {True: "ok", False: "MISS", None: ""}[r["ok"]]
+        print(f"{r['what']:<50} {r['value']:<28} {r['compare']} {flag}")
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

@@ -1,0 +1,36 @@
+"""``make bench``'s runner (experiments/bench/run_all.py): the quick training section runs
+end to end in subprocesses and reports chgnet's and kd_nnp's step-0 losses as equal."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_ALL = REPO / "experiments" / "bench" / "run_all.py"
+
+
+def test_run_all_quick_training_reports_equal_step0_loss(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    r = subprocess.run(
+        [sys.executable, str(RUN_ALL), "--quick", "--only", "training",
+         "--train-codes", "OXALAC11", "--epochs", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rec = json.loads((tmp_path / "bench_quick.json").read_text())
+    rows = rec["rows"]
+    assert [x for x in rows if x["value"] == "FAILED"] == [], rows
+    step0 = [x for x in rows if x["what"].startswith("step-0 loss")]
+    assert len(step0) == 2 and all(x["ok"] is True for x in step0), step0
+    check = rec["sections"]["training"]["result"]["check"]
+    assert check["loss_rel_diff_cached"] <= 1e-5
+    assert check["grad_max_abs_diff_cached"] <= 1e-4 * check["grad_max_abs"]
+    res = rec["sections"]["training"]["result"]
+    assert res["trainer"]["epoch_s"] and res["cached"]["epoch_s"] and res["full"]["epoch_s"]
+    # one table, printed and written
+    assert "step-0 loss, chgnet vs kd_nnp cached" in r.stdout
+    assert (tmp_path / "bench_quick.md").read_text().count("| training | step-0 loss") == 2
