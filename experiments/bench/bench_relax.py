@@ -178,7 +178,42 @@ def child_calc(cfg: dict[str, Any]) -> dict[str, Any]:
         code: len(atoms) for code, atoms in _crystals(cfg["codes"])}}  # fmt: skip
 
 
-CHILDREN = {"kdnnp": child_kdnnp, "ase": child_ase, "calc": child_calc}
+def child_batch(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Energy/forces/stress of all crystals in one CHGNet forward vs one crystal at a time
+    (the question: would batching several relaxations per forward pay on this CPU?)."""
+    import torch
+    from chgnet.model import CHGNet
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    model = CHGNet.load(verbose=False).eval()
+    crystals = _crystals(cfg["codes"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graphs = [model.graph_converter(AseAtomsAdaptor.get_structure(a)) for _, a in crystals]
+
+    def one_by_one() -> list[Any]:
+        return [model([g], task="efs")["e"] for g in graphs]
+
+    def batched() -> Any:
+        return model(graphs, task="efs")["e"]
+
+    e_single = torch.cat(one_by_one())
+    e_batch = batched()
+    times: dict[str, list[float]] = {"single": [], "batched": []}
+    for rep in range(cfg["repeats"] * 2):
+        for name, fn in (("single", one_by_one), ("batched", batched))[:: 1 if rep % 2 else -1]:
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {
+        "single_s": float(np.median(times["single"])),
+        "batched_s": float(np.median(times["batched"])),
+        "max_energy_diff_eV_atom": float((e_single - e_batch).abs().max()),
+        "natoms": [len(a) for _, a in crystals],
+    }
+
+
+CHILDREN = {"kdnnp": child_kdnnp, "ase": child_ase, "calc": child_calc, "batch": child_batch}
 
 
 def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -196,7 +231,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
         res["parallel_capacity"] = common.parallel_capacity()
     except Exception as exc:  # noqa: BLE001 - informative only
         res["errors"]["parallel_capacity"] = common.error_summary(exc)
-    for name in ("kdnnp", "ase", "calc"):
+    for name in ("kdnnp", "ase", "calc", "batch"):
         t = time.perf_counter()
         try:
             res[name] = common.run_child(HERE, name, child_cfg, workdir / "logs",
@@ -304,6 +339,14 @@ def rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"{np.mean(ratios):.2f}x faster",
             "; ".join(parts) + f"; max diff E {d['energy_eV']:.1e} eV, F {d['forces_eV_A']:.1e} "
             f"eV/A, S {d['stress_GPa']:.1e} GPa")  # fmt: skip
+    ba = res.get("batch")
+    if ba:
+        gain = ba["single_s"] / ba["batched_s"]
+        row(f"{len(ba['natoms'])} crystals in one CHGNet forward (E, F, S) vs one at a time",
+            f"{gain:.2f}x", f"{ba['single_s'] * 1e3:.0f} ms one by one, {ba['batched_s'] * 1e3:.0f}"
+            f" ms batched ({'+'.join(map(str, ba['natoms']))} atoms, 1 thread); same energies "
+            f"within {ba['max_energy_diff_eV_atom']:.1e} eV/atom; batching relaxations is not "
+            "used: lockstep relaxations would pay only above ~1.2x", None)  # fmt: skip
     return out
 
 
