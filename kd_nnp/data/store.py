@@ -182,8 +182,14 @@ class FrameStore:
             (self.root / "labels").mkdir(exist_ok=True)
             if not meta.exists():
                 meta.write_text(
-                    json.dumps({"format": "kd_nnp-store", "version": STORE_FORMAT_VERSION,
-                                "description": description}, indent=2)
+                    json.dumps(
+                        {
+                            "format": "kd_nnp-store",
+                            "version": STORE_FORMAT_VERSION,
+                            "description": description,
+                        },
+                        indent=2,
+                    )
                 )
         elif not meta.is_file():
             raise StoreError(
@@ -356,9 +362,7 @@ class LabelSet:
                 out[fid] = st
         return out
 
-    def write(
-        self, results: Iterable[tuple[Frame, Labels | None, str | None, float]]
-    ) -> int:
+    def write(self, results: Iterable[tuple[Frame, Labels | None, str | None, float]]) -> int:
         """Write (frame, labels, error, seconds) tuples in one transaction.
 
         ``labels=None`` with an ``error`` records a failure (no label is written).
