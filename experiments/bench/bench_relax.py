@@ -246,11 +246,7 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 
 def rows(res: dict[str, Any]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-
-    def row(what: str, value: str, compare: str = "", ok: bool | None = None) -> None:
-        out.append({"section": "relax", "what": what, "value": value, "compare": compare,
-                    "ok": ok})  # fmt: skip
+    out, row = common.table_rows("relax")
 
     for name, err in res.get("errors", {}).items():
         row(f"{name} child", "FAILED", err, False)

@@ -315,12 +315,9 @@ def _steady(times: list[float]) -> float:
 
 def rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     """Table rows of this section (see run_all.py)."""
-    out: list[dict[str, Any]] = []
     sec = "training"
+    out, row = common.table_rows(sec)
     err = res.get("errors", {})
-
-    def row(what: str, value: str, compare: str = "", ok: bool | None = None) -> None:
-        out.append({"section": sec, "what": what, "value": value, "compare": compare, "ok": ok})
 
     n_atoms = res.get("frames", {}).get("n_atoms", [])
     if n_atoms:

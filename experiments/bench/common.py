@@ -408,3 +408,15 @@ def prepare_store(
 
 if __name__ == "__main__":
     child_main({"prepare": child_prepare})
+
+
+def table_rows(section: str) -> tuple[list[dict[str, Any]], Callable[..., None]]:
+    """``(rows, row)``: ``row(what, value, compare="", ok=None)`` appends one table row of
+    ``section`` to ``rows`` (``ok``: True met, False missed/failed, None informative)."""
+    out: list[dict[str, Any]] = []
+
+    def row(what: str, value: str, compare: str = "", ok: bool | None = None) -> None:
+        out.append({"section": section, "what": what, "value": value, "compare": compare,
+                    "ok": ok})  # fmt: skip
+
+    return out, row
