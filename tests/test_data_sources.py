@@ -108,6 +108,24 @@ def test_files_traj_info_with_reserved_keys(tmp_path: Path):
     assert "stress" not in fr.info and "energy" not in fr.info
 
 
+@pytest.mark.shared_data
+def test_files_x23_traj_info_keys_into_store(tmp_path: Path):
+    """The real X23 .traj (energy/free_energy/stress in atoms.info) goes into a store."""
+    from ase.io import iread
+
+    path = _x23() / "21_urea.traj"
+    rep = build_files_store([path], tmp_path / "st", source_name="x23")
+    assert rep.n_kept > 0
+    store = FrameStore(tmp_path / "st")
+    first = next(
+        (i, a) for i, a in enumerate(iread(str(path), index=":")) if gas_phase_reason(a) is None
+    )
+    fr = store.get(f"x23:21_urea/{first[0]}")
+    assert fr.hard.energy == pytest.approx(first[1].get_potential_energy())
+    assert fr.info["info_energy"] == pytest.approx(fr.hard.energy)
+    assert "info_free_energy" in fr.info and "energy" not in fr.info
+
+
 def test_files_bad_input_names_file(tmp_path: Path):
     with pytest.raises(StoreError, match="does not exist"):
         build_files_store([tmp_path / "nope.xyz"], tmp_path / "st")
