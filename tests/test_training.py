@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +39,12 @@ def test_grouped_split_and_nested_subsets():
     assert pool[:5] == pool2[:5]
     other, _ = split_frames(fids, gids, n_val=10, seed=4)
     assert other != pool
+    # the store's write order (parallel writers) does not change the split
+    order = np.random.default_rng(1).permutation(len(fids))
+    shuffled = split_frames([fids[i] for i in order], [gids[i] for i in order], n_val=10, seed=3)
+    assert shuffled == (pool, val)
+    flat = split_frames(fids, gids, n_val=7, seed=3, grouped=False)
+    assert split_frames(fids[::-1], gids[::-1], n_val=7, seed=3, grouped=False) == flat
     with pytest.raises(ValueError, match="at least 2 groups"):
         split_frames(["a", "b"], ["g", "g"], n_val=1)
 

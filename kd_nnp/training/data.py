@@ -117,10 +117,13 @@ def split_frames(
     """Return (train_pool, val) frame ids. Grouped: whole groups go to validation.
 
     The train pool is returned in a seeded random order; taking its first ``n`` items gives
-    nested training subsets for the same seed.
+    nested training subsets for the same seed. The result depends only on the ids and the
+    seed, not on the order the frames were written to the store (parallel writers).
     """
     rng = np.random.default_rng(seed)
-    frame_ids = list(frame_ids)
+    by_id = sorted(zip(map(str, frame_ids), map(str, group_ids)))
+    frame_ids = [f for f, _ in by_id]
+    group_ids = [g for _, g in by_id]
     target = n_val if n_val is not None else int(round(val_fraction * len(frame_ids)))
     if target < 0 or target >= len(frame_ids):
         raise ValueError(f"validation size {target} impossible for {len(frame_ids)} frames")
