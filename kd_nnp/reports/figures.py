@@ -262,7 +262,7 @@ def fig6(sweep: Sweep, r_hf: float | None = None, n_train: float | None = None) 
         ax_e.set_title(f"energy, job {job['job'].split('_', 1)[0]}: {where}", fontsize=9)
         ax_f.set_title("forces", fontsize=9)
         _empty(ax_e, "no history")
-        _empty(ax_f, "no history")
+        _empty(ax_f, "no force MAE logged (energy-only run?)")
     if not len(sel):
         axes[0][0].text(0.5, 0.5, "no finished job", ha="center", transform=axes[0][0].transAxes)
     _, note = sweep.metrics()
