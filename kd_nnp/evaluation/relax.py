@@ -358,8 +358,9 @@ def run_relax_benchmark(
 
     path = out / RESULTS_FILE
     fingerprints = {label: spec_fingerprint(spec) for label, spec in calculators.items()}
-    existing = [r for r in read_results(path) if not run or _is_done(r, fingerprints, params)]
-    stale = len(read_results(path)) - len(existing)
+    on_disk = read_results(path)
+    existing = [r for r in on_disk if not run or _is_done(r, fingerprints, params)]
+    stale = len(on_disk) - len(existing)
     if stale:
         log.info("%d results in %s are from other calculators/settings: ignored", stale, path)
     done = {(r["method"], r["id"]) for r in existing}
