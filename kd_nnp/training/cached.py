@@ -46,8 +46,8 @@ def attach_feature_cache(datamodule: Any, module: Any, *, prebuild: bool = True)
             return cache.load_entry(entries[key], forces=forces, stress=stress)
         if graph is None:
             graph = GraphCache.load(sample.graph_path)
-        feats = cache.get(graph, forces=forces, stress=stress)
         entries[key] = cache.path(graph)
+        feats = cache.get(graph, forces=forces, stress=stress, entry=entries[key])
         if not (forces or stress):  # no Jacobian: keep the small arrays in RAM
             feats.h = feats.h.clone()
             in_memory[key] = feats

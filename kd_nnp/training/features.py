@@ -109,6 +109,18 @@ def _fourier(x: Tensor, frequencies: Tensor) -> Tensor:
     return torch.cat([const, torch.sin(tmp), torch.cos(tmp)], dim=1) / np.sqrt(np.pi)
 
 
+def _finish(new: Tensor, residual: Tensor, mlp_out: nn.Module | None, resnet: bool,
+            norm: nn.Module | None) -> Tensor:  # fmt: skip
+    """The common end of chgnet's conv layers: optional ``mlp_out``, residual, norm."""
+    if mlp_out is not None:
+        new = mlp_out(new)
+    if resnet:
+        new = new + residual
+    if norm is not None:
+        new = norm(new)
+    return new
+
+
 def _atom_conv(layer: nn.Module, atom_feas: Tensor, bond_feas: Tensor, bond_weights: Tensor,
                atom_graph: Tensor, d2u: Tensor) -> Tensor:  # fmt: skip
     center = torch.index_select(atom_feas, 0, atom_graph[:, 0])
@@ -117,13 +129,8 @@ def _atom_conv(layer: nn.Module, atom_feas: Tensor, bond_feas: Tensor, bond_weig
     messages = layer.twoBody_atom(torch.cat([center, bonds, nbr], dim=1))
     messages = messages * torch.index_select(bond_weights, 0, d2u)
     new = _sum_rows(messages, atom_graph[:, 0], atom_feas.shape[0])
-    if layer.use_mlp_out:
-        new = layer.mlp_out(new)
-    if layer.resnet:
-        new = new + atom_feas
-    if layer.atom_norm is not None:
-        new = layer.atom_norm(new)
-    return new
+    mlp_out = layer.mlp_out if layer.use_mlp_out else None
+    return _finish(new, atom_feas, mlp_out, layer.resnet, layer.atom_norm)
 
 
 def _bond_conv(layer: nn.Module, atom_feas: Tensor, bond_feas: Tensor, bond_weights: Tensor,
@@ -138,13 +145,8 @@ def _bond_conv(layer: nn.Module, atom_feas: Tensor, bond_feas: Tensor, bond_weig
         * torch.index_select(bond_weights, 0, bond_graph[:, 2])
     )
     new = _sum_rows(update, bond_graph[:, 1], bond_feas.shape[0])
-    if layer.use_mlp_out:
-        new = layer.mlp_out(new)
-    if layer.resnet:
-        new = new + bond_feas
-    if layer.bond_norm is not None:
-        new = layer.bond_norm(new)
-    return new
+    mlp_out = layer.mlp_out if layer.use_mlp_out else None
+    return _finish(new, bond_feas, mlp_out, layer.resnet, layer.bond_norm)
 
 
 def _angle_update(layer: nn.Module, atom_feas: Tensor, bond_feas: Tensor, angle_feas: Tensor,
@@ -153,11 +155,7 @@ def _angle_update(layer: nn.Module, atom_feas: Tensor, bond_feas: Tensor, angle_
     bi = torch.index_select(bond_feas, 0, bond_graph[:, 1])
     bj = torch.index_select(bond_feas, 0, bond_graph[:, 2])
     new = layer.twoBody_bond(torch.cat([bi, bj, angle_feas, center], dim=1))
-    if layer.resnet:
-        new = new + angle_feas
-    if layer.angle_norm is not None:
-        new = layer.angle_norm(new)
-    return new
+    return _finish(new, angle_feas, None, layer.resnet, layer.angle_norm)
 
 
 def make_features_fn(model: CHGNet, graph: CrystalGraph) -> Callable[[Tensor, Tensor], Tensor]:
@@ -431,18 +429,25 @@ def _t_sum_rows(a: Pair, owners: Tensor, n_owner: int) -> Pair:
     return y, dy.reshape(n_owner, *dx.shape[1:])
 
 
+def _t_finish(new: Pair, residual: Pair, mlp_out: nn.Module | None, resnet: bool,
+              norm: nn.Module | None) -> Pair:  # fmt: skip
+    """:func:`_finish` on (value, tangent) pairs."""
+    if mlp_out is not None:
+        new = _t_module(mlp_out, *new)
+    if resnet:
+        new = _t_add(new, residual)
+    if norm is not None:
+        new = _t_module(norm, *new)
+    return new
+
+
 def _t_atom_conv(layer: nn.Module, atom: Pair, bond: Pair, weight: Pair, atom_graph: Tensor,
                  d2u: Tensor) -> Pair:  # fmt: skip
     parts = ((atom, atom_graph[:, 0]), (bond, d2u), (atom, atom_graph[:, 1]))
     msg = _t_mul(_t_gated_mlp(layer.twoBody_atom, parts), _t_select(weight, d2u))
     new = _t_sum_rows(msg, atom_graph[:, 0], atom[0].shape[0])
-    if layer.use_mlp_out:
-        new = _t_module(layer.mlp_out, *new)
-    if layer.resnet:
-        new = _t_add(new, atom)
-    if layer.atom_norm is not None:
-        new = _t_module(layer.atom_norm, *new)
-    return new
+    mlp_out = layer.mlp_out if layer.use_mlp_out else None
+    return _t_finish(new, atom, mlp_out, layer.resnet, layer.atom_norm)
 
 
 def _t_bond_conv(layer: nn.Module, atom: Pair, bond: Pair, weight: Pair, angle: Pair,
@@ -457,13 +462,8 @@ def _t_bond_conv(layer: nn.Module, atom: Pair, bond: Pair, weight: Pair, angle: 
     upd = _t_mul(_t_mul(upd, _t_select(weight, bond_graph[:, 1])),
                  _t_select(weight, bond_graph[:, 2]))  # fmt: skip
     new = _t_sum_rows(upd, bond_graph[:, 1], bond[0].shape[0])
-    if layer.use_mlp_out:
-        new = _t_module(layer.mlp_out, *new)
-    if layer.resnet:
-        new = _t_add(new, bond)
-    if layer.bond_norm is not None:
-        new = _t_module(layer.bond_norm, *new)
-    return new
+    mlp_out = layer.mlp_out if layer.use_mlp_out else None
+    return _t_finish(new, bond, mlp_out, layer.resnet, layer.bond_norm)
 
 
 def _t_angle_update(layer: nn.Module, atom: Pair, bond: Pair, angle: Pair,
@@ -475,11 +475,7 @@ def _t_angle_update(layer: nn.Module, atom: Pair, bond: Pair, angle: Pair,
         (atom, bond_graph[:, 0]),
     )
     new = _t_gated_mlp(layer.twoBody_bond, parts)
-    if layer.resnet:
-        new = _t_add(new, angle)
-    if layer.angle_norm is not None:
-        new = _t_module(layer.angle_norm, *new)
-    return new
+    return _t_finish(new, angle, None, layer.resnet, layer.angle_norm)
 
 
 def _basis_and_slope(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
@@ -844,9 +840,14 @@ class FeatureCache:
         key = self.key(graph)
         return self.root / f"v{CACHE_FORMAT_VERSION}" / key[:2] / key
 
-    def get(self, graph: CrystalGraph, *, forces: bool, stress: bool) -> FrameFeatures:
-        """Load the frame's features, building and storing what is missing first."""
-        entry = self.path(graph)
+    def get(
+        self, graph: CrystalGraph, *, forces: bool, stress: bool, entry: Path | None = None
+    ) -> FrameFeatures:
+        """Load the frame's features, building and storing what is missing first.
+
+        ``entry``: ``path(graph)`` when the caller already has it (hashing a graph is not free).
+        """
+        entry = self.path(graph) if entry is None else entry
         meta_path = entry / "meta.json"
         need_pos = forces and not (entry / "jac_pos.npy").is_file()
         need_strain = stress and not (entry / "jac_strain.npy").is_file()
