@@ -66,6 +66,14 @@ def _elastic_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="the 15 compounds in $KD_NNP_SHARED_DATA/elastic (or ../shared/data)",
     )
+    p.add_argument("--limit", type=int, default=None, help="first N structures")
+    p.add_argument("--out", required=True, type=Path)
+    add_elastic_options(p, workers=2)
+
+
+def add_elastic_options(p: argparse.ArgumentParser, *, workers: int) -> None:
+    """Options shared by ``kd-nnp evaluate elastic`` and ``python -m kd_nnp.evaluation.table2``
+    (read back with :func:`elastic_options`)."""
     p.add_argument(
         "--shared-dir",
         type=Path,
@@ -75,14 +83,12 @@ def _elastic_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--all-files",
         action="store_true",
-        help="with --shared: every structure file of a compound, not only the first",
+        help="shared data: every structure file of a compound, not only the first",
     )
-    p.add_argument("--compounds", default=None, help="comma-separated compound names (--shared)")
-    p.add_argument("--limit", type=int, default=None, help="first N structures")
+    p.add_argument("--compounds", default=None, help="comma-separated compound names (shared)")
     p.add_argument("--max-atoms", type=int, default=None)
     p.add_argument("--strains", default="0.005,0.01", help="strain magnitudes (+/- each)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--workers", type=int, default=workers)
     p.add_argument("--fmax", type=float, default=0.03)
     p.add_argument(
         "--ion-fmax",
@@ -93,6 +99,23 @@ def _elastic_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--stress-tol", type=float, default=0.01)
     p.add_argument("--quiet", action="store_true")
+
+
+def elastic_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of the elastic benchmark from :func:`add_elastic_options`."""
+    return {
+        "shared_dir": args.shared_dir,
+        "all_files": args.all_files,
+        "compounds": [c for c in args.compounds.split(",") if c] if args.compounds else None,
+        "max_atoms": args.max_atoms,
+        "strains": [float(x) for x in args.strains.split(",") if x],
+        "workers": args.workers,
+        "fmax": args.fmax,
+        "ion_fmax": args.ion_fmax,
+        "max_steps": args.max_steps,
+        "stress_tol_gpa": args.stress_tol,
+        "progress": not args.quiet,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,25 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from kd_nnp.evaluation.elastic import run_elastic_benchmark
 
-    strains = [float(s) for s in args.strains.split(",") if s]
-    compounds = [c for c in args.compounds.split(",") if c] if args.compounds else None
     res = run_elastic_benchmark(
         list(args.calc),
         args.out,
         structures=args.structures,
         shared=args.shared,
-        shared_dir=args.shared_dir,
-        all_files=args.all_files,
-        compounds=compounds,
         limit=args.limit,
-        max_atoms=args.max_atoms,
-        strains=strains,
-        workers=args.workers,
-        fmax=args.fmax,
-        ion_fmax=args.ion_fmax,
-        max_steps=args.max_steps,
-        stress_tol_gpa=args.stress_tol,
-        progress=not args.quiet,
+        **elastic_options(args),
     )
     print((args.out / "elastic.md").read_text())
     return 0 if res is not None else 1

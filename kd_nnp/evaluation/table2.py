@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kd_nnp.evaluation.cli import add_elastic_options, elastic_options
 from kd_nnp.utils.threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -78,17 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         default=Path("outputs/baselines"),
         help="cache of baseline results shared with sweeps (default outputs/baselines)",
     )
-    p.add_argument("--shared-dir", type=Path, default=None, help="shared data folder")
-    p.add_argument("--compounds", default=None, help="comma-separated compound names")
-    p.add_argument("--all-files", action="store_true", help="every structure file of a compound")
-    p.add_argument("--max-atoms", type=int, default=None)
-    p.add_argument("--strains", default="0.005,0.01", help="strain magnitudes (+/- each)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--fmax", type=float, default=0.03)
-    p.add_argument("--ion-fmax", type=float, default=0.01)
-    p.add_argument("--max-steps", type=int, default=2000)
-    p.add_argument("--stress-tol", type=float, default=0.01)
-    p.add_argument("--quiet", action="store_true")
+    add_elastic_options(p, workers=1)
     return p
 
 
@@ -123,17 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         baselines=baselines,
         baseline_root=args.baseline_root,
-        shared_dir=args.shared_dir,
-        compounds=[c for c in args.compounds.split(",") if c] if args.compounds else None,
-        all_files=args.all_files,
-        max_atoms=args.max_atoms,
-        strains=[float(s) for s in args.strains.split(",") if s],
-        workers=args.workers,
-        fmax=args.fmax,
-        ion_fmax=args.ion_fmax,
-        max_steps=args.max_steps,
-        stress_tol_gpa=args.stress_tol,
-        progress=not args.quiet,
+        **elastic_options(args),
     )
     if "skipped" in res:
         print(f"table2: {res['skipped']}", file=sys.stderr)
