@@ -73,22 +73,10 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "kd_nnp"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.split("\n")
-        dirty = [line[3:] for line in dirty if line.strip()]
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "unknown", []
+    from kd_nnp.utils.provenance import git_state
+
+    state = git_state(REPO, pathspec="kd_nnp", untracked=True)
+    commit, dirty = (state[0][:7], state[1]) if state else ("unknown", [])
     return {
         "git_commit": commit,
         "kd_nnp_uncommitted": dirty,

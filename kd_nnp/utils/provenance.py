@@ -42,8 +42,14 @@ def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str
     return out
 
 
-def git_commit(path: Path = REPO_ROOT) -> str | None:
-    """Commit of the kd_nnp checkout (with ``-dirty`` when there are local changes)."""
+def git_state(
+    path: Path = REPO_ROOT, *, pathspec: str | None = None, untracked: bool = False
+) -> tuple[str, list[str]] | None:
+    """``(HEAD commit, files with local changes)`` of a checkout (limited to ``pathspec``;
+    untracked files listed only with ``untracked``), or None outside git."""
+    status = ["git", "-C", str(path), "status", "--porcelain"]
+    status += [] if untracked else ["--untracked-files=no"]
+    status += [pathspec] if pathspec else []
     try:
         sha = subprocess.run(
             ["git", "-C", str(path), "rev-parse", "HEAD"],
@@ -52,16 +58,21 @@ def git_commit(path: Path = REPO_ROOT) -> str | None:
             check=True,
             timeout=10,
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        lines = subprocess.run(
+            status, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return None
+    return sha, [line[3:] for line in lines if line.strip()]
+
+
+def git_commit(path: Path = REPO_ROOT) -> str | None:
+    """Commit of the kd_nnp checkout (with ``-dirty`` when there are local changes)."""
+    state = git_state(path)
+    if state is None:
+        return None
+    sha, changed = state
+    return sha + ("-dirty" if changed else "")
 
 
 def environment_record() -> dict[str, Any]:
