@@ -31,16 +31,12 @@ def _molecule_keys(atoms: Any) -> set[str]:
 
 
 def _usable(db: str, max_atoms: int) -> list[tuple[str, Any]]:
-    from kd_nnp.data.sanity import structure_issue
-    from kd_nnp.data.sources.pyxtal_db import pyxtal_crystals
+    from kd_nnp.data.sources.pyxtal_db import checked_crystals
 
-    out = []
-    for code, atoms in pyxtal_crystals(db, max_atoms=max_atoms):
-        issue = structure_issue(atoms, formula=atoms.info.get("mol_formula"))
-        if issue:  # e.g. H atoms not resolved in the X-ray structure
-            log.info("skipping %s/%s: %s", db, code, issue)
-            continue
-        out.append((code, atoms))
+    skipped: list[tuple[str, str]] = []
+    out = checked_crystals(db, max_atoms=max_atoms, skipped=skipped)
+    for code, issue in skipped:  # e.g. H atoms not resolved in the X-ray structure
+        log.info("skipping %s/%s: %s", db, code, issue)
     return out
 
 

@@ -82,25 +82,44 @@ def pyxtal_frames(
     disordered H written twice: 2 of test.db, 5 of mech.db) are left out and listed in ``skipped`` as
     ``(code, reason)``; ``skip_bad=False`` keeps them.
     """
+    frames = []
+    for code, atoms in checked_crystals(
+        db, codes, max_atoms, limit, skip_bad=skip_bad, skipped=skipped
+    ):
+        info: dict[str, Any] = dict(atoms.info)
+        atoms.info = {}
+        frames.append(Frame(f"pyxtal-{db}:{code}", atoms, code, f"pyxtal_{db}", None, info))
+    return frames
+
+
+def checked_crystals(
+    db: str = "test",
+    codes: Iterable[str] | None = None,
+    max_atoms: int | None = None,
+    limit: int | None = None,
+    *,
+    skip_bad: bool = True,
+    skipped: list[tuple[str, str]] | None = None,
+) -> list[tuple[str, Atoms]]:
+    """:func:`pyxtal_crystals` without repeated refcodes (the first is kept) and, with
+    ``skip_bad``, without crystals failing :func:`kd_nnp.data.sanity.structure_issue`
+    (appended to ``skipped`` as ``(code, reason)``)."""
     from kd_nnp.data.sanity import structure_issue
 
-    frames = []
+    out = []
     seen: set[str] = set()
     skipped = skipped if skipped is not None else []
     for code, atoms in pyxtal_crystals(db, codes, max_atoms, limit):
-        fid = f"pyxtal-{db}:{code}"
-        if fid in seen:  # same refcode twice in a database: keep the first
+        if code in seen:  # same refcode twice in a database: keep the first
             continue
-        seen.add(fid)
+        seen.add(code)
         if skip_bad:
             issue = structure_issue(atoms, formula=atoms.info.get("mol_formula"))
             if issue:
                 skipped.append((code, issue))
                 continue
-        info: dict[str, Any] = dict(atoms.info)
-        atoms.info = {}
-        frames.append(Frame(fid, atoms, code, f"pyxtal_{db}", None, info))
-    return frames
+        out.append((code, atoms))
+    return out
 
 
 def build_pyxtal_store(
