@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from kd_nnp.training.features import (
     jacobian_nbytes,
     predict_from_features,
     predict_full,
+    select_force_atoms,
 )
 from kd_nnp.utils.paths import pyxtal_db
 
@@ -206,7 +208,7 @@ def test_predict_from_features_refuses_missing_jacobian(model: CHGNet,
     out = predict_from_features(
         model.mlp, model.readout_norm, [no_stress], forces=True, stress=False
     )
-    assert set(out) == {"e", "f"}
+    assert set(out) == {"e", "f", "f_mask"}
 
 
 # --------------------------------------------------------------------------------------
@@ -285,6 +287,134 @@ def test_cache_key_tracks_content(
     # ... the trained readout (mlp, readout_norm) does not: training keeps the cache valid
     trained = _perturbed(model, seed=4, readout=True)
     assert FeatureCache(tmp_path, trained).key(g) == key
+
+
+# --------------------------------------------------------------------------------------
+# subsampled force Jacobians (issue 16): M atoms per frame instead of all N
+M_SUB = 3
+
+
+@pytest.fixture(scope="module")
+def subsets(graphs: list[CrystalGraph]) -> list[np.ndarray]:
+    out = []
+    for g in graphs:
+        idx = select_force_atoms(g.atomic_number.numpy(), M_SUB, key=graph_hash(g), seed=0)
+        assert idx is not None and len(idx) == M_SUB
+        out.append(idx)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sub_feats(model: CHGNet, graphs: list[CrystalGraph],
+              subsets: list[np.ndarray]) -> list[FrameFeatures]:  # fmt: skip
+    return [
+        compute_features(model, g, forces=True, stress=True, force_atoms=idx)
+        for g, idx in zip(graphs, subsets, strict=True)
+    ]
+
+
+def test_subset_jacobian_is_the_full_one_restricted(
+    feats: list[FrameFeatures], sub_feats: list[FrameFeatures], subsets: list[np.ndarray]
+) -> None:
+    for full, sub, idx in zip(feats, sub_feats, subsets, strict=True):
+        assert sub.jac_pos.shape == (full.n_atoms, 64, M_SUB, 3)
+        assert torch.equal(sub.force_index, torch.as_tensor(idx))
+        _assert_close(sub.jac_pos, full.jac_pos[:, :, torch.as_tensor(idx)], "dh/dR subset")
+        _assert_close(sub.jac_strain, full.jac_strain, "dh/dstrain", rel=1e-5)
+        assert torch.equal(sub.h, full.h)
+
+
+@pytest.mark.parametrize("perturb", [False, True], ids=["pretrained", "perturbed_mlp"])
+def test_subset_predictions_loss_and_gradients_match_full_path(
+    model: CHGNet, graphs: list[CrystalGraph], sub_feats: list[FrameFeatures],
+    subsets: list[np.ndarray], perturb: bool,
+) -> None:  # fmt: skip
+    """Forces on the cached atoms, stress, the masked loss and its MLP gradients equal
+    chgnet's full autograd restricted to the same components."""
+    m = _perturbed(model, seed=5) if perturb else model
+    named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    full = predict_full(m, graphs, forces=True, stress=True)
+    cached = predict_from_features(m.mlp, m.readout_norm, sub_feats, forces=True, stress=True)
+    for i, (g, idx) in enumerate(zip(graphs, subsets, strict=True)):
+        n = int(g.atomic_number.shape[0])
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.as_tensor(idx)] = True
+        assert torch.equal(cached["f_mask"][i], mask)
+        assert float(cached["f"][i][~mask].abs().max()) == 0.0
+        _assert_close(cached["f"][i][mask], full["f"][i].detach()[mask], f"forces {g.graph_id}")
+        _assert_close(cached["s"][i], full["s"][i].detach(), f"stress {g.graph_id}", rel=2e-4)
+    targets = _targets(full, seed=6)
+
+    def sub_loss(pred: dict) -> Tensor:
+        sub = {
+            "e": pred["e"],
+            "f": [f[torch.as_tensor(idx)] for f, idx in zip(pred["f"], subsets, strict=True)],
+            "s": pred["s"],
+        }
+        tgt = dict(targets)
+        tgt["f"] = [f[torch.as_tensor(idx)] for f, idx in zip(targets["f"], subsets, strict=True)]
+        return _mae_loss(sub, tgt)
+
+    loss_full, loss_cached = sub_loss(full), sub_loss(cached)
+    assert abs(float(loss_cached) - float(loss_full)) < 5e-5 * float(loss_full)
+    for (name, _), a, b in zip(named, _grads(params, loss_cached), _grads(params, loss_full),
+                               strict=True):  # fmt: skip
+        assert float(b.abs().max()) > 0, name
+        _assert_close(a, b, f"d loss / d {name}", rel=2e-4)
+
+
+def test_select_force_atoms_reproducible_and_stratified() -> None:
+    numbers = np.array([1] * 20 + [6] * 8 + [7] * 2 + [16])  # 31 atoms, S once
+    a = select_force_atoms(numbers, 4, key="frame-a", seed=0)
+    assert a is not None and len(a) == 4 and list(a) == sorted(set(a.tolist()))
+    assert np.array_equal(a, select_force_atoms(numbers, 4, key="frame-a", seed=0))
+    # one atom of each element first, whatever the draw
+    for key in ("frame-a", "frame-b", "frame-c"):
+        assert set(numbers[select_force_atoms(numbers, 4, key=key, seed=0)]) == {1, 6, 7, 16}
+    # another frame or another seed draws other atoms
+    draws = {tuple(select_force_atoms(numbers, 6, key=k, seed=s)) for k in "abcd" for s in (0, 1)}
+    assert len(draws) > 4
+    assert select_force_atoms(numbers, None, key="x") is None
+    assert select_force_atoms(numbers, 31, key="x") is None  # M >= N: all atoms
+    with pytest.raises(ValueError, match=">= 1"):
+        select_force_atoms(numbers, 0, key="x")
+
+
+def test_subset_cache_round_trip_and_size_rule(
+    model: CHGNet, graphs: list[CrystalGraph], sub_feats: list[FrameFeatures],
+    subsets: list[np.ndarray], tmp_path: Path,
+) -> None:  # fmt: skip
+    cache = FeatureCache(tmp_path, model)
+    g, idx = graphs[1], subsets[1]
+    n = int(g.atomic_number.shape[0])
+    fr = cache.get(g, forces=True, stress=True, force_atoms=idx)
+    entry = cache.path(g)
+    names = sorted(p.name for p in entry.iterdir())
+    pos = [x for x in names if x.startswith("jac_pos")]
+    assert len(pos) == 1 and re.fullmatch(rf"jac_pos\.m{M_SUB}-[0-9a-f]{{16}}\.npy", pos[0])
+    assert "force_index" + pos[0][len("jac_pos") :] in names
+    assert cache.complete(entry, forces=True, stress=True, force_atoms=idx)
+    assert not cache.complete(entry, forces=True, stress=False, force_atoms=None)
+    assert torch.equal(fr.jac_pos, sub_feats[1].jac_pos)
+    # the size rule: 768 N M bytes for the positions, plus h, strain and the index
+    on_disk = sum(np.load(p, mmap_mode="r").nbytes for p in entry.glob("*.npy"))
+    assert on_disk == jacobian_nbytes(n, True, force_atoms=M_SUB)
+    assert jacobian_nbytes(84, False, force_atoms=4) == 4 * (64 * 84 + 64 * 84 * 12) + 32
+    assert jacobian_nbytes(84, False, force_atoms=4) < jacobian_nbytes(84, False) / 15
+    # a fresh object loads without building; another subset gets its own file
+    fresh = FeatureCache(tmp_path, model)
+    again = fresh.get(g, forces=True, stress=True, force_atoms=idx)
+    assert fresh.n_builds == 0 and torch.equal(again.force_index, torch.as_tensor(idx))
+    other = np.array(sorted({0, n - 1}))
+    fresh.get(g, forces=True, stress=False, force_atoms=other)
+    assert fresh.n_builds == 1
+    assert len(list(entry.glob("jac_pos.*.npy"))) == 2
+    # an index file that disagrees with its name is refused, never silently used
+    _, index_file = cache.pos_files(entry, idx)
+    np.save(index_file, np.array([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="other force atoms"):
+        FeatureCache(tmp_path, model).get(g, forces=True, stress=False, force_atoms=idx)
 
 
 def test_rejects_model_pooling_before_mlp(tmp_path: Path) -> None:

@@ -273,3 +273,75 @@ def test_tiny_multirun_sweep(labelled_store, tmp_path):
         for j in jobs
     }
     assert seen == {(0.1, 6), (0.1, 12), (10.0, 6), (10.0, 12)}
+
+
+def test_force_subsets_reach_the_loss_cached_equals_full(labelled_store):
+    """data.force_atoms: only M atoms per frame carry force labels in the batch, and the cached
+    backend (subsampled Jacobians + stress) gives the full backend's loss on the same batch."""
+    from kd_nnp.training.cached import attach_feature_cache
+
+    dm = _dm(labelled_store, force_atoms=3)
+    for s in dm.train_samples + dm.val_samples:
+        assert s.force_index is not None and len(s.force_index) == 3
+    again = _dm(labelled_store, force_atoms=3, seed=1)  # another split: same atoms per frame
+    first = {s.frame_id: s.force_index.tolist() for s in dm.train_samples + dm.val_samples}
+    for s in again.train_samples + again.val_samples:
+        assert s.force_index.tolist() == first[s.frame_id]
+    loss = DistillationLoss(r_he=0, r_hf=0, r_se=1, r_sf=1, r_ss=0.1)
+    full = DistillationModule(loss=loss, backend="full")
+    batch = next(iter(dm.val_dataloader()))
+    for t in ("soft", "hard"):
+        per_frame = torch.split(batch[f"{t}_forces_mask"], batch["n_atoms"].tolist())
+        labelled = [
+            bool(getattr(s, t) is not None and getattr(s, t).forces is not None)
+            for s in dm.val_samples[: len(per_frame)]
+        ]
+        assert [int(m.sum()) for m in per_frame] == [3 if ok else 0 for ok in labelled]
+    loss_full, terms_full = full.loss_fn(full(batch), batch)
+
+    cached = DistillationModule(loss=loss, backend="cached")
+    attach_feature_cache(dm, cached, prebuild=False)
+    cbatch = next(iter(dm.val_dataloader()))
+    assert cbatch["features"] is not None and cbatch["graphs"] is None
+    loss_cached, terms_cached = cached.loss_fn(cached(cbatch), cbatch)
+    assert float(loss_cached) == pytest.approx(float(loss_full), rel=2e-4)
+    for k in ("mae_soft_forces", "mae_soft_stress", "mae_soft_energy"):
+        assert float(terms_cached[k]) == pytest.approx(float(terms_full[k]), rel=2e-4, abs=1e-6)
+    # a label on an atom whose forces were not cached is refused, never trained towards 0
+    cbatch["soft_forces_mask"][:] = True
+    with pytest.raises(RuntimeError, match="force_atoms disagree"):
+        cached(cbatch)
+
+
+def test_cached_forces_stress_run_cli_parallel_build(labelled_store, tmp_path):
+    """kd-nnp train with subsampled soft forces + soft stress, cached, 2 build workers."""
+    run = tmp_path / "run"
+    r = _cli(
+        [
+            "train",
+            f"data.store={labelled_store}",
+            "data.label_set=toy_teacher",
+            "data.n_val=5",
+            "data.batch_size=5",
+            "data.grouped=false",
+            "data.force_atoms=2",
+            "trainer.max_epochs=3",
+            "loss=soft_only",
+            "loss.r_sf=0.5",
+            "loss.r_ss=0.05",
+            "model.backend=cached",
+            "model.lr=0.003",
+            "feature_workers=2",
+            f"paths.output_dir={tmp_path}",
+            "hydra.run.dir=" + str(run),
+        ],
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads((run / "data_summary.json").read_text())
+    fc = summary["feature_cache"]
+    assert fc["cached"] == 20 and fc["built"] == 20 and fc["force_atoms"] == 2 and fc["stress"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    train = [h for h in metrics["history"] if h["split"] == "train"]
+    assert "mae_soft_forces" in train[0] and "mae_soft_stress" in train[0]
+    assert train[-1]["loss"] < train[0]["loss"], train

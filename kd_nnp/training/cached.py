@@ -18,8 +18,40 @@ from kd_nnp.utils.paths import cache_dir
 log = logging.getLogger(__name__)
 
 
-def attach_feature_cache(datamodule: Any, module: Any, *, prebuild: bool = True) -> dict:
-    """Install the feature loader on ``datamodule``; optionally build all features now."""
+_WORKER_CACHE: Any = None
+
+
+def _init_build_worker(model_name: str, path: str | None, root: str, backbone_key: str) -> None:
+    global _WORKER_CACHE
+    from pathlib import Path
+
+    from kd_nnp.training.features import FeatureCache
+    from kd_nnp.training.student import load_chgnet
+
+    cache = FeatureCache(Path(root), load_chgnet(model_name, path))
+    if cache.backbone_key != backbone_key:  # never write entries under another backbone's key
+        raise RuntimeError("feature-build worker loaded another backbone than the student's")
+    _WORKER_CACHE = cache
+
+
+def _build_task(item: dict[str, Any]) -> int:
+    from kd_nnp.training.data import GraphCache
+
+    _WORKER_CACHE.get(
+        GraphCache.load(item["graph_path"]), forces=item["forces"], stress=item["stress"],
+        force_atoms=item["force_atoms"],
+    )  # fmt: skip
+    return _WORKER_CACHE.n_builds
+
+
+def attach_feature_cache(
+    datamodule: Any, module: Any, *, prebuild: bool = True, workers: int = 1
+) -> dict:
+    """Install the feature loader on ``datamodule``; optionally build all features now.
+
+    ``workers > 1`` builds the missing entries in that many processes (one thread each);
+    entries are written atomically, so a killed build keeps every finished frame.
+    """
     from tqdm.auto import tqdm
 
     from kd_nnp.training.data import GraphCache
@@ -27,9 +59,10 @@ def attach_feature_cache(datamodule: Any, module: Any, *, prebuild: bool = True)
 
     cache = FeatureCache(cache_dir() / "features", module.student)
     forces, stress = module.compute_forces, module.compute_stress
+    force_atoms = getattr(datamodule, "force_atoms", None)
 
     def fits(n_atoms: int) -> bool:
-        need = jacobian_nbytes(n_atoms, stress) if forces else 0
+        need = jacobian_nbytes(n_atoms, stress, force_atoms=force_atoms) if forces else 0
         return module.backend == "cached" or need <= module.max_feature_bytes
 
     entries: dict[str, Any] = {}  # graph key -> cache entry folder (hash the graph once)
@@ -42,30 +75,81 @@ def attach_feature_cache(datamodule: Any, module: Any, *, prebuild: bool = True)
         key = sample.graph_key
         if key in in_memory:
             return in_memory[key]
+        index = sample.force_index if forces else None
         if key in entries:
-            return cache.load_entry(entries[key], forces=forces, stress=stress)
+            return cache.load_entry(entries[key], forces=forces, stress=stress, force_atoms=index)
         if graph is None:
             graph = GraphCache.load(sample.graph_path)
         entries[key] = cache.path(graph)
-        feats = cache.get(graph, forces=forces, stress=stress, entry=entries[key])
+        feats = cache.get(graph, forces=forces, stress=stress, entry=entries[key],
+                          force_atoms=index)  # fmt: skip
         if not (forces or stress):  # no Jacobian: keep the small arrays in RAM
             feats.h = feats.h.clone()
             in_memory[key] = feats
         return feats
 
     datamodule.feature_loader = loader
-    stats = {"frames": 0, "cached": 0, "full_path": 0, "build_s": 0.0}
+    stats: dict[str, Any] = {"frames": 0, "cached": 0, "full_path": 0, "built": 0,
+                             "build_s": 0.0, "force_atoms": force_atoms, "stress": stress}  # fmt: skip
     if prebuild:
         t0 = time.perf_counter()
         samples = datamodule.train_samples + datamodule.val_samples
-        for s in tqdm(samples, desc="feature cache", smoothing=0.1):
+        todo = []
+        for s in samples:
             stats["frames"] += 1
             if fits(s.n_atoms):
-                cache.get(GraphCache.load(s.graph_path), forces=forces, stress=stress)
                 stats["cached"] += 1
+                todo.append(s)
             else:
                 stats["full_path"] += 1
+        if int(workers) > 1 and (forces or stress):
+            from kd_nnp.utils.parallel import run_tasks
+
+            missing = [s for s in todo if not _complete(cache, s, forces, stress)]
+            cfg = module.student_cfg
+            items = [
+                (
+                    s.frame_id,
+                    {
+                        "graph_path": s.graph_path,
+                        "forces": forces,
+                        "stress": stress,
+                        "force_atoms": s.force_index if forces else None,
+                    },
+                )  # fmt: skip
+                for s in missing
+            ]
+            errors = []
+            for res in run_tasks(
+                _build_task, items, n_workers=min(int(workers), max(1, len(items))),
+                initializer=_init_build_worker,
+                initargs=(cfg["model_name"], cfg.get("path"), str(cache.root), cache.backbone_key),
+                desc="feature cache",
+            ):  # fmt: skip
+                if not res.ok:
+                    errors.append(f"{res.key}: {res.error.splitlines()[0]}")
+            if errors:
+                raise RuntimeError(
+                    f"building cached features failed for {len(errors)} frame(s) (finished "
+                    f"frames are kept; rerun to resume): {errors[:3]}"
+                )
+            stats["built"] = len(missing)
+        else:
+            n0 = cache.n_builds
+            for s in tqdm(todo, desc="feature cache", smoothing=0.1):
+                cache.get(GraphCache.load(s.graph_path), forces=forces, stress=stress,
+                          force_atoms=s.force_index if forces else None)  # fmt: skip
+            stats["built"] = cache.n_builds - n0
         stats["build_s"] = time.perf_counter() - t0
         log.info("feature cache: %s", stats)
     datamodule.summary["feature_cache"] = stats
     return stats
+
+
+def _complete(cache: Any, sample: Any, forces: bool, stress: bool) -> bool:
+    """Whether the cache already holds every array this sample needs (no build)."""
+    from kd_nnp.training.data import GraphCache
+
+    entry = cache.path(GraphCache.load(sample.graph_path))
+    index = sample.force_index if forces else None
+    return cache.complete(entry, forces=forces, stress=stress, force_atoms=index)

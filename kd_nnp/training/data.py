@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kd_nnp.data.store import Frame, FrameStore, Labels
 from kd_nnp.teachers.reference import ElementReference, fit_element_reference
+from kd_nnp.training.features import select_force_atoms
 from kd_nnp.utils.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,8 @@ class Sample:
     hard_energy_masked: bool = False  # composition outside the hard reference's span
     features: Any = None  # FrameFeatures when the feature cache is on
     info: dict[str, Any] = field(default_factory=dict)
+    # atoms whose forces enter losses and metrics (data.force_atoms); None = all atoms
+    force_index: np.ndarray | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -217,7 +220,10 @@ def _labels_tensors(
                 em[i] = True
             if lab.forces is not None:
                 f[offset : offset + n] = torch.tensor(np.asarray(lab.forces), dtype=torch.float32)
-                fm[offset : offset + n] = True
+                if smp.force_index is None:
+                    fm[offset : offset + n] = True
+                else:  # subsampled force atoms: only their components count
+                    fm[offset + torch.as_tensor(smp.force_index, dtype=torch.long)] = True
             if lab.stress is not None:
                 s[i] = torch.as_tensor(lab.stress * EV_A3_TO_GPA, dtype=torch.float32)
                 sm[i] = True
@@ -272,6 +278,13 @@ class FramesDataModule(L.LightningDataModule):
         use_hard / use_soft: ignore hard or soft labels entirely (e.g. soft-only sweeps
             still *evaluate* hard MAE when this stays True; set False to drop them).
         max_atoms: skip frames larger than this.
+        force_atoms: force terms and force metrics use M atoms per frame (stratified by
+            element, drawn from the frame's content hash and ``force_seed``, see
+            :func:`kd_nnp.training.features.select_force_atoms`) instead of all N; the
+            cached backend then stores only their Jacobian columns (O(N M) instead of
+            O(N^2)). None: every atom. The same frame gets the same atoms in every job.
+        force_seed: seed of that choice (independent of ``seed``, so sweep jobs with other
+            splits share the force caches).
         graph_cache / student_model: cache folder and the CHGNet version whose converter
             and (for ``reference=student``) pretrained energies are used.
     """
@@ -291,6 +304,8 @@ class FramesDataModule(L.LightningDataModule):
         use_hard: bool = True,
         use_soft: bool = True,
         max_atoms: int | None = None,
+        force_atoms: int | None = None,
+        force_seed: int = 0,
         graph_cache: str | None = None,
         student_model: str = "0.3.0",
         num_workers: int = 0,
@@ -315,6 +330,12 @@ class FramesDataModule(L.LightningDataModule):
         self.use_hard = use_hard
         self.use_soft = use_soft
         self.max_atoms = max_atoms
+        if force_atoms is not None and int(force_atoms) < 1:
+            raise ValueError(
+                f"data.force_atoms must be >= 1 or null (all atoms), got {force_atoms}"
+            )
+        self.force_atoms = None if force_atoms is None else int(force_atoms)
+        self.force_seed = int(force_seed)
         self.graph_cache_dir = graph_cache
         self.student_model = student_model
         self.num_workers = num_workers
@@ -378,11 +399,13 @@ class FramesDataModule(L.LightningDataModule):
         def make(fid: str) -> Sample:
             fr = by_id[fid]
             key, path = gcache.get(fr.atoms, graph_id=fid)
+            numbers = np.asarray(fr.atoms.numbers)
             return Sample(
+                force_index=select_force_atoms(numbers, self.force_atoms, key, self.force_seed),
                 frame_id=fid,
                 graph_key=key,
                 graph_path=path,
-                numbers=np.asarray(fr.atoms.numbers),
+                numbers=numbers,
                 hard=fr.hard if self.use_hard else None,
                 soft=soft.get(fid),
                 info=fr.info,
@@ -402,6 +425,8 @@ class FramesDataModule(L.LightningDataModule):
             "train_groups": sorted({by_id[s.frame_id].group_id for s in self.train_samples}),
             "val_groups": sorted({by_id[s.frame_id].group_id for s in self.val_samples}),
             "graphs_built": gcache.n_built,
+            "force_atoms": self.force_atoms,
+            "force_seed": self.force_seed,
             "reference": self.reference.to_dict() if self.reference else None,
             "soft_energy_unaligned_frames": self.unaligned,
             "hard_reference": self.hard_reference.to_dict() if self.hard_reference else None,

@@ -69,6 +69,7 @@ __all__ = [
     "make_features_fn",
     "predict_from_features",
     "predict_full",
+    "select_force_atoms",
 ]
 
 
@@ -77,11 +78,20 @@ class FrameFeatures:
     """Cached frozen-backbone quantities of one frame (float32; memory-mapped when loaded)."""
 
     h: Tensor  # (N, 64) atom features before readout_norm
-    jac_pos: Tensor | None  # (N, 64, N, 3) dh/dR
+    jac_pos: Tensor | None  # (N, 64, M, 3) dh/dR_j for the M force atoms j (all: M = N)
     jac_strain: Tensor | None  # (N, 64, 3, 3) dh/dstrain
     atomref_energy: float  # total eV of model.composition_model
     volume: float  # A^3
     n_atoms: int
+    # (M,) sorted atom indices whose position derivatives jac_pos holds; None = all atoms
+    force_index: Tensor | None = None
+
+    @property
+    def force_atoms(self) -> Tensor:
+        """Indices of the atoms whose forces these features give (all atoms if not subsampled)."""
+        if self.force_index is not None:
+            return self.force_index
+        return torch.arange(self.n_atoms)
 
 
 # --------------------------------------------------------------------------------------
@@ -574,6 +584,59 @@ def _volume(graph: CrystalGraph) -> float:
     return float(torch.dot(lat[0], torch.linalg.cross(lat[1], lat[2])))
 
 
+# the 6 symmetric strain directions (xx, yy, zz, yz, xz, xy); CHGNet's features are
+# invariant under rotations, so dh/d(strain) has no antisymmetric part and the full 3x3
+# Jacobian is J[a,b] = J[b,a] = derivative along (e_a e_b^T + e_b e_a^T) / 2
+_SYM_STRAIN = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+
+
+def _strain_tangents(dtype: torch.dtype) -> Tensor:
+    t = torch.zeros(len(_SYM_STRAIN), 3, 3, dtype=dtype)
+    for k, (a, b) in enumerate(_SYM_STRAIN):
+        t[k, a, b] += 0.5
+        t[k, b, a] += 0.5
+    return t
+
+
+def _strain_jacobian(cols: Tensor) -> Tensor:
+    """(N, 64, 6) derivatives along :data:`_SYM_STRAIN` -> (N, 64, 3, 3)."""
+    jac = cols.new_zeros((*cols.shape[:2], 3, 3))
+    for k, (a, b) in enumerate(_SYM_STRAIN):
+        jac[..., a, b] = cols[..., k]
+        jac[..., b, a] = cols[..., k]
+    return jac
+
+
+def select_force_atoms(numbers: Sequence[int] | np.ndarray, m: int | None, key: str,
+                       seed: int = 0) -> np.ndarray | None:  # fmt: skip
+    """The ``m`` atoms of a frame whose force Jacobian columns are cached (sorted indices).
+
+    Reproducible from ``(key, seed)`` alone (``key``: the frame's content hash, so every job
+    and every store that holds the same frame picks the same atoms and shares the cache).
+    Stratified by species: a seeded random order of the atoms is re-sorted round-robin over
+    the elements (the 1st atom of each element, then the 2nd, ...), so a frame's rare
+    elements (S, Cl, N) are not drowned by its H atoms. ``m=None`` or ``m >= N``: None (all).
+    """
+    numbers = np.asarray(numbers)
+    n = len(numbers)
+    if m is None or int(m) >= n:
+        return None
+    if int(m) < 1:
+        raise ValueError(f"force_atoms must be >= 1 or null (all atoms), got {m}")
+    digest = hashlib.sha256(f"kd_nnp-force-atoms|{key}|{int(seed)}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    perm = rng.permutation(n)
+    seen: dict[int, int] = {}
+    ranked = []
+    for pos, i in enumerate(perm):
+        z = int(numbers[i])
+        rank = seen.get(z, 0)
+        seen[z] = rank + 1
+        ranked.append((rank, pos, int(i)))
+    ranked.sort()
+    return np.sort(np.array([i for _, _, i in ranked[: int(m)]], dtype=np.int64))
+
+
 def compute_features(
     model: CHGNet,
     graph: CrystalGraph,
@@ -582,25 +645,43 @@ def compute_features(
     stress: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     method: str = "auto",
+    force_atoms: Sequence[int] | np.ndarray | Tensor | None = None,
 ) -> FrameFeatures:
     """Features and (optionally) their Jacobians of one frame, by forward-mode AD.
 
-    The 3N position directions and 9 strain directions are pushed through the backbone
-    ``chunk_size`` at a time (memory grows linearly with ``chunk_size``). ``method``:
-    ``"tangent"`` the hand-written batched forward mode (:func:`features_jvp`, fastest),
-    ``"vmap"`` ``torch.func.vmap(torch.func.jvp(make_features_fn(...)))`` (general),
-    ``"auto"`` the first, or the second for a backbone with layers it does not know.
+    The 3M position directions (the three Cartesian components of each of the M atoms in
+    ``force_atoms``; None = every atom, M = N) and the 6 symmetric strain directions are
+    pushed through the backbone ``chunk_size`` at a time (memory grows linearly with
+    ``chunk_size``). ``method``: ``"tangent"`` the hand-written batched forward mode
+    (:func:`features_jvp`, fastest), ``"vmap"`` ``torch.func.vmap(torch.func.jvp(
+    make_features_fn(...)))`` (general), ``"auto"`` the first, or the second for a backbone
+    with layers it does not know. Cost: about one backbone pass per direction, so
+    O(N x (3M + 6)) instead of O(N^2) for all atoms.
     """
     if method not in {"auto", "tangent", "vmap"}:
         raise ValueError(f"method must be 'auto', 'tangent' or 'vmap', got {method!r}")
     _check_model(model)
     n = int(graph.atomic_number.shape[0])
     dtype = graph.lattice.dtype
-    n_pos = 3 * n if forces else 0
-    n_dir = n_pos + (9 if stress else 0)
-    eye = torch.eye(n_dir, dtype=dtype)
-    t_disp_all = eye[:, :n_pos].reshape(n_dir, n, 3) if forces else torch.zeros(n_dir, n, 3)
-    t_strain_all = eye[:, n_pos:].reshape(n_dir, 3, 3) if stress else torch.zeros(n_dir, 3, 3)
+    index: Tensor | None = None
+    if force_atoms is not None:
+        index = torch.as_tensor(np.asarray(force_atoms), dtype=torch.long).reshape(-1)
+        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= n:
+            raise ValueError(f"force_atoms must be indices in [0, {n}), got {index.tolist()}")
+        if len(torch.unique(index)) != len(index) or not bool((index[1:] > index[:-1]).all()):
+            raise ValueError("force_atoms must be sorted and unique")
+    atoms_idx = torch.arange(n) if index is None else index
+    m = len(atoms_idx)
+    n_pos = 3 * m if forces else 0
+    n_str = len(_SYM_STRAIN) if stress else 0
+    n_dir = n_pos + n_str
+    t_disp_all = torch.zeros(n_dir, n, 3, dtype=dtype)
+    if forces:
+        rows = torch.arange(n_pos)
+        t_disp_all[rows, atoms_idx.repeat_interleave(3), rows % 3] = 1.0
+    t_strain_all = torch.zeros(n_dir, 3, 3, dtype=dtype)
+    if stress:
+        t_strain_all[n_pos:] = _strain_tangents(dtype)
 
     with torch.no_grad():  # forward-mode AD needs no autograd graph
         h: Tensor | None = None
@@ -608,7 +689,10 @@ def compute_features(
         if method in {"auto", "tangent"}:
             try:
                 if n_dir == 0:
-                    h, _ = features_jvp(model, graph, t_disp_all[:1], t_strain_all[:1])
+                    h, _ = features_jvp(
+                        model, graph, torch.zeros(1, n, 3, dtype=dtype),
+                        torch.zeros(1, 3, 3, dtype=dtype),
+                    )  # fmt: skip
                 for s in range(0, n_dir, chunk_size):
                     h, dh = features_jvp(
                         model, graph, t_disp_all[s : s + chunk_size],
@@ -636,9 +720,9 @@ def compute_features(
     if n_dir:
         jac = torch.cat(cols, dim=-1)  # (N, 64, n_dir)
         if forces:
-            jac_pos = jac[..., :n_pos].reshape(n, FEATURE_DIM, n, 3).contiguous()
+            jac_pos = jac[..., :n_pos].reshape(n, FEATURE_DIM, m, 3).contiguous()
         if stress:
-            jac_strain = jac[..., n_pos:].reshape(n, FEATURE_DIM, 3, 3).contiguous()
+            jac_strain = _strain_jacobian(jac[..., n_pos:]).contiguous()
     return FrameFeatures(
         h=h.detach().contiguous(),
         jac_pos=jac_pos,
@@ -646,6 +730,7 @@ def compute_features(
         atomref_energy=_atomref_energy(model, graph),
         volume=_volume(graph),
         n_atoms=n,
+        force_index=index if (forces and index is not None) else None,
     )
 
 
@@ -671,17 +756,22 @@ def compute_jacobian_reverse(
     return torch.cat(rows, dim=0).reshape(n, FEATURE_DIM, n, 3)
 
 
-def jacobian_nbytes(n_atoms: int, stress: bool, *, forces: bool = True) -> int:
+def jacobian_nbytes(
+    n_atoms: int, stress: bool, *, forces: bool = True, force_atoms: int | None = None
+) -> int:
     """Bytes one cached frame takes in memory and on disk (float32): h + dh/dR + dh/dstrain.
 
-    Grows as ``768 N^2`` bytes (dh/dR): 84 atoms 5.4 MB, 200 atoms 30.8 MB, 500 atoms 192 MB.
+    All atoms (``force_atoms=None``) grows as ``768 N^2`` bytes (dh/dR): 84 atoms 5.4 MB,
+    200 atoms 30.8 MB, 500 atoms 192 MB; M force atoms take ``768 N M`` bytes instead
+    (84 atoms, M = 4: 0.26 MB). Stress adds ``2304 N`` bytes (the 3x3 strain Jacobian).
     """
+    m = n_atoms if force_atoms is None else min(int(force_atoms), n_atoms)
     n_floats = n_atoms * FEATURE_DIM
     if forces:
-        n_floats += n_atoms * FEATURE_DIM * n_atoms * 3
+        n_floats += n_atoms * FEATURE_DIM * m * 3
     if stress:
         n_floats += n_atoms * FEATURE_DIM * 9
-    return 4 * n_floats
+    return 4 * n_floats + (8 * m if forces and m < n_atoms else 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -699,8 +789,9 @@ def predict_from_features(
 
     ``readout_norm`` is the model's LayerNorm (frozen or trainable); ``None`` means the model
     has none (``CHGNet(readout_norm=None)``), not "skip it". Returns ``'e'`` (B,) eV/atom
-    including AtomRef, and if requested ``'f'`` list of (N_i,3) eV/A and ``'s'`` list of
-    (3,3) GPa with chgnet's sign. Differentiable w.r.t. the parameters of ``mlp`` and
+    including AtomRef, and if requested ``'f'`` list of (N_i,3) eV/A with ``'f_mask'`` list of
+    (N_i,) booleans (False for atoms outside a frame's cached force subset, whose rows are
+    0) and ``'s'`` list of (3,3) GPa with chgnet's sign. Differentiable w.r.t. the parameters of ``mlp`` and
     ``readout_norm``.
     """
     if not feats:
@@ -728,10 +819,19 @@ def predict_from_features(
     if need_grad:
         gs = torch.split(g, sizes)
         if forces:
-            out["f"] = [
-                -(gi.reshape(1, -1) @ fr.jac_pos.reshape(n * FEATURE_DIM, n * 3)).reshape(n, 3)
-                for gi, fr, n in zip(gs, feats, sizes, strict=True)
-            ]
+            out["f"], out["f_mask"] = [], []
+            for gi, fr, n in zip(gs, feats, sizes, strict=True):
+                m = fr.jac_pos.shape[2]
+                f_sub = -(gi.reshape(1, -1) @ fr.jac_pos.reshape(n * FEATURE_DIM, m * 3))
+                if fr.force_index is None:
+                    out["f"].append(f_sub.reshape(n, 3))
+                    out["f_mask"].append(torch.ones(n, dtype=torch.bool))
+                else:  # forces of the M cached atoms; the other rows are 0 and masked out
+                    idx = fr.force_index
+                    out["f"].append(f_sub.new_zeros((n, 3)).index_copy(0, idx, f_sub.reshape(m, 3)))
+                    mask = torch.zeros(n, dtype=torch.bool)
+                    mask[idx] = True
+                    out["f_mask"].append(mask)
         if stress:
             out["s"] = [
                 (gi.reshape(1, -1) @ fr.jac_strain.reshape(n * FEATURE_DIM, 9)).reshape(3, 3)
@@ -811,12 +911,22 @@ def _save_atomic(path: Path, arr: np.ndarray) -> None:
         raise
 
 
+def _force_tag(index: Tensor | np.ndarray | Sequence[int] | None) -> str:
+    """File-name tag of a force-atom subset: '' for all atoms, else 'm<M>-<sha of indices>'."""
+    if index is None:
+        return ""
+    arr = np.asarray(index, dtype=np.int64)
+    return f"m{len(arr)}-" + hashlib.sha256(arr.tobytes()).hexdigest()[:16]
+
+
 class FeatureCache:
     """On-disk, content-addressed cache of :class:`FrameFeatures`.
 
     Key = sha256(graph content) + sha256(frozen backbone state + architecture) + cache format
     version. Layout: ``root/v<version>/<key[:2]>/<key>/{h,jac_pos,jac_strain}.npy`` and
-    ``meta.json``; each file is written to a temporary name and renamed, so a killed build
+    ``meta.json``; a force-atom subset has its own ``jac_pos.<tag>.npy`` +
+    ``force_index.<tag>.npy`` (``tag`` = M and a hash of the indices, so other subsets never
+    read it). Each file is written to a temporary name and renamed, so a killed build
     leaves no partial entry. Loaded arrays are memory-mapped. The backbone hash is taken
     at construction: build a new cache object after changing the backbone.
     """
@@ -840,26 +950,55 @@ class FeatureCache:
         key = self.key(graph)
         return self.root / f"v{CACHE_FORMAT_VERSION}" / key[:2] / key
 
+    @staticmethod
+    def pos_files(entry: Path, index: Tensor | np.ndarray | None) -> tuple[Path, Path | None]:
+        tag = _force_tag(index)
+        if not tag:
+            return entry / "jac_pos.npy", None
+        return entry / f"jac_pos.{tag}.npy", entry / f"force_index.{tag}.npy"
+
+    def complete(self, entry: Path, *, forces: bool, stress: bool,
+                 force_atoms: Tensor | np.ndarray | None = None) -> bool:  # fmt: skip
+        """Whether ``entry`` holds every array a :meth:`get` with these arguments loads."""
+        pos_file, _ = self.pos_files(entry, force_atoms)
+        return (
+            (entry / "meta.json").is_file()
+            and (not forces or pos_file.is_file())
+            and (not stress or (entry / "jac_strain.npy").is_file())
+        )
+
     def get(
-        self, graph: CrystalGraph, *, forces: bool, stress: bool, entry: Path | None = None
+        self,
+        graph: CrystalGraph,
+        *,
+        forces: bool,
+        stress: bool,
+        entry: Path | None = None,
+        force_atoms: Tensor | np.ndarray | Sequence[int] | None = None,
     ) -> FrameFeatures:
         """Load the frame's features, building and storing what is missing first.
 
         ``entry``: ``path(graph)`` when the caller already has it (hashing a graph is not free).
+        ``force_atoms``: sorted atom indices of a force subset (:func:`select_force_atoms`);
+        None = all atoms.
         """
         entry = self.path(graph) if entry is None else entry
+        index = None if force_atoms is None else np.asarray(force_atoms, dtype=np.int64)
+        pos_file, index_file = self.pos_files(entry, index)
         meta_path = entry / "meta.json"
-        need_pos = forces and not (entry / "jac_pos.npy").is_file()
+        need_pos = forces and not pos_file.is_file()
         need_strain = stress and not (entry / "jac_strain.npy").is_file()
         if need_pos or need_strain or not meta_path.is_file():
             entry.mkdir(parents=True, exist_ok=True)
             feats = compute_features(
                 self.model, graph, forces=need_pos, stress=need_strain,
-                chunk_size=self.chunk_size,
+                chunk_size=self.chunk_size, force_atoms=index if need_pos else None,
             )  # fmt: skip
             self.n_builds += 1
             if feats.jac_pos is not None:
-                _save_atomic(entry / "jac_pos.npy", feats.jac_pos.numpy())
+                if index_file is not None:  # the index first: a jac_pos file implies its index
+                    _save_atomic(index_file, index)
+                _save_atomic(pos_file, feats.jac_pos.numpy())
             if feats.jac_strain is not None:
                 _save_atomic(entry / "jac_strain.npy", feats.jac_strain.numpy())
             if not meta_path.is_file():
@@ -876,25 +1015,48 @@ class FeatureCache:
                 with os.fdopen(fd, "w") as fh:
                     json.dump(meta, fh)
                 os.replace(tmp, meta_path)
-        return self._load(entry, forces=forces, stress=stress)
+        return self._load(entry, forces=forces, stress=stress, force_atoms=index)
 
-    def load_entry(self, entry: Path, *, forces: bool, stress: bool) -> FrameFeatures:
+    def load_entry(
+        self,
+        entry: Path,
+        *,
+        forces: bool,
+        stress: bool,
+        force_atoms: Tensor | np.ndarray | Sequence[int] | None = None,
+    ) -> FrameFeatures:
         """Load an entry already known to exist (``path(graph)`` of an earlier ``get``)."""
-        return self._load(entry, forces=forces, stress=stress)
+        return self._load(entry, forces=forces, stress=stress, force_atoms=force_atoms)
 
-    @staticmethod
-    def _load(entry: Path, *, forces: bool, stress: bool) -> FrameFeatures:
+    @classmethod
+    def _load(
+        cls,
+        entry: Path,
+        *,
+        forces: bool,
+        stress: bool,
+        force_atoms: Tensor | np.ndarray | Sequence[int] | None = None,
+    ) -> FrameFeatures:
+        index = None if force_atoms is None else np.asarray(force_atoms, dtype=np.int64)
+        pos_file, index_file = cls.pos_files(entry, index)
         try:
             meta = json.loads((entry / "meta.json").read_text())
             h = _load_mmap(entry / "h.npy")
-            jac_pos = _load_mmap(entry / "jac_pos.npy") if forces else None
+            jac_pos = _load_mmap(pos_file) if forces else None
             jac_strain = _load_mmap(entry / "jac_strain.npy") if stress else None
+            stored_index = np.load(index_file) if (forces and index_file is not None) else None
         except (OSError, ValueError) as exc:
             raise RuntimeError(
                 f"corrupt feature-cache entry {entry}: {exc}; delete the folder to rebuild it"
             ) from exc
+        if stored_index is not None and not np.array_equal(stored_index, index):
+            raise RuntimeError(
+                f"corrupt feature-cache entry {entry}: {index_file.name} holds other force "
+                "atoms than its name says; delete the folder to rebuild it"
+            )
         n = int(meta["n_atoms"])
-        expected = {"h": (n, FEATURE_DIM), "jac_pos": (n, FEATURE_DIM, n, 3),
+        m = n if index is None else len(index)
+        expected = {"h": (n, FEATURE_DIM), "jac_pos": (n, FEATURE_DIM, m, 3),
                     "jac_strain": (n, FEATURE_DIM, 3, 3)}  # fmt: skip
         for name, arr in (("h", h), ("jac_pos", jac_pos), ("jac_strain", jac_strain)):
             if arr is not None and tuple(arr.shape) != expected[name]:
@@ -909,6 +1071,7 @@ class FeatureCache:
             atomref_energy=float(meta["atomref_energy"]),
             volume=float(meta["volume"]),
             n_atoms=n,
+            force_index=torch.from_numpy(index) if (forces and index is not None) else None,
         )
 
     def clear(self) -> None:

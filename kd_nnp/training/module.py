@@ -133,6 +133,15 @@ class DistillationModule(L.LightningModule):
         pred = {"energy": out["e"].reshape(-1)}
         if fw:
             pred["forces"] = torch.cat(list(out["f"]), dim=0)
+            if "f_mask" in out:  # cached force subsets: no label may ask for an absent row
+                have = torch.cat(list(out["f_mask"]), dim=0)
+                for t in TARGETS:
+                    want = batch.get(f"{t}_forces_mask")
+                    if want is not None and bool((want & ~have).any()):
+                        raise RuntimeError(
+                            f"{t} force labels on atoms whose cached forces were not built "
+                            "(feature cache and data.force_atoms disagree)"
+                        )
         if st:
             pred["stress"] = stress_to_voigt(torch.stack(list(out["s"]), dim=0))
         return pred
