@@ -234,9 +234,14 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     )
     times["relax"] = time.perf_counter() - t
 
-    from kd_nnp.evaluation.relax import summarize
+    from kd_nnp.evaluation.relax import paired_volume_distance, summarize
 
     summary = summarize(df)
+    teacher_label = f"teacher ({cfg.demo.teacher})"
+    to_teacher = {
+        label: paired_volume_distance(df, label, teacher_label)
+        for label in ("student (distilled)", "CHGNet (pretrained)")
+    }
     table = (
         (out / "relax" / "table.md").read_text()
         if (out / "relax" / "table.md").exists()
@@ -244,10 +249,14 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     )
     print("[5/5] results\n")
     print(table)
+    print(f"\nvolume distance to the teacher, crystal by crystal (mean |dV - dV_{teacher_label}|):")
+    for label, d in to_teacher.items():
+        print(f"  {label:<22} {d['mean_abs_pct']:.2f} % over {d['n']} crystals")
     result = {
         "times_s": times,
         "total_s": sum(times.values()),
         "summary": json.loads(summary.to_json(orient="records")),
+        "to_teacher": to_teacher,
         "crossover_epoch": metrics.get("crossover_epoch"),
         "paths": {
             "table": str(out / "relax" / "table.md"),

@@ -34,3 +34,27 @@ def test_run_all_quick_training_reports_equal_step0_loss(tmp_path):
     # one table, printed and written
     assert "step-0 loss, chgnet vs kd_nnp cached" in r.stdout
     assert (tmp_path / "bench_quick.md").read_text().count("| training | step-0 loss") == 2
+
+
+def test_run_all_quick_cache_section(tmp_path):
+    """The derivative-cache rows (issue 16): every scheme built and sized, and the E+F+S
+    epoch of chgnet's Trainer against the cached subsampled path, without a failure."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    r = subprocess.run(
+        [sys.executable, str(RUN_ALL), "--quick", "--only", "cache", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rec = json.loads((tmp_path / "bench_quick.json").read_text())
+    rows = rec["rows"]
+    assert [x for x in rows if x["value"] == "FAILED"] == [], rows
+    builds = [x["what"] for x in rows if x["what"].startswith("build ")]
+    assert [b.split(",")[0] for b in builds] == [
+        "build full", "build M=2", "build M=4", "build M=8", "build strain", "build M=4+strain"
+    ]  # fmt: skip
+    (size,) = rec["sections"]["cache"]["result"]["sizes"]
+    sch = size["schemes"]
+    assert sch["M=2"]["directions"] == 6 and sch["strain"]["directions"] == 6
+    assert sch["full"]["directions"] == 3 * size["n_atoms"]
+    assert sch["M=4"]["nbytes"] < sch["full"]["nbytes"]
+    assert any(x["what"].startswith("epoch E+F+S") for x in rows)

@@ -28,6 +28,8 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     crystals = json.loads((out / "crystals.json").read_text())
     assert not set(crystals["eval"]) & set(crystals["train"])
     assert "results" in r.stdout and "outputs:" in r.stdout
+    assert "volume distance to the teacher" in r.stdout
+    assert result["to_teacher"]["student (distilled)"]["reference"] == "teacher (so3lr)"
     # rerun: every stage reuses its cache (no relabelling, no retraining, no re-relaxing)
     r2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0, r2.stderr[-4000:]

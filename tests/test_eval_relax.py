@@ -12,6 +12,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from kd_nnp.evaluation.calculators import make_calculator, method_label
 from kd_nnp.evaluation.relax import (
+    paired_volume_distance,
     compare_structures,
     read_results,
     relax_structure,
@@ -292,3 +293,21 @@ def test_student_results_are_not_reused_after_retraining(tmp_path):
     assert spec_fingerprint("chgnet") == "chgnet"
     old = {"method": "CHGNet", "spec": "chgnet", "settings": params}  # written before fingerprints
     assert _is_done(old, {"CHGNet": "chgnet"}, params)
+
+
+def test_paired_volume_distance_to_teacher():
+    """mean |dV_student - dV_teacher| over crystals both relaxed (the demo's distillation figure)."""
+    rows = [
+        ("teacher", "A", "ok", -1.0), ("teacher", "B", "ok", 2.0), ("teacher", "C", "ok", 0.5),
+        ("student", "A", "ok", 3.0), ("student", "B", "ok", 1.0), ("student", "C", "error", 9.0),
+        ("chgnet", "A", "ok", 20.0),
+    ]  # fmt: skip
+    df = pd.DataFrame(rows, columns=["method", "id", "status", "vol_err_pct"])
+    d = paired_volume_distance(df, "student", "teacher")
+    assert d["n"] == 2  # C failed for the student: not paired
+    assert d["mean_abs_pct"] == pytest.approx((4.0 + 1.0) / 2)
+    assert d["mean_pct"] == pytest.approx((4.0 - 1.0) / 2)
+    assert d["per_crystal_pct"] == {"A": pytest.approx(4.0), "B": pytest.approx(-1.0)}
+    # the MAE against experiment would be 2.0 for the student: a different number
+    assert paired_volume_distance(df, "chgnet", "teacher")["mean_abs_pct"] == pytest.approx(21.0)
+    assert paired_volume_distance(df, "nobody", "teacher")["n"] == 0

@@ -125,7 +125,7 @@ def child_build(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_trainer(cfg: dict[str, Any]) -> dict[str, Any]:
-    """chgnet's own Trainer, MLP only, MAE energy + forces."""
+    """chgnet's own Trainer, MLP only, MAE energy + forces (+ stress: ``targets="efs"``)."""
     import torch
     from chgnet.data.dataset import collate_graphs
     from chgnet.trainer import Trainer
@@ -134,21 +134,34 @@ def child_trainer(cfg: dict[str, Any]) -> dict[str, Any]:
     from kd_nnp.data.store import FrameStore
     from kd_nnp.training.data import GraphCache
 
+    if not Path(cfg["manifest"]).is_file():  # no build child ran: the data module's order
+        dm = _datamodule(cfg)
+        dm.setup("fit")
+        manifest = [{"frame_id": s.frame_id, "graph": str(s.graph_path)} for s in dm.train_samples]
+        Path(cfg["manifest"]).write_text(json.dumps(manifest))
     manifest = json.loads(Path(cfg["manifest"]).read_text())
+    targets = cfg.get("targets", "ef")
     store = FrameStore(cfg["store"])
     items = []
     for m in manifest:
         fr = store.get(m["frame_id"])
-        e = torch.tensor(fr.hard.energy / fr.n_atoms, dtype=torch.float32)
-        f = torch.tensor(np.asarray(fr.hard.forces), dtype=torch.float32)
-        items.append((GraphCache.load(Path(m["graph"])), {"e": e, "f": f}))
+        lab = {
+            "e": torch.tensor(fr.hard.energy / fr.n_atoms, dtype=torch.float32),
+            "f": torch.tensor(np.asarray(fr.hard.forces), dtype=torch.float32),
+        }
+        if "s" in targets:  # chgnet's stress target: GPa, 3x3, ASE's sign
+            from ase.stress import voigt_6_to_full_3x3_stress
+
+            s = voigt_6_to_full_3x3_stress(np.asarray(fr.hard.stress)) * 160.21766208
+            lab["s"] = torch.tensor(s, dtype=torch.float32)
+        items.append((GraphCache.load(Path(m["graph"])), lab))
     model = common.load_chgnet()
     loader = DataLoader(items, batch_size=cfg["batch_size"], shuffle=False,
                         collate_fn=collate_graphs)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = Trainer(
-            model, targets="ef", criterion="MAE", optimizer="Adam", learning_rate=LR,
+            model, targets=targets, criterion="MAE", optimizer="Adam", learning_rate=LR,
             epochs=cfg["epochs"], use_device="cpu", print_freq=10**9,
         )  # fmt: skip
     trainable = sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})

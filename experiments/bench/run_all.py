@@ -10,6 +10,9 @@ still run):
 - ``training``  chgnet's ``Trainer`` vs kd_nnp's cached-feature and full backends on the same
   perturbed test.db frames: epoch times, one-time feature build, step-0 loss and MLP
   gradients, peak RSS, memory extrapolated to 1000 frames (bench_training.py);
+- ``cache``     build seconds and MB per frame of the exact derivative caches: all 3N
+  position directions vs M = 2/4/8 force atoms vs the 6 strain directions, at ~50/100/200
+  atoms; an E+F+S epoch of chgnet's Trainer vs the cached M=4 + strain path (bench_cache.py);
 - ``sweep``     ``kd-nnp train -m`` over loss.r_he x loss.r_hf (5 x 5) vs one job, cold and
   warm shared caches (bench_sweep.py);
 - ``relax``     ``run_relax_benchmark`` (2 workers) vs a sequential ASE loop, final volumes,
@@ -33,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_cache  # noqa: E402
 import bench_labelling  # noqa: E402
 import bench_relax  # noqa: E402
 import bench_sweep  # noqa: E402
 import bench_training  # noqa: E402
 import common  # noqa: E402
 
-SECTIONS = ("training", "sweep", "relax", "labelling")
+SECTIONS = ("training", "cache", "sweep", "relax", "labelling")
 
 # Training frames: 3 test.db crystals x (1 strained + 1 strained-and-rattled copy). The
 # one-time feature build is O(N x bonds) (~7-60 s per 50-100-atom frame on this machine)
@@ -47,6 +51,9 @@ SECTIONS = ("training", "sweep", "relax", "labelling")
 FULL = {
     "training": {"codes": ["BENZEN", "NACJAF", "ACSALA"], "n_strain": 1, "n_rattle": 1,
                  "batch_size": 3, "epochs": 3},
+    "cache": {"codes": ["FIQSEG", "WIDBAO", "FLUANT"], "schemes": list(bench_cache.SCHEMES),
+              "full_limit_directions": 320, "epoch_codes": ["BENZEN", "NACJAF", "ACSALA"],
+              "batch_size": 3, "epochs": 3, "force_atoms": 4},
     "sweep": {"grid": [0.1, 0.3, 1.0, 3.0, 10.0], "epochs": 3},
     "relax": {"codes": ["UREAXX02", "FORMAM", "NAPHTA15", "BIPHEN"], "workers": 2,
               "repeats": 3, "ase_inference": True},
@@ -56,6 +63,9 @@ FULL = {
 QUICK = {
     "training": {"codes": ["OXALAC11", "UREAXX02"], "n_strain": 1, "n_rattle": 1,
                  "batch_size": 2, "epochs": 2},
+    "cache": {"codes": ["UREAXX02"], "schemes": list(bench_cache.SCHEMES),
+              "full_limit_directions": 320, "epoch_codes": ["OXALAC11", "UREAXX02"],
+              "batch_size": 2, "epochs": 2, "force_atoms": 4},
     "sweep": {"grid": [0.1, 10.0], "epochs": 2},
     "relax": {"codes": ["UREAXX02", "OXALAC11"], "workers": 2, "repeats": 2,
               "ase_inference": True},
@@ -74,6 +84,7 @@ def _section_cfg(name: str, plan: dict[str, Any]) -> dict[str, Any]:
 
 MODULES = {
     "training": bench_training,
+    "cache": bench_cache,
     "sweep": bench_sweep,
     "relax": bench_relax,
     "labelling": bench_labelling,

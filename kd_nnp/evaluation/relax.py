@@ -524,6 +524,28 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def paired_volume_distance(df: pd.DataFrame, method: str, reference: str) -> dict[str, Any]:
+    """How far ``method`` sits from ``reference`` crystal by crystal: mean |dV_m - dV_ref| (%).
+
+    ``dV`` is each method's volume error against experiment; only crystals that both
+    relaxed (``status == ok``) count (``n``). A student that copies its teacher scores 0
+    whatever the teacher's own error; this is the distillation's own figure of merit.
+    """
+    ok = df[df["status"] == "ok"]
+    a = ok[ok["method"] == method].set_index("id")["vol_err_pct"].astype(float)
+    b = ok[ok["method"] == reference].set_index("id")["vol_err_pct"].astype(float)
+    both = a.index.intersection(b.index)
+    diff = (a[both] - b[both]).sort_index()
+    return {
+        "method": method,
+        "reference": reference,
+        "n": int(len(both)),
+        "mean_abs_pct": float(diff.abs().mean()) if len(both) else math.nan,
+        "mean_pct": float(diff.mean()) if len(both) else math.nan,
+        "per_crystal_pct": {str(k): float(v) for k, v in diff.items()},
+    }
+
+
 _MD_SUMMARY = [
     ("method", "method"),
     ("n_covered", "n"),

@@ -45,19 +45,35 @@ def _build_task(item: dict[str, Any]) -> int:
 
 
 def attach_feature_cache(
-    datamodule: Any, module: Any, *, prebuild: bool = True, workers: int = 1
+    datamodule: Any,
+    module: Any,
+    *,
+    prebuild: bool = True,
+    workers: int = 1,
+    device: str = "cpu",
 ) -> dict:
     """Install the feature loader on ``datamodule``; optionally build all features now.
 
     ``workers > 1`` builds the missing entries in that many processes (one thread each);
     entries are written atomically, so a killed build keeps every finished frame.
+    ``device``: where the Jacobians are built: ``cpu``, ``cuda`` (one process on the GPU;
+    ``workers`` is then ignored) or ``auto`` (``cuda`` when available). Entries are stored
+    on disk and loaded on the CPU either way; training moves what a step needs.
     """
+    import torch
+
     from tqdm.auto import tqdm
 
     from kd_nnp.training.data import GraphCache
     from kd_nnp.training.features import FeatureCache, jacobian_nbytes
 
-    cache = FeatureCache(cache_dir() / "features", module.student)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ValueError(f"feature_device must be cpu, cuda or auto, got {device!r}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"feature_device={device} but torch sees no CUDA device")
+    cache = FeatureCache(cache_dir() / "features", module.student, device=device)
     forces, stress = module.compute_forces, module.compute_stress
     force_atoms = getattr(datamodule, "force_atoms", None)
 
@@ -90,7 +106,8 @@ def attach_feature_cache(
 
     datamodule.feature_loader = loader
     stats: dict[str, Any] = {"frames": 0, "cached": 0, "full_path": 0, "built": 0,
-                             "build_s": 0.0, "force_atoms": force_atoms, "stress": stress}  # fmt: skip
+                             "build_s": 0.0, "force_atoms": force_atoms, "stress": stress,
+                             "device": str(device)}  # fmt: skip
     if prebuild:
         t0 = time.perf_counter()
         samples = datamodule.train_samples + datamodule.val_samples
@@ -102,7 +119,7 @@ def attach_feature_cache(
                 todo.append(s)
             else:
                 stats["full_path"] += 1
-        if int(workers) > 1 and (forces or stress):
+        if int(workers) > 1 and (forces or stress) and device == "cpu":
             from kd_nnp.utils.parallel import run_tasks
 
             missing = [s for s in todo if not _complete(cache, s, forces, stress)]

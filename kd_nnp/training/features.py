@@ -115,7 +115,9 @@ def _sum_rows(data: Tensor, owners: Tensor, n_owner: int) -> Tensor:
 def _fourier(x: Tensor, frequencies: Tensor) -> Tensor:
     """Out-of-place ``chgnet.model.basis.Fourier.forward``."""
     tmp = torch.outer(x, frequencies)
-    const = (1 / torch.sqrt(torch.tensor([2.0], dtype=x.dtype))).expand(x.shape[0], 1)
+    const = (1 / torch.sqrt(torch.tensor([2.0], dtype=x.dtype, device=x.device))).expand(
+        x.shape[0], 1
+    )
     return torch.cat([const, torch.sin(tmp), torch.cos(tmp)], dim=1) / np.sqrt(np.pi)
 
 
@@ -192,7 +194,7 @@ def make_features_fn(model: CHGNet, graph: CrystalGraph) -> Callable[[Tensor, Te
         bond_graph = bond_graph_full[:, [0, 1, 3]]
         dir_i, dir_j = bond_graph_full[:, 2], bond_graph_full[:, 4]
     atom_numbers = graph.atomic_number
-    eye = torch.eye(3, dtype=lattice0.dtype)
+    eye = torch.eye(3, dtype=lattice0.dtype, device=lattice0.device)
     bbe = model.bond_basis_expansion
     freqs = model.angle_basis_expansion.fourier_expansion.frequencies
     n_conv = model.n_conv
@@ -670,6 +672,7 @@ def compute_features(
             raise ValueError(f"force_atoms must be indices in [0, {n}), got {index.tolist()}")
         if len(torch.unique(index)) != len(index) or not bool((index[1:] > index[:-1]).all()):
             raise ValueError("force_atoms must be sorted and unique")
+    dev = graph.lattice.device  # the graph's device (a CUDA graph + model build on the GPU)
     atoms_idx = torch.arange(n) if index is None else index
     m = len(atoms_idx)
     n_pos = 3 * m if forces else 0
@@ -682,6 +685,7 @@ def compute_features(
     t_strain_all = torch.zeros(n_dir, 3, 3, dtype=dtype)
     if stress:
         t_strain_all[n_pos:] = _strain_tangents(dtype)
+    t_disp_all, t_strain_all = t_disp_all.to(dev), t_strain_all.to(dev)
 
     with torch.no_grad():  # forward-mode AD needs no autograd graph
         h: Tensor | None = None
@@ -690,8 +694,8 @@ def compute_features(
             try:
                 if n_dir == 0:
                     h, _ = features_jvp(
-                        model, graph, torch.zeros(1, n, 3, dtype=dtype),
-                        torch.zeros(1, 3, 3, dtype=dtype),
+                        model, graph, torch.zeros(1, n, 3, dtype=dtype, device=dev),
+                        torch.zeros(1, 3, 3, dtype=dtype, device=dev),
                     )  # fmt: skip
                 for s in range(0, n_dir, chunk_size):
                     h, dh = features_jvp(
@@ -705,8 +709,8 @@ def compute_features(
                 h, cols = None, []
         if h is None:
             fn = make_features_fn(model, graph)
-            disp0 = torch.zeros(n, 3, dtype=dtype)
-            strain0 = torch.zeros(3, 3, dtype=dtype)
+            disp0 = torch.zeros(n, 3, dtype=dtype, device=dev)
+            strain0 = torch.zeros(3, 3, dtype=dtype, device=dev)
             h = fn(disp0, strain0)
 
             def push(td: Tensor, ts: Tensor) -> Tensor:
@@ -723,10 +727,10 @@ def compute_features(
             jac_pos = jac[..., :n_pos].reshape(n, FEATURE_DIM, m, 3).contiguous()
         if stress:
             jac_strain = _strain_jacobian(jac[..., n_pos:]).contiguous()
-    return FrameFeatures(
-        h=h.detach().contiguous(),
-        jac_pos=jac_pos,
-        jac_strain=jac_strain,
+    return FrameFeatures(  # cached features live on the CPU (disk, memory maps)
+        h=h.detach().cpu().contiguous(),
+        jac_pos=None if jac_pos is None else jac_pos.cpu(),
+        jac_strain=None if jac_strain is None else jac_strain.cpu(),
         atomref_energy=_atomref_energy(model, graph),
         volume=_volume(graph),
         n_atoms=n,
@@ -802,19 +806,22 @@ def predict_from_features(
         if stress and fr.jac_strain is None:
             raise ValueError(f"frame {i} ({fr.n_atoms} atoms) has no dh/dstrain but stress asked")
     sizes = [fr.n_atoms for fr in feats]
-    h = torch.cat([fr.h for fr in feats], dim=0)
+    dev = next(mlp.parameters()).device  # cached arrays are on the CPU; the MLP may be on a GPU
+    h = torch.cat([fr.h for fr in feats], dim=0).to(dev)
     need_grad = forces or stress
     if need_grad:
         h = h.detach().requires_grad_(True)
     with torch.enable_grad():
         x = readout_norm(h) if readout_norm is not None else h
         site = mlp(x).view(-1)
-        owners = torch.repeat_interleave(torch.arange(len(feats)), torch.tensor(sizes))
+        owners = torch.repeat_interleave(
+            torch.arange(len(feats), device=dev), torch.tensor(sizes, device=dev)
+        )
         e_total = site.new_zeros(len(feats)).index_add(0, owners, site)
         if need_grad:
             (g,) = torch.autograd.grad(e_total.sum(), h, create_graph=True)
-    atomref = torch.tensor([fr.atomref_energy for fr in feats], dtype=e_total.dtype)
-    n_at = torch.tensor(sizes, dtype=e_total.dtype)
+    atomref = torch.tensor([fr.atomref_energy for fr in feats], dtype=e_total.dtype, device=dev)
+    n_at = torch.tensor(sizes, dtype=e_total.dtype, device=dev)
     out: dict[str, Tensor | list[Tensor]] = {"e": (e_total + atomref) / n_at}
     if need_grad:
         gs = torch.split(g, sizes)
@@ -822,19 +829,20 @@ def predict_from_features(
             out["f"], out["f_mask"] = [], []
             for gi, fr, n in zip(gs, feats, sizes, strict=True):
                 m = fr.jac_pos.shape[2]
-                f_sub = -(gi.reshape(1, -1) @ fr.jac_pos.reshape(n * FEATURE_DIM, m * 3))
+                jac = fr.jac_pos.reshape(n * FEATURE_DIM, m * 3).to(dev)
+                f_sub = -(gi.reshape(1, -1) @ jac)
                 if fr.force_index is None:
                     out["f"].append(f_sub.reshape(n, 3))
-                    out["f_mask"].append(torch.ones(n, dtype=torch.bool))
+                    out["f_mask"].append(torch.ones(n, dtype=torch.bool, device=dev))
                 else:  # forces of the M cached atoms; the other rows are 0 and masked out
-                    idx = fr.force_index
+                    idx = fr.force_index.to(dev)
                     out["f"].append(f_sub.new_zeros((n, 3)).index_copy(0, idx, f_sub.reshape(m, 3)))
-                    mask = torch.zeros(n, dtype=torch.bool)
+                    mask = torch.zeros(n, dtype=torch.bool, device=dev)
                     mask[idx] = True
                     out["f_mask"].append(mask)
         if stress:
             out["s"] = [
-                (gi.reshape(1, -1) @ fr.jac_strain.reshape(n * FEATURE_DIM, 9)).reshape(3, 3)
+                (gi.reshape(1, -1) @ fr.jac_strain.reshape(n * FEATURE_DIM, 9).to(dev)).reshape(3, 3)
                 * (EV_PER_A3_TO_GPA / fr.volume)
                 for gi, fr, n in zip(gs, feats, sizes, strict=True)
             ]
@@ -931,12 +939,25 @@ class FeatureCache:
     at construction: build a new cache object after changing the backbone.
     """
 
-    def __init__(self, root: Path, model: CHGNet, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(
+        self,
+        root: Path,
+        model: CHGNet,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        device: str | torch.device | None = None,
+    ) -> None:
         _check_model(model)
         self.root = Path(root)
+        self.backbone_key = backbone_hash(model)
+        # builds run on ``device`` (e.g. "cuda"); entries are stored and loaded on the CPU
+        self.device = torch.device(device) if device is not None else model.atom_embedding.weight.device
+        if model.atom_embedding.weight.device != self.device:
+            import copy
+
+            model = copy.deepcopy(model).to(self.device)
         self.model = model
         self.chunk_size = chunk_size
-        self.backbone_key = backbone_hash(model)
         self.n_builds = 0  # number of frames (re)built by this object, for tests/logging
 
     def key(self, graph: CrystalGraph) -> str:
@@ -991,7 +1012,7 @@ class FeatureCache:
         if need_pos or need_strain or not meta_path.is_file():
             entry.mkdir(parents=True, exist_ok=True)
             feats = compute_features(
-                self.model, graph, forces=need_pos, stress=need_strain,
+                self.model, graph.to(self.device), forces=need_pos, stress=need_strain,
                 chunk_size=self.chunk_size, force_atoms=index if need_pos else None,
             )  # fmt: skip
             self.n_builds += 1

@@ -69,7 +69,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if module.backend != "full":
         from kd_nnp.training.cached import attach_feature_cache
 
-        attach_feature_cache(datamodule, module, workers=int(cfg.get("feature_workers", 1)))
+        attach_feature_cache(
+            datamodule, module, workers=int(cfg.get("feature_workers", 1)),
+            device=str(cfg.get("feature_device", "cpu")),
+        )  # fmt: skip
     (run_dir / "data_summary.json").write_text(json.dumps(datamodule.summary, indent=2))
     t_data = time.perf_counter() - t0
 
