@@ -951,8 +951,10 @@ class FeatureCache:
         self.root = Path(root)
         self.backbone_key = backbone_hash(model)
         # builds run on ``device`` (e.g. "cuda"); entries are stored and loaded on the CPU
-        self.device = torch.device(device) if device is not None else model.atom_embedding.weight.device
-        if model.atom_embedding.weight.device != self.device:
+        self.device = (
+            torch.device(device) if device is not None else next(model.parameters()).device
+        )
+        if next(model.parameters()).device != self.device:
             import copy
 
             model = copy.deepcopy(model).to(self.device)
