@@ -345,3 +345,20 @@ def test_cached_forces_stress_run_cli_parallel_build(labelled_store, tmp_path):
     train = [h for h in metrics["history"] if h["split"] == "train"]
     assert "mae_soft_forces" in train[0] and "mae_soft_stress" in train[0]
     assert train[-1]["loss"] < train[0]["loss"], train
+
+
+def test_feature_device_is_checked(labelled_store):
+    """feature_device: 'auto' builds where torch can; an unusable device is a clear error."""
+    import torch
+
+    from kd_nnp.training.cached import attach_feature_cache
+
+    dm = _dm(labelled_store, force_atoms=2)
+    module = DistillationModule(loss=DistillationLoss(r_se=1, r_sf=1), backend="cached")
+    stats = attach_feature_cache(dm, module, prebuild=False, device="auto")
+    assert stats["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="feature_device must be cpu, cuda or auto"):
+        attach_feature_cache(dm, module, prebuild=False, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            attach_feature_cache(dm, module, prebuild=False, device="cuda")

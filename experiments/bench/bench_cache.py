@@ -64,21 +64,31 @@ def child_schemes(cfg: dict[str, Any]) -> dict[str, Any]:
         select_force_atoms,
     )
 
+    device = cfg.get("device", "cpu")
     model = common.load_chgnet()
     (frame,) = pyxtal_frames("test", codes=[cfg["code"]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = model.graph_converter(AseAtomsAdaptor.get_structure(frame.atoms))
+    key = graph_hash(graph)
+    model, graph = model.to(device), graph.to(device)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     n = len(frame.atoms)
     t = time.perf_counter()
     with torch.no_grad():
         model([graph], task="e")
-    out: dict[str, Any] = {"code": cfg["code"], "n_atoms": n, "forward_s": 0.0, "schemes": {}}
+    sync()
+    out: dict[str, Any] = {"code": cfg["code"], "n_atoms": n, "forward_s": 0.0, "schemes": {},
+                           "device": device}  # fmt: skip
     out["forward_s"] = time.perf_counter() - t
     compute_features(model, graph, forces=False, stress=False)  # warm-up (first-call costs)
     for name in cfg["schemes"]:
         forces, stress, m = _scheme(name)
-        index = select_force_atoms(frame.atoms.numbers, m, graph_hash(graph)) if m else None
+        index = select_force_atoms(frame.atoms.numbers, m, key) if m else None
         n_force = n if (forces and index is None) else (len(index) if forces else 0)
         n_dir = 3 * n_force + (6 if stress else 0)
         rec: dict[str, Any] = {"directions": n_dir, "extrapolated": False,
@@ -87,14 +97,18 @@ def child_schemes(cfg: dict[str, Any]) -> dict[str, Any]:
         if n_dir > cfg["full_limit_directions"]:
             # time the first chunks only; the build is a loop over independent chunks
             sub = np.arange(max(1, cfg["chunk"] // 3))
+            sync()
             t = time.perf_counter()
             compute_features(model, graph, forces=True, stress=False, force_atoms=sub)
+            sync()
             timed = time.perf_counter() - t
             rec.update(seconds=timed * n_dir / (3 * len(sub)), extrapolated=True,
                        timed_directions=3 * len(sub), timed_s=timed)  # fmt: skip
         else:
+            sync()
             t = time.perf_counter()
             compute_features(model, graph, forces=forces, stress=stress, force_atoms=index)
+            sync()
             rec["seconds"] = time.perf_counter() - t
         out["schemes"][name] = rec
     return out
@@ -151,13 +165,16 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
     for code in cfg["codes"]:
         t = time.perf_counter()
         child_cfg = {"code": code, "schemes": list(cfg["schemes"]), "chunk": 16,
-                     "full_limit_directions": cfg["full_limit_directions"]}  # fmt: skip
+                     "full_limit_directions": cfg["full_limit_directions"],
+                     "device": cfg.get("device", "cpu")}  # fmt: skip
         try:
             res["sizes"].append(common.run_child(HERE, "schemes", child_cfg, workdir / "logs",
                                                  timeout=cfg.get("timeout", 1200)))  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - reported in the table
             res["errors"][f"schemes {code}"] = common.error_summary(exc)
         print(f"  cache/schemes {code}: {time.perf_counter() - t:.0f} s", flush=True)
+    if cfg.get("device", "cpu") != "cpu":  # the GPU script measures the builds only
+        return res
     # the epoch comparison on the training section's kind of frames
     store, info = common.prepare_store(workdir, cfg["epoch_codes"], 1, 1)
     res["epoch_frames"] = info
@@ -194,7 +211,8 @@ def rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                          f"{rec['timed_s']:.1f} s")  # fmt: skip
             if full and name != "full":
                 note += f"; {full['seconds'] / rec['seconds']:.0f}x faster than full"
-            row(f"build {name}, {size['code']} ({n} atoms)",
+            dev = "" if size.get("device", "cpu") == "cpu" else f" [{size['device']}]"
+            row(f"build {name}, {size['code']} ({n} atoms){dev}",
                 f"{rec['seconds']:.1f} s, {rec['nbytes'] / 1e6:.2f} MB", note)  # fmt: skip
     tr, fs = res.get("trainer"), res.get("cached_fs")
     if tr and fs:

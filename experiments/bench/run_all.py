@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-codes", default=None,
                     help="test.db csd codes of the training/sweep frames (comma separated; "
                          "2 frames each), e.g. KONTIQ,WIDBAO for ~100-atom frames")  # fmt: skip
+    ap.add_argument("--device", default="cpu",
+                    help="device of the cache section's builds (cuda: GPU build rows only)")  # fmt: skip
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SECTIONS]
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         plan["labelling"]["teachers"].append("gfn2")
     if args.epochs:
         plan["training"]["epochs"] = plan["sweep"]["epochs"] = args.epochs
+    plan["cache"]["device"] = args.device
     if args.train_codes:
         plan["training"]["codes"] = args.train_codes.split(",")
     out = Path(args.out)

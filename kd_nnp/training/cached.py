@@ -28,6 +28,9 @@ def _init_build_worker(model_name: str, path: str | None, root: str, backbone_ke
     from kd_nnp.training.features import FeatureCache
     from kd_nnp.training.student import load_chgnet
 
+    from kd_nnp.utils.memory import keep_freed_memory
+
+    keep_freed_memory()  # fewer page faults in the Jacobian builds (kd_nnp/utils/memory.py)
     cache = FeatureCache(Path(root), load_chgnet(model_name, path))
     if cache.backbone_key != backbone_key:  # never write entries under another backbone's key
         raise RuntimeError("feature-build worker loaded another backbone than the student's")
@@ -152,6 +155,10 @@ def attach_feature_cache(
                 )
             stats["built"] = len(missing)
         else:
+            if forces or stress:
+                from kd_nnp.utils.memory import keep_freed_memory
+
+                keep_freed_memory()
             n0 = cache.n_builds
             for s in tqdm(todo, desc="feature cache", smoothing=0.1):
                 cache.get(GraphCache.load(s.graph_path), forces=forces, stress=stress,

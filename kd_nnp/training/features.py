@@ -56,7 +56,7 @@ EV_PER_A3_TO_GPA = 160.21766208  # chgnet's conversion factor, kept digit for di
 FEATURE_DIM = 64
 # parameters that do not influence the cached features (the trainable readout)
 READOUT_PREFIXES = ("mlp.", "readout_norm.")
-DEFAULT_CHUNK_SIZE = 16
+DEFAULT_CHUNK_SIZE = 18  # directions per forward-mode pass (M = 4 + strain: one pass)
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -687,6 +687,9 @@ def compute_features(
         t_strain_all[n_pos:] = _strain_tangents(dtype)
     t_disp_all, t_strain_all = t_disp_all.to(dev), t_strain_all.to(dev)
 
+    if n_dir:  # equal chunks of at most chunk_size (16 + 2 would pay a second primal pass)
+        n_chunks = -(-n_dir // max(1, int(chunk_size)))
+        chunk_size = -(-n_dir // n_chunks)
     with torch.no_grad():  # forward-mode AD needs no autograd graph
         h: Tensor | None = None
         cols: list[Tensor] = []
@@ -842,7 +845,9 @@ def predict_from_features(
                     out["f_mask"].append(mask)
         if stress:
             out["s"] = [
-                (gi.reshape(1, -1) @ fr.jac_strain.reshape(n * FEATURE_DIM, 9).to(dev)).reshape(3, 3)
+                (gi.reshape(1, -1) @ fr.jac_strain.reshape(n * FEATURE_DIM, 9).to(dev)).reshape(
+                    3, 3
+                )
                 * (EV_PER_A3_TO_GPA / fr.volume)
                 for gi, fr, n in zip(gs, feats, sizes, strict=True)
             ]
