@@ -12,8 +12,8 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from kd_nnp.evaluation.calculators import make_calculator, method_label
 from kd_nnp.evaluation.relax import (
-    paired_volume_distance,
     compare_structures,
+    paired_volume_distance,
     read_results,
     relax_structure,
     run_relax_benchmark,

@@ -27,7 +27,6 @@ def _init_build_worker(model_name: str, path: str | None, root: str, backbone_ke
 
     from kd_nnp.training.features import FeatureCache
     from kd_nnp.training.student import load_chgnet
-
     from kd_nnp.utils.memory import keep_freed_memory
 
     keep_freed_memory()  # fewer page faults in the Jacobian builds (kd_nnp/utils/memory.py)
@@ -64,7 +63,6 @@ def attach_feature_cache(
     on disk and loaded on the CPU either way; training moves what a step needs.
     """
     import torch
-
     from tqdm.auto import tqdm
 
     from kd_nnp.training.data import GraphCache
