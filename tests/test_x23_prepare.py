@@ -90,3 +90,16 @@ def test_x23_reduced_experiment_configs(exp, sweep):
             assert (c.loss.r_he, c.loss.r_se) == (10, 1.0)
         else:
             assert (c.loss.r_he, c.loss.r_se) == ((1.0, 0.0) if loss == "hard_only" else (0.0, 1.0))
+
+
+def test_x23_table1_forces_config():
+    """The force axis of Table 1 (issue 16): subsampled cached forces, rHE 0.1, rHF swept."""
+    cfg = _compose(["experiment=x23_table1_forces"])
+    sweep = {k: str(v) for k, v in cfg.hydra.sweeper.params.items()}
+    assert sweep == {"loss.r_he": "0.1", "loss.r_hf": "0.1,1,10", "data.n_train": "1000",
+                     "seed": "0"}  # fmt: skip
+    assert cfg.model.backend == "cached" and cfg.model.compute_forces
+    assert cfg.data.force_atoms == 2 and cfg.data.hard_reference == "student"
+    assert (cfg.loss.r_se, cfg.loss.r_sf) == (1.0, 1.0)
+    ref = _compose(["experiment=x23_table1_forces", "loss.r_he=0", "loss.r_hf=0"])
+    assert (ref.loss.r_he, ref.loss.r_hf, ref.loss.r_sf) == (0, 0, 1.0)

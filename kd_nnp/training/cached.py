@@ -18,6 +18,9 @@ from kd_nnp.utils.paths import cache_dir
 log = logging.getLogger(__name__)
 
 
+# cached features of a frame up to RAM_FRAME_BYTES are kept in memory, RAM_TOTAL_BYTES in all
+RAM_FRAME_BYTES = 2 * 2**20
+RAM_TOTAL_BYTES = 2 * 2**30
 _WORKER_CACHE: Any = None
 
 
@@ -83,7 +86,8 @@ def attach_feature_cache(
         return module.backend == "cached" or need <= module.max_feature_bytes
 
     entries: dict[str, Any] = {}  # graph key -> cache entry folder (hash the graph once)
-    in_memory: dict[str, Any] = {}  # graph key -> features (energy-only: a few KB per frame)
+    in_memory: dict[str, Any] = {}  # graph key -> features held in RAM (small frames)
+    held = [0]  # bytes held in RAM
 
     def loader(sample: Any, graph: Any) -> Any:
         """Features of ``sample``; ``graph`` may be None (loaded from disk the first time)."""
@@ -100,9 +104,15 @@ def attach_feature_cache(
         entries[key] = cache.path(graph)
         feats = cache.get(graph, forces=forces, stress=stress, entry=entries[key],
                           force_atoms=index)  # fmt: skip
-        if not (forces or stress):  # no Jacobian: keep the small arrays in RAM
-            feats.h = feats.h.clone()
+        # small entries (energy only: a few KB; M force atoms + strain: ~0.3 MB at 64 atoms)
+        # stay in RAM, so epochs do not reopen memory maps; full Jacobians stay mapped
+        nbytes = jacobian_nbytes(sample.n_atoms, stress, forces=forces, force_atoms=force_atoms)
+        if nbytes <= RAM_FRAME_BYTES and held[0] + nbytes <= RAM_TOTAL_BYTES:
+            for name in ("h", "jac_pos", "jac_strain"):
+                if getattr(feats, name) is not None:
+                    setattr(feats, name, getattr(feats, name).clone())
             in_memory[key] = feats
+            held[0] += nbytes
         return feats
 
     datamodule.feature_loader = loader
