@@ -115,9 +115,7 @@ def child_schemes(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_cached_fs(cfg: dict[str, Any]) -> dict[str, Any]:
-    """kd_nnp cached backend, soft-free E + F(M atoms) + S (hard labels), epochs timed."""
-    import torch
-
+    """kd_nnp cached backend, E + F (M atoms) + S on the hard labels, epochs timed."""
     from kd_nnp.training.cached import attach_feature_cache
     from kd_nnp.training.data import FramesDataModule
     from kd_nnp.training.loss import DistillationLoss
@@ -139,19 +137,7 @@ def child_cached_fs(cfg: dict[str, Any]) -> dict[str, Any]:
     timer = bench_training._epoch_timer()
     trainer = bench_training._lightning_trainer(cfg["epochs"], [timer])
     trainer.fit(module, datamodule=dm)
-    # the same steps on pre-collated batches: compute only
-    batches = list(dm.train_dataloader())
-    opt = torch.optim.Adam([p for p in module.student.parameters() if p.requires_grad], lr=1e-3)
-    compute = []
-    for _ in range(cfg["epochs"]):
-        t = time.perf_counter()
-        for batch in batches:
-            with torch.enable_grad():
-                value, _ = module.loss_fn(module(batch), batch)
-            opt.zero_grad()
-            value.backward()
-            opt.step()
-        compute.append(time.perf_counter() - t)
+    compute = bench_training.compute_epochs(module, dm, cfg["epochs"])
     return {"epoch_s": timer.times, "compute_epoch_s": compute, "build_s": build_s,
             "feature_cache": stats, "n_frames": len(dm.train_samples)}  # fmt: skip
 

@@ -177,7 +177,6 @@ def child_trainer(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def child_kdnnp(cfg: dict[str, Any]) -> dict[str, Any]:
     """kd_nnp's DistillationModule through lightning (backend from cfg), data module included."""
-    import torch
 
     from kd_nnp.training.cached import attach_feature_cache
     from kd_nnp.training.features import jacobian_nbytes
@@ -213,23 +212,30 @@ def child_kdnnp(cfg: dict[str, Any]) -> dict[str, Any]:
                 pass
             times.append(time.perf_counter() - t)
         out["loader_epoch_s"] = times
-        # the same steps on pre-collated batches: compute only (no loader, no Lightning)
-        batches = list(dm.train_dataloader())
-        opt = torch.optim.Adam([p for p in module.student.parameters() if p.requires_grad], lr=LR)
-        times = []
-        for _ in range(cfg["epochs"]):
-            t = time.perf_counter()
-            for batch in batches:
-                with torch.enable_grad():
-                    loss, _ = module.loss_fn(module(batch), batch)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            times.append(time.perf_counter() - t)
-        out["compute_epoch_s"] = times
+        out["compute_epoch_s"] = compute_epochs(module, dm, cfg["epochs"])
     else:  # step-0 check in this process (saves a process start): a fresh module
         out["check"] = child_check(cfg)
     return out
+
+
+def compute_epochs(module: Any, dm: Any, epochs: int) -> list[float]:
+    """Seconds per epoch of the module's steps on pre-collated batches: compute only (no
+    loader, no Lightning), Adam at LR."""
+    import torch
+
+    batches = list(dm.train_dataloader())
+    opt = torch.optim.Adam([p for p in module.student.parameters() if p.requires_grad], lr=LR)
+    times = []
+    for _ in range(epochs):
+        t = time.perf_counter()
+        for batch in batches:
+            with torch.enable_grad():
+                loss, _ = module.loss_fn(module(batch), batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def child_check(cfg: dict[str, Any]) -> dict[str, Any]:
