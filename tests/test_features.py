@@ -437,3 +437,62 @@ def test_keep_freed_memory_is_idempotent_and_harmless(model: CHGNet,
     after = compute_features(model, graphs[0], forces=True, stress=True, force_atoms=[0, 3])
     assert torch.equal(before.jac_pos, after.jac_pos)
     assert torch.equal(before.jac_strain, after.jac_strain)
+
+
+# --------------------------------------------------------------------------------------
+# molecule-rigid stress (data.stress_mode=molecular)
+def test_molecular_stress_jacobian_matches_chgnet_forces_and_stress(model: CHGNet) -> None:
+    """Pushing molecule-rigid strains through the backbone gives chgnet's affine stress plus
+    sym(offsets^T F)/V, the label formula (molecular_stress) applied to chgnet's own output."""
+    from kd_nnp.training.features import molecular_stress, molecule_offsets
+
+    row = connect(pyxtal_db("test")).get(id=ROWS[1])  # UREAXX02: 2 molecules of urea
+    atoms = row.toatoms()
+    rng = np.random.default_rng(7)
+    atoms.positions += rng.normal(scale=0.03, size=atoms.positions.shape)
+    graph = model.graph_converter(AseAtomsAdaptor.get_structure(atoms))
+    off = molecule_offsets(atoms)
+    assert np.abs(off).max() < 5.0 and len(off) == len(atoms)
+    feats = compute_features(model, graph, forces=False, stress=True, strain_offsets=off)
+    m = _perturbed(model, seed=8)
+    cached = predict_from_features(m.mlp, m.readout_norm, [feats], forces=False, stress=True)
+    full = predict_full(m, [graph], forces=True, stress=True)
+    gpa = 160.21766208
+    s_ase = full["s"][0].detach().numpy() / gpa  # GPa -> eV/A^3, ASE's sign
+    voigt = np.array([s_ase[0, 0], s_ase[1, 1], s_ase[2, 2], s_ase[1, 2], s_ase[0, 2], s_ase[0, 1]])
+    mol = molecular_stress(voigt, full["f"][0].detach().numpy(), off, atoms.get_volume()) * gpa
+    got = cached["s"][0].detach().numpy()
+    got_voigt = np.array([got[0, 0], got[1, 1], got[2, 2], got[1, 2], got[0, 2], got[0, 1]])
+    # float32: the two routes agree to rounding of the (larger) affine stress they cancel
+    scale = max(np.abs(mol).max(), np.abs(voigt * gpa).max())
+    assert np.abs(got_voigt - mol).max() <= 2e-4 * scale + 1e-4, (got_voigt, mol)
+    assert np.abs(mol - voigt * gpa).max() > 0.05 * scale  # not the affine stress again
+
+
+def test_molecular_stress_is_the_rigid_strain_derivative(chgnet_model) -> None:
+    """Physics check of the label formula: central differences of the energy along strains
+    that move molecules rigidly (the demo's strained frames) equal sigma + offsets^T F / V."""
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    from kd_nnp.data.sources.perturb import apply_strain
+    from kd_nnp.training.features import molecular_stress, molecule_offsets
+
+    atoms = connect(pyxtal_db("test")).get(id=ROWS[1]).toatoms()
+    atoms.positions += np.random.default_rng(3).normal(scale=0.02, size=atoms.positions.shape)
+    calc = CHGNetCalculator(model=chgnet_model, use_device="cpu")
+    atoms.calc = calc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mol = molecular_stress(atoms.get_stress(), atoms.get_forces(),
+                               molecule_offsets(atoms), atoms.get_volume())  # fmt: skip
+        h, vol = 4e-3, atoms.get_volume()
+        for k, (a, b) in enumerate([(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]):
+            e = np.zeros((3, 3))
+            e[a, b] = e[b, a] = 0.5 if a != b else 1.0
+            energies = []
+            for sign in (1, -1):
+                strained = apply_strain(atoms, sign * h * e, mode="molecular")
+                strained.calc = calc
+                energies.append(strained.get_potential_energy())
+            fd = (energies[0] - energies[1]) / (2 * h) / vol
+            assert abs(fd - mol[k]) <= 0.03 * np.abs(mol).max() + 2e-5, (k, fd, mol[k])

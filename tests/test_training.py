@@ -362,3 +362,35 @@ def test_feature_device_is_checked(labelled_store):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             attach_feature_cache(dm, module, prebuild=False, device="cuda")
+
+
+def test_molecular_stress_labels_and_backends_agree(labelled_store):
+    """data.stress_mode=molecular: stress targets are sigma + offsets^T F / V of the labels, and
+    the cached (molecule-rigid strain Jacobian) and full (chgnet + correction) backends give
+    the same loss."""
+    from kd_nnp.training.cached import attach_feature_cache
+    from kd_nnp.training.data import EV_A3_TO_GPA
+    from kd_nnp.training.features import molecular_stress
+
+    dm = _dm(labelled_store, force_atoms=3, stress_mode="molecular")
+    s0 = dm.val_samples[0]
+    assert s0.mol_offsets.shape == (s0.n_atoms, 3) and s0.volume > 0
+    loss = DistillationLoss(r_he=0, r_hf=0, r_se=1, r_sf=0.1, r_ss=0.1)
+    full = DistillationModule(loss=loss, backend="full")
+    batch = next(iter(dm.val_dataloader()))
+    want = molecular_stress(s0.soft.stress, s0.soft.forces, s0.mol_offsets, s0.volume)
+    assert torch.allclose(batch["soft_stress"][0], torch.tensor(want * EV_A3_TO_GPA).float(),
+                          rtol=1e-5, atol=1e-5)  # fmt: skip
+    affine = torch.tensor(s0.soft.stress * EV_A3_TO_GPA).float()
+    assert float((batch["soft_stress"][0] - affine).abs().max()) > 0.05
+    loss_full, terms_full = full.loss_fn(full(batch), batch)
+    cached = DistillationModule(loss=loss, backend="cached")
+    attach_feature_cache(dm, cached, prebuild=False)
+    cbatch = next(iter(dm.val_dataloader()))
+    loss_cached, terms_cached = cached.loss_fn(cached(cbatch), cbatch)
+    assert float(terms_cached["mae_soft_stress"]) == pytest.approx(
+        float(terms_full["mae_soft_stress"]), rel=1e-3, abs=1e-4
+    )
+    assert float(loss_cached) == pytest.approx(float(loss_full), rel=1e-3)
+    with pytest.raises(ValueError, match="stress_mode must be affine or molecular"):
+        _dm(labelled_store, stress_mode="rigid")

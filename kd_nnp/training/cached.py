@@ -44,7 +44,7 @@ def _build_task(item: dict[str, Any]) -> int:
 
     _WORKER_CACHE.get(
         GraphCache.load(item["graph_path"]), forces=item["forces"], stress=item["stress"],
-        force_atoms=item["force_atoms"],
+        force_atoms=item["force_atoms"], strain_offsets=item["strain_offsets"],
     )  # fmt: skip
     return _WORKER_CACHE.n_builds
 
@@ -97,13 +97,15 @@ def attach_feature_cache(
         if key in in_memory:
             return in_memory[key]
         index = sample.force_index if forces else None
+        offsets = sample.mol_offsets if stress else None
         if key in entries:
-            return cache.load_entry(entries[key], forces=forces, stress=stress, force_atoms=index)
+            return cache.load_entry(entries[key], forces=forces, stress=stress, force_atoms=index,
+                                    molecular=offsets is not None)  # fmt: skip
         if graph is None:
             graph = GraphCache.load(sample.graph_path)
         entries[key] = cache.path(graph)
         feats = cache.get(graph, forces=forces, stress=stress, entry=entries[key],
-                          force_atoms=index)  # fmt: skip
+                          force_atoms=index, strain_offsets=offsets)  # fmt: skip
         # small entries (energy only: a few KB; M force atoms + strain: ~0.3 MB at 64 atoms)
         # stay in RAM, so epochs do not reopen memory maps; full Jacobians stay mapped
         nbytes = jacobian_nbytes(sample.n_atoms, stress, forces=forces, force_atoms=force_atoms)
@@ -118,6 +120,7 @@ def attach_feature_cache(
     datamodule.feature_loader = loader
     stats: dict[str, Any] = {"frames": 0, "cached": 0, "full_path": 0, "built": 0,
                              "build_s": 0.0, "force_atoms": force_atoms, "stress": stress,
+                             "stress_mode": getattr(datamodule, "stress_mode", "affine"),
                              "device": str(device)}  # fmt: skip
     if prebuild:
         t0 = time.perf_counter()
@@ -143,6 +146,7 @@ def attach_feature_cache(
                         "forces": forces,
                         "stress": stress,
                         "force_atoms": s.force_index if forces else None,
+                        "strain_offsets": s.mol_offsets if stress else None,
                     },
                 )  # fmt: skip
                 for s in missing
@@ -170,7 +174,8 @@ def attach_feature_cache(
             n0 = cache.n_builds
             for s in tqdm(todo, desc="feature cache", smoothing=0.1):
                 cache.get(GraphCache.load(s.graph_path), forces=forces, stress=stress,
-                          force_atoms=s.force_index if forces else None)  # fmt: skip
+                          force_atoms=s.force_index if forces else None,
+                          strain_offsets=s.mol_offsets if stress else None)  # fmt: skip
             stats["built"] = cache.n_builds - n0
         stats["build_s"] = time.perf_counter() - t0
         log.info("feature cache: %s", stats)
@@ -184,4 +189,6 @@ def _complete(cache: Any, sample: Any, forces: bool, stress: bool) -> bool:
 
     entry = cache.path(GraphCache.load(sample.graph_path))
     index = sample.force_index if forces else None
-    return cache.complete(entry, forces=forces, stress=stress, force_atoms=index)
+    molecular = stress and sample.mol_offsets is not None
+    return cache.complete(entry, forces=forces, stress=stress, force_atoms=index,
+                          molecular=molecular)  # fmt: skip

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kd_nnp.data.store import Frame, FrameStore, Labels
 from kd_nnp.teachers.reference import ElementReference, fit_element_reference
-from kd_nnp.training.features import select_force_atoms
+from kd_nnp.training.features import molecular_stress, molecule_offsets, select_force_atoms
 from kd_nnp.utils.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,9 @@ class Sample:
     info: dict[str, Any] = field(default_factory=dict)
     # atoms whose forces enter losses and metrics (data.force_atoms); None = all atoms
     force_index: np.ndarray | None = None
+    # data.stress_mode=molecular: offsets of the atoms from their molecule centres, volume
+    mol_offsets: np.ndarray | None = None
+    volume: float | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -224,8 +227,12 @@ def _labels_tensors(
                     fm[offset : offset + n] = True
                 else:  # subsampled force atoms: only their components count
                     fm[offset + torch.as_tensor(smp.force_index, dtype=torch.long)] = True
-            if lab.stress is not None:
+            if lab.stress is not None and smp.mol_offsets is None:
                 s[i] = torch.as_tensor(lab.stress * EV_A3_TO_GPA, dtype=torch.float32)
+                sm[i] = True
+            elif lab.stress is not None and lab.forces is not None:  # molecule-rigid stress
+                mol = molecular_stress(lab.stress, lab.forces, smp.mol_offsets, smp.volume)
+                s[i] = torch.as_tensor(mol * EV_A3_TO_GPA, dtype=torch.float32)
                 sm[i] = True
         offset += n
     return {
@@ -251,6 +258,11 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "features": [it["features"] for it in items] if cached else None,
         "n_atoms": torch.as_tensor(n_atoms, dtype=torch.long),
     }
+    if any(s.mol_offsets is not None for s in samples):  # the full backend's molecular stress
+        batch["mol_offsets"] = torch.as_tensor(
+            np.concatenate([s.mol_offsets for s in samples]), dtype=torch.float32
+        )
+        batch["volumes"] = torch.as_tensor([s.volume for s in samples], dtype=torch.float32)
     batch.update(_labels_tensors(samples, "hard", n_atoms))
     batch.update(_labels_tensors(samples, "soft", n_atoms))
     return batch
@@ -285,6 +297,11 @@ class FramesDataModule(L.LightningDataModule):
             O(N^2)). None: every atom. The same frame gets the same atoms in every job.
         force_seed: seed of that choice (independent of ``seed``, so sweep jobs with other
             splits share the force caches).
+        stress_mode: ``affine`` (chgnet's stress: every atom follows the strain) or
+            ``molecular`` (molecules move rigidly with the cell: stress targets become
+            ``sigma + offsets^T F / V`` from the label's stress and forces, predictions the
+            same derivative of the student, exactly). The molecular stress leaves out the
+            covalent-bond terms that the student's own relaxation removes (docs/demo.md).
         graph_cache / student_model: cache folder and the CHGNet version whose converter
             and (for ``reference=student``) pretrained energies are used.
     """
@@ -306,6 +323,7 @@ class FramesDataModule(L.LightningDataModule):
         max_atoms: int | None = None,
         force_atoms: int | None = None,
         force_seed: int = 0,
+        stress_mode: str = "affine",
         graph_cache: str | None = None,
         student_model: str = "0.3.0",
         num_workers: int = 0,
@@ -336,6 +354,9 @@ class FramesDataModule(L.LightningDataModule):
             )
         self.force_atoms = None if force_atoms is None else int(force_atoms)
         self.force_seed = int(force_seed)
+        if stress_mode not in ("affine", "molecular"):
+            raise ValueError(f"data.stress_mode must be affine or molecular, got {stress_mode!r}")
+        self.stress_mode = stress_mode
         self.graph_cache_dir = graph_cache
         self.student_model = student_model
         self.num_workers = num_workers
@@ -400,7 +421,19 @@ class FramesDataModule(L.LightningDataModule):
             fr = by_id[fid]
             key, path = gcache.get(fr.atoms, graph_id=fid)
             numbers = np.asarray(fr.atoms.numbers)
+            offsets = volume = None
+            if self.stress_mode == "molecular":
+                try:
+                    offsets = molecule_offsets(fr.atoms)
+                    volume = float(fr.atoms.get_volume())
+                except ValueError as exc:  # a covalent network: no molecules to keep rigid
+                    raise ValueError(
+                        f"{self.store_path}: frame {fid}: data.stress_mode=molecular needs "
+                        f"molecules ({exc}); use stress_mode=affine or drop the frame"
+                    ) from exc
             return Sample(
+                mol_offsets=offsets,
+                volume=volume,
                 force_index=select_force_atoms(numbers, self.force_atoms, key, self.force_seed),
                 frame_id=fid,
                 graph_key=key,
@@ -427,6 +460,7 @@ class FramesDataModule(L.LightningDataModule):
             "graphs_built": gcache.n_built,
             "force_atoms": self.force_atoms,
             "force_seed": self.force_seed,
+            "stress_mode": self.stress_mode,
             "reference": self.reference.to_dict() if self.reference else None,
             "soft_energy_unaligned_frames": self.unaligned,
             "hard_reference": self.hard_reference.to_dict() if self.hard_reference else None,

@@ -42,6 +42,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,8 @@ __all__ = [
     "make_features_fn",
     "predict_from_features",
     "predict_full",
+    "molecular_stress",
+    "molecule_offsets",
     "select_force_atoms",
 ]
 
@@ -609,6 +612,34 @@ def _strain_jacobian(cols: Tensor) -> Tensor:
     return jac
 
 
+def molecule_offsets(atoms: Any) -> np.ndarray:
+    """(N, 3) position of each atom relative to the geometric centre of its molecule, with
+    molecules unwrapped across the cell (the centre the demo's rigid strains use).
+
+    Raises ValueError for a covalent network that percolates through the cell."""
+    from kd_nnp.data.sources.perturb import molecule_indices
+
+    labels, pos = molecule_indices(atoms)
+    off = np.empty_like(pos)
+    for m in np.unique(labels):
+        sel = labels == m
+        off[sel] = pos[sel] - pos[sel].mean(axis=0)
+    return off
+
+
+def molecular_stress(stress: np.ndarray, forces: np.ndarray, offsets: np.ndarray,
+                     volume: float) -> np.ndarray:  # fmt: skip
+    """Molecule-rigid stress from a calculator's stress and forces (same units as ``stress``
+    per eV/A^3: ASE's sign, Voigt (6,) in, Voigt (6,) out, symmetrised):
+    ``sigma_mol = sigma + offsets^T F / V``, the derivative of the energy (per volume) along
+    strains that move molecules rigidly (:func:`compute_features` with ``strain_offsets``)."""
+    from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
+
+    full = voigt_6_to_full_3x3_stress(np.asarray(stress, dtype=float))
+    extra = np.asarray(offsets, dtype=float).T @ np.asarray(forces, dtype=float) / volume
+    return full_3x3_to_voigt_6_stress(full + 0.5 * (extra + extra.T))
+
+
 def select_force_atoms(numbers: Sequence[int] | np.ndarray, m: int | None, key: str,
                        seed: int = 0) -> np.ndarray | None:  # fmt: skip
     """The ``m`` atoms of a frame whose force Jacobian columns are cached (sorted indices).
@@ -648,8 +679,16 @@ def compute_features(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     method: str = "auto",
     force_atoms: Sequence[int] | np.ndarray | Tensor | None = None,
+    strain_offsets: np.ndarray | Tensor | None = None,
 ) -> FrameFeatures:
     """Features and (optionally) their Jacobians of one frame, by forward-mode AD.
+
+    ``strain_offsets`` (N, 3): each atom's position relative to its molecule's centre
+    (unwrapped, :func:`molecule_offsets`). Given, the strain directions are *molecule-rigid*:
+    the cell and the molecular centres follow the strain, every molecule keeps its shape
+    (displacement ``-offset @ strain`` on top of the affine one), so the "stress" is the
+    molecular (intermolecular) stress ``sigma + offsets^T F / V``, free of the covalent-bond
+    terms that relaxation removes (see docs/demo.md). None: chgnet's affine stress.
 
     The 3M position directions (the three Cartesian components of each of the M atoms in
     ``force_atoms``; None = every atom, M = N) and the 6 symmetric strain directions are
@@ -685,6 +724,11 @@ def compute_features(
     t_strain_all = torch.zeros(n_dir, 3, 3, dtype=dtype)
     if stress:
         t_strain_all[n_pos:] = _strain_tangents(dtype)
+        if strain_offsets is not None:
+            off = torch.as_tensor(np.asarray(strain_offsets), dtype=dtype)
+            if tuple(off.shape) != (n, 3):
+                raise ValueError(f"strain_offsets must have shape ({n}, 3), got {tuple(off.shape)}")
+            t_disp_all[n_pos:] = -torch.einsum("na,kab->knb", off, t_strain_all[n_pos:])
     t_disp_all, t_strain_all = t_disp_all.to(dev), t_strain_all.to(dev)
 
     if n_dir:  # equal chunks of at most chunk_size (16 + 2 would pay a second primal pass)
@@ -986,13 +1030,14 @@ class FeatureCache:
         return entry / f"jac_pos.{tag}.npy", entry / f"force_index.{tag}.npy"
 
     def complete(self, entry: Path, *, forces: bool, stress: bool,
-                 force_atoms: Tensor | np.ndarray | None = None) -> bool:  # fmt: skip
+                 force_atoms: Tensor | np.ndarray | None = None,
+                 molecular: bool = False) -> bool:  # fmt: skip
         """Whether ``entry`` holds every array a :meth:`get` with these arguments loads."""
         pos_file, _ = self.pos_files(entry, force_atoms)
         return (
             (entry / "meta.json").is_file()
             and (not forces or pos_file.is_file())
-            and (not stress or (entry / "jac_strain.npy").is_file())
+            and (not stress or self.strain_file(entry, molecular).is_file())
         )
 
     def get(
@@ -1003,24 +1048,28 @@ class FeatureCache:
         stress: bool,
         entry: Path | None = None,
         force_atoms: Tensor | np.ndarray | Sequence[int] | None = None,
+        strain_offsets: np.ndarray | None = None,
     ) -> FrameFeatures:
         """Load the frame's features, building and storing what is missing first.
 
         ``entry``: ``path(graph)`` when the caller already has it (hashing a graph is not free).
         ``force_atoms``: sorted atom indices of a force subset (:func:`select_force_atoms`);
-        None = all atoms.
+        None = all atoms. ``strain_offsets``: molecule-rigid strain Jacobian (stored apart
+        from the affine one; the offsets follow from the frame's content).
         """
         entry = self.path(graph) if entry is None else entry
         index = None if force_atoms is None else np.asarray(force_atoms, dtype=np.int64)
         pos_file, index_file = self.pos_files(entry, index)
+        strain_file = self.strain_file(entry, strain_offsets is not None)
         meta_path = entry / "meta.json"
         need_pos = forces and not pos_file.is_file()
-        need_strain = stress and not (entry / "jac_strain.npy").is_file()
+        need_strain = stress and not strain_file.is_file()
         if need_pos or need_strain or not meta_path.is_file():
             entry.mkdir(parents=True, exist_ok=True)
             feats = compute_features(
                 self.model, graph.to(self.device), forces=need_pos, stress=need_strain,
                 chunk_size=self.chunk_size, force_atoms=index if need_pos else None,
+                strain_offsets=strain_offsets if need_strain else None,
             )  # fmt: skip
             self.n_builds += 1
             if feats.jac_pos is not None:
@@ -1028,7 +1077,7 @@ class FeatureCache:
                     _save_atomic(index_file, index)
                 _save_atomic(pos_file, feats.jac_pos.numpy())
             if feats.jac_strain is not None:
-                _save_atomic(entry / "jac_strain.npy", feats.jac_strain.numpy())
+                _save_atomic(strain_file, feats.jac_strain.numpy())
             if not meta_path.is_file():
                 _save_atomic(entry / "h.npy", feats.h.numpy())
                 meta = {
@@ -1043,7 +1092,13 @@ class FeatureCache:
                 with os.fdopen(fd, "w") as fh:
                     json.dump(meta, fh)
                 os.replace(tmp, meta_path)
-        return self._load(entry, forces=forces, stress=stress, force_atoms=index)
+        return self._load(entry, forces=forces, stress=stress, force_atoms=index,
+                          molecular=strain_offsets is not None)  # fmt: skip
+
+    @staticmethod
+    def strain_file(entry: Path, molecular: bool) -> Path:
+        """``jac_strain.npy`` (affine, chgnet's stress) or ``jac_strain.molecular.npy``."""
+        return entry / ("jac_strain.molecular.npy" if molecular else "jac_strain.npy")
 
     def load_entry(
         self,
@@ -1052,9 +1107,11 @@ class FeatureCache:
         forces: bool,
         stress: bool,
         force_atoms: Tensor | np.ndarray | Sequence[int] | None = None,
+        molecular: bool = False,
     ) -> FrameFeatures:
         """Load an entry already known to exist (``path(graph)`` of an earlier ``get``)."""
-        return self._load(entry, forces=forces, stress=stress, force_atoms=force_atoms)
+        return self._load(entry, forces=forces, stress=stress, force_atoms=force_atoms,
+                          molecular=molecular)  # fmt: skip
 
     @classmethod
     def _load(
@@ -1064,6 +1121,7 @@ class FeatureCache:
         forces: bool,
         stress: bool,
         force_atoms: Tensor | np.ndarray | Sequence[int] | None = None,
+        molecular: bool = False,
     ) -> FrameFeatures:
         index = None if force_atoms is None else np.asarray(force_atoms, dtype=np.int64)
         pos_file, index_file = cls.pos_files(entry, index)
@@ -1071,7 +1129,7 @@ class FeatureCache:
             meta = json.loads((entry / "meta.json").read_text())
             h = _load_mmap(entry / "h.npy")
             jac_pos = _load_mmap(pos_file) if forces else None
-            jac_strain = _load_mmap(entry / "jac_strain.npy") if stress else None
+            jac_strain = _load_mmap(cls.strain_file(entry, molecular)) if stress else None
             stored_index = np.load(index_file) if (forces and index_file is not None) else None
         except (OSError, ValueError) as exc:
             raise RuntimeError(

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanAbsoluteError, MeanMetric
 
-from kd_nnp.training.features import predict_from_features, predict_full
+from kd_nnp.training.features import EV_PER_A3_TO_GPA, predict_from_features, predict_full
 from kd_nnp.training.loss import QUANTITIES, TARGETS, DistillationLoss
 from kd_nnp.training.student import load_student, trainable_parameter_names
 
@@ -143,8 +143,28 @@ class DistillationModule(L.LightningModule):
                             "(feature cache and data.force_atoms disagree)"
                         )
         if st:
-            pred["stress"] = stress_to_voigt(torch.stack(list(out["s"]), dim=0))
+            stress = torch.stack(list(out["s"]), dim=0)
+            if batch.get("features") is None or self.backend == "full":
+                stress = self._molecular_correction(stress, out, batch)
+            pred["stress"] = stress_to_voigt(stress)
         return pred
+
+    @staticmethod
+    def _molecular_correction(stress: Tensor, out: dict[str, Any], batch: dict[str, Any]) -> Tensor:
+        """Full backend, ``data.stress_mode=molecular``: chgnet's affine stress plus
+        ``sym(offsets^T F) / V`` (the cached backend differentiates along the molecule-rigid
+        strains directly; both equal the same derivative)."""
+        if batch.get("mol_offsets") is None:
+            return stress
+        if "f" not in out:
+            raise ValueError("molecular stress on the full backend needs model.compute_forces")
+        sizes = batch["n_atoms"].tolist()
+        offsets = torch.split(batch["mol_offsets"].to(stress.device), sizes)
+        rows = []
+        for s, o, f, v in zip(stress, offsets, out["f"], batch["volumes"], strict=True):
+            extra = o.T @ f / v * EV_PER_A3_TO_GPA
+            rows.append(s + 0.5 * (extra + extra.T))
+        return torch.stack(rows, dim=0)
 
     # ------------------------------------------------------------------ steps
     def _step(self, batch: dict[str, Any], split: str) -> Tensor:
