@@ -63,7 +63,9 @@ def child_schemes(cfg: dict[str, Any]) -> dict[str, Any]:
         jacobian_nbytes,
         select_force_atoms,
     )
+    from kd_nnp.utils.memory import keep_freed_memory
 
+    keep_freed_memory()  # as the pipeline's build processes do
     device = cfg.get("device", "cpu")
     model = common.load_chgnet()
     (frame,) = pyxtal_frames("test", codes=[cfg["code"]])
