@@ -13,17 +13,23 @@ REPO = Path(__file__).resolve().parents[1]
 RUN_ALL = REPO / "experiments" / "bench" / "run_all.py"
 
 
-def test_run_all_quick_training_reports_equal_step0_loss(tmp_path):
+def _run_quick(tmp_path, section: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``run_all.py --quick --only SECTION`` in a subprocess: its result and bench record,
+    asserting it succeeded without a FAILED row."""
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
     r = subprocess.run(
-        [sys.executable, str(RUN_ALL), "--quick", "--only", "training",
-         "--train-codes", "OXALAC11", "--epochs", "1", "--out", str(tmp_path)],
+        [sys.executable, str(RUN_ALL), "--quick", "--only", section, *args, "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rec = json.loads((tmp_path / "bench_quick.json").read_text())
+    assert [x for x in rec["rows"] if x["value"] == "FAILED"] == [], rec["rows"]
+    return r, rec
+
+
+def test_run_all_quick_training_reports_equal_step0_loss(tmp_path):
+    r, rec = _run_quick(tmp_path, "training", "--train-codes", "OXALAC11", "--epochs", "1")
     rows = rec["rows"]
-    assert [x for x in rows if x["value"] == "FAILED"] == [], rows
     step0 = [x for x in rows if x["what"].startswith("step-0 loss")]
     assert len(step0) == 2 and all(x["ok"] is True for x in step0), step0
     check = rec["sections"]["training"]["result"]["check"]
@@ -39,15 +45,8 @@ def test_run_all_quick_training_reports_equal_step0_loss(tmp_path):
 def test_run_all_quick_cache_section(tmp_path):
     """The derivative-cache rows (issue 16): every scheme built and sized, and the E+F+S
     epoch of chgnet's Trainer against the cached subsampled path, without a failure."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    r = subprocess.run(
-        [sys.executable, str(RUN_ALL), "--quick", "--only", "cache", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rec = json.loads((tmp_path / "bench_quick.json").read_text())
+    _, rec = _run_quick(tmp_path, "cache")
     rows = rec["rows"]
-    assert [x for x in rows if x["value"] == "FAILED"] == [], rows
     builds = [x["what"] for x in rows if x["what"].startswith("build ")]
     assert [b.split(",")[0] for b in builds] == [
         "build full", "build M=2", "build M=4", "build M=8", "build strain", "build M=4+strain"

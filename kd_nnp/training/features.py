@@ -42,9 +42,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -1092,29 +1092,16 @@ class FeatureCache:
                 with os.fdopen(fd, "w") as fh:
                     json.dump(meta, fh)
                 os.replace(tmp, meta_path)
-        return self._load(entry, forces=forces, stress=stress, force_atoms=index,
-                          molecular=strain_offsets is not None)  # fmt: skip
+        return self.load_entry(entry, forces=forces, stress=stress, force_atoms=index,
+                               molecular=strain_offsets is not None)  # fmt: skip
 
     @staticmethod
     def strain_file(entry: Path, molecular: bool) -> Path:
         """``jac_strain.npy`` (affine, chgnet's stress) or ``jac_strain.molecular.npy``."""
         return entry / ("jac_strain.molecular.npy" if molecular else "jac_strain.npy")
 
-    def load_entry(
-        self,
-        entry: Path,
-        *,
-        forces: bool,
-        stress: bool,
-        force_atoms: Tensor | np.ndarray | Sequence[int] | None = None,
-        molecular: bool = False,
-    ) -> FrameFeatures:
-        """Load an entry already known to exist (``path(graph)`` of an earlier ``get``)."""
-        return self._load(entry, forces=forces, stress=stress, force_atoms=force_atoms,
-                          molecular=molecular)  # fmt: skip
-
     @classmethod
-    def _load(
+    def load_entry(
         cls,
         entry: Path,
         *,
@@ -1123,6 +1110,7 @@ class FeatureCache:
         force_atoms: Tensor | np.ndarray | Sequence[int] | None = None,
         molecular: bool = False,
     ) -> FrameFeatures:
+        """Load an entry already known to exist (``path(graph)`` of an earlier ``get``)."""
         index = None if force_atoms is None else np.asarray(force_atoms, dtype=np.int64)
         pos_file, index_file = cls.pos_files(entry, index)
         try:
