@@ -201,15 +201,17 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def _tiny_data(store) -> list[str]:
+    """The data overrides of the tiny CLI runs on the labelled test store."""
+    return [f"data.store={store}", "data.label_set=toy_teacher", "data.n_val=5",
+            "data.batch_size=5", "data.grouped=false"]  # fmt: skip
+
+
 def test_tiny_training_run_cli(labelled_store, tmp_path, chgnet_model):
     r = _cli(
         [
             "train",
-            f"data.store={labelled_store}",
-            "data.label_set=toy_teacher",
-            "data.n_val=5",
-            "data.batch_size=5",
-            "data.grouped=false",
+            *_tiny_data(labelled_store),
             "trainer.max_epochs=4",
             "loss=soft_only",
             "loss.r_sf=0.2",
@@ -319,11 +321,7 @@ def test_cached_forces_stress_run_cli_parallel_build(labelled_store, tmp_path):
     r = _cli(
         [
             "train",
-            f"data.store={labelled_store}",
-            "data.label_set=toy_teacher",
-            "data.n_val=5",
-            "data.batch_size=5",
-            "data.grouped=false",
+            *_tiny_data(labelled_store),
             "data.force_atoms=2",
             "trainer.max_epochs=3",
             "loss=soft_only",
