@@ -89,13 +89,6 @@ class FrameFeatures:
     # (M,) sorted atom indices whose position derivatives jac_pos holds; None = all atoms
     force_index: Tensor | None = None
 
-    @property
-    def force_atoms(self) -> Tensor:
-        """Indices of the atoms whose forces these features give (all atoms if not subsampled)."""
-        if self.force_index is not None:
-            return self.force_index
-        return torch.arange(self.n_atoms)
-
 
 # --------------------------------------------------------------------------------------
 # the backbone as a function of (displacement, strain) for one graph
@@ -617,14 +610,10 @@ def molecule_offsets(atoms: Any) -> np.ndarray:
     molecules unwrapped across the cell (the centre the demo's rigid strains use).
 
     Raises ValueError for a covalent network that percolates through the cell."""
-    from kd_nnp.data.sources.perturb import molecule_indices
+    from kd_nnp.data.sources.perturb import molecule_centres
 
-    labels, pos = molecule_indices(atoms)
-    off = np.empty_like(pos)
-    for m in np.unique(labels):
-        sel = labels == m
-        off[sel] = pos[sel] - pos[sel].mean(axis=0)
-    return off
+    _, pos, centres = molecule_centres(atoms)
+    return pos - centres
 
 
 def molecular_stress(stress: np.ndarray, forces: np.ndarray, offsets: np.ndarray,

@@ -87,6 +87,19 @@ def molecule_indices(atoms: Atoms, scale: float = 1.2) -> tuple[np.ndarray, np.n
     return labels, unwrapped
 
 
+def molecule_centres(atoms: Atoms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Molecule labels, unwrapped positions and, per atom, the geometric centre of its
+    molecule (N, 3):
+    the centre that molecule-rigid strains keep fixed relative to the cell (here and in the
+    molecular stress of :mod:`kd_nnp.training.features`)."""
+    labels, pos = molecule_indices(atoms)
+    centres = np.empty_like(pos)
+    for m in np.unique(labels):
+        sel = labels == m
+        centres[sel] = pos[sel].mean(axis=0)
+    return labels, pos, centres
+
+
 def apply_strain(atoms: Atoms, strain: np.ndarray, mode: str = "molecular") -> Atoms:
     """Deform the cell by ``(I + strain)`` (cell rows are lattice vectors)."""
     deform = np.eye(3) + np.asarray(strain, dtype=float)
@@ -98,11 +111,11 @@ def apply_strain(atoms: Atoms, strain: np.ndarray, mode: str = "molecular") -> A
         return new
     if mode != "molecular":
         raise ValueError(f"strain mode must be 'molecular' or 'affine', got {mode!r}")
-    labels, pos = molecule_indices(atoms)
+    labels, pos, centres = molecule_centres(atoms)
     out = pos.copy()
     for m in np.unique(labels):
         sel = labels == m
-        centre = pos[sel].mean(axis=0)
+        centre = centres[sel][0]
         out[sel] = pos[sel] - centre + centre @ deform
     new.set_cell(new_cell, scale_atoms=False)
     new.positions = out
