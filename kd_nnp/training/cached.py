@@ -44,7 +44,8 @@ def _build_task(item: dict[str, Any]) -> int:
 
     _WORKER_CACHE.get(
         GraphCache.load(item["graph_path"]), forces=item["forces"], stress=item["stress"],
-        force_atoms=item["force_atoms"], strain_offsets=item["strain_offsets"],
+        entry=item["entry"], force_atoms=item["force_atoms"],
+        strain_offsets=item["strain_offsets"],
     )  # fmt: skip
     return _WORKER_CACHE.n_builds
 
@@ -86,8 +87,25 @@ def attach_feature_cache(
         return module.backend == "cached" or need <= module.max_feature_bytes
 
     entries: dict[str, Any] = {}  # graph key -> cache entry folder (hash the graph once)
+    ready: set[str] = set()  # graph keys whose entry holds everything this run loads
     in_memory: dict[str, Any] = {}  # graph key -> features held in RAM (small frames)
     held = [0]  # bytes held in RAM
+
+    def build_args(sample: Any) -> dict[str, Any]:
+        """The sample's force subset and molecule offsets, as far as this run needs them."""
+        return {
+            "force_atoms": sample.force_index if forces else None,
+            "strain_offsets": sample.mol_offsets if stress else None,
+        }
+
+    def entry_of(sample: Any, graph: Any = None) -> Any:
+        """The sample's cache entry folder (its graph loaded and hashed the first time only)."""
+        key = sample.graph_key
+        if key not in entries:
+            entries[key] = cache.path(
+                graph if graph is not None else GraphCache.load(sample.graph_path)
+            )
+        return entries[key]
 
     def loader(sample: Any, graph: Any) -> Any:
         """Features of ``sample``; ``graph`` may be None (loaded from disk the first time)."""
@@ -96,16 +114,17 @@ def attach_feature_cache(
         key = sample.graph_key
         if key in in_memory:
             return in_memory[key]
-        index = sample.force_index if forces else None
-        offsets = sample.mol_offsets if stress else None
-        if key in entries:
-            return cache.load_entry(entries[key], forces=forces, stress=stress, force_atoms=index,
-                                    molecular=offsets is not None)  # fmt: skip
-        if graph is None:
-            graph = GraphCache.load(sample.graph_path)
-        entries[key] = cache.path(graph)
-        feats = cache.get(graph, forces=forces, stress=stress, entry=entries[key],
-                          force_atoms=index, strain_offsets=offsets)  # fmt: skip
+        args = build_args(sample)
+        if key in ready:  # built and complete: no graph, no file checks
+            feats = cache.load_entry(entries[key], forces=forces, stress=stress,
+                                     force_atoms=args["force_atoms"],
+                                     molecular=args["strain_offsets"] is not None)  # fmt: skip
+        else:
+            if graph is None:
+                graph = GraphCache.load(sample.graph_path)
+            feats = cache.get(graph, forces=forces, stress=stress, entry=entry_of(sample, graph),
+                              **args)  # fmt: skip
+            ready.add(key)
         # small entries (energy only: a few KB; M force atoms + strain: ~0.3 MB at 64 atoms)
         # stay in RAM, so epochs do not reopen memory maps; full Jacobians stay mapped
         nbytes = jacobian_nbytes(sample.n_atoms, stress, forces=forces, force_atoms=force_atoms)
@@ -136,17 +155,25 @@ def attach_feature_cache(
         if int(workers) > 1 and (forces or stress) and device == "cpu":
             from kd_nnp.utils.parallel import run_tasks
 
-            missing = [s for s in todo if not _complete(cache, s, forces, stress)]
+            missing = []
+            for s in todo:
+                args = build_args(s)
+                if cache.complete(entry_of(s), forces=forces, stress=stress,
+                                  force_atoms=args["force_atoms"],
+                                  molecular=args["strain_offsets"] is not None):  # fmt: skip
+                    ready.add(s.graph_key)
+                else:
+                    missing.append(s)
             cfg = module.student_cfg
             items = [
                 (
                     s.frame_id,
                     {
                         "graph_path": s.graph_path,
+                        "entry": entry_of(s),
                         "forces": forces,
                         "stress": stress,
-                        "force_atoms": s.force_index if forces else None,
-                        "strain_offsets": s.mol_offsets if stress else None,
+                        **build_args(s),
                     },
                 )  # fmt: skip
                 for s in missing
@@ -166,6 +193,7 @@ def attach_feature_cache(
                     f"frames are kept; rerun to resume): {errors[:3]}"
                 )
             stats["built"] = len(missing)
+            ready.update(s.graph_key for s in missing)
         else:
             if forces or stress:
                 from kd_nnp.utils.memory import keep_freed_memory
@@ -173,22 +201,12 @@ def attach_feature_cache(
                 keep_freed_memory()
             n0 = cache.n_builds
             for s in tqdm(todo, desc="feature cache", smoothing=0.1):
-                cache.get(GraphCache.load(s.graph_path), forces=forces, stress=stress,
-                          force_atoms=s.force_index if forces else None,
-                          strain_offsets=s.mol_offsets if stress else None)  # fmt: skip
+                graph = GraphCache.load(s.graph_path)
+                cache.get(graph, forces=forces, stress=stress, entry=entry_of(s, graph),
+                          **build_args(s))  # fmt: skip
+                ready.add(s.graph_key)
             stats["built"] = cache.n_builds - n0
         stats["build_s"] = time.perf_counter() - t0
         log.info("feature cache: %s", stats)
     datamodule.summary["feature_cache"] = stats
     return stats
-
-
-def _complete(cache: Any, sample: Any, forces: bool, stress: bool) -> bool:
-    """Whether the cache already holds every array this sample needs (no build)."""
-    from kd_nnp.training.data import GraphCache
-
-    entry = cache.path(GraphCache.load(sample.graph_path))
-    index = sample.force_index if forces else None
-    molecular = stress and sample.mol_offsets is not None
-    return cache.complete(entry, forces=forces, stress=stress, force_atoms=index,
-                          molecular=molecular)  # fmt: skip
