@@ -51,8 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kd-nnp: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func = VERBS[verb][0].split(":")
-    fn = getattr(importlib.import_module(module), func)
-    rc = fn(rest)
+    from kd_nnp.errors import KdNnpError
+
+    try:
+        fn = getattr(importlib.import_module(module), func)
+        rc = fn(rest)
+    except KdNnpError as err:
+        # a user error: one line naming what is wrong, no traceback (docs/architecture.md)
+        print(f"kd-nnp {verb}: error: {err}", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 

@@ -15,10 +15,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kd_nnp.errors import KdNnpError
+
 CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(KdNnpError, RuntimeError):
     """A download failed or its size/checksum did not match."""
 
 

@@ -35,11 +35,13 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from kd_nnp.errors import KdNnpError
+
 STORE_FORMAT_VERSION = 1
 _RESERVED = {"frame_id", "group_id", "source", "status", "error"}
 
 
-class StoreError(RuntimeError):
+class StoreError(KdNnpError, RuntimeError):
     """A store is missing, malformed, or an input frame is invalid."""
 
 

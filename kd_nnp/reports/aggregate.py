@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kd_nnp.errors import KdNnpError
+
 RATIOS = ("r_he", "r_hf", "r_se", "r_sf", "r_hs", "r_ss")
 RATIO_LABELS = {
     "r_he": "rHE",
@@ -69,7 +71,7 @@ _IGNORED_PREFIXES = (
 )
 
 
-class SweepError(ValueError):
+class SweepError(KdNnpError, ValueError):
     """The sweep directory cannot be read (missing, or no job folder in it)."""
 
 

@@ -25,16 +25,17 @@ import numpy as np
 from ase import Atoms
 
 from kd_nnp.data.store import Labels
+from kd_nnp.errors import KdNnpError
 from kd_nnp.utils.provenance import stable_hash
 
 PIP_EXTRA = "pip install 'kd_nnp[teachers]'"
 
 
-class TeacherImportError(ImportError):
+class TeacherImportError(KdNnpError, ImportError):
     """The package a teacher needs is not installed (message names the pip extra)."""
 
 
-class TeacherCheckError(RuntimeError):
+class TeacherCheckError(KdNnpError, RuntimeError):
     """A teacher failed its load-time check (message gives the reason)."""
 
 

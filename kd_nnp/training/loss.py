@@ -18,6 +18,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from kd_nnp.errors import KdNnpError
+
 TARGETS = ("hard", "soft")
 QUANTITIES = ("energy", "forces", "stress")
 RATIO_NAMES = {
@@ -30,7 +32,7 @@ RATIO_NAMES = {
 }
 
 
-class LossConfigError(ValueError):
+class LossConfigError(KdNnpError, ValueError):
     """The loss ratios are inconsistent with themselves or with the data."""
 
 
