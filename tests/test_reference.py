@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kd_nnp.teachers.reference import ElementReference, fit_element_reference
+from kd_nnp.training.reference import ElementReference, fit_element_reference
 
 
 def test_recovers_per_element_offsets():

@@ -71,7 +71,7 @@ def test_datamodule_reads_soft_and_hard_separately(labelled_store):
     # its soft energies cannot be aligned and are masked, not given a made-up offset
     val_ids = {s.frame_id for s in dm.val_samples}
     assert dm.unaligned and set(dm.unaligned) <= val_ids
-    assert all(s.soft_energy_aligned is None for s in dm.val_samples if s.frame_id in dm.unaligned)
+    assert all(s.soft_energy is None for s in dm.val_samples if s.frame_id in dm.unaligned)
 
 
 # a vdW-DF2-like hard scale: per-element offsets (eV/atom) away from CHGNet's own zero
@@ -118,13 +118,13 @@ def test_hard_reference_alignment(labelled_store, tmp_path):
     assert (
         dm.summary["hard_reference"]["shifts"] and dm.summary["hard_reference"]["rmse_after"] < 1e-4
     )
-    aligned = [s for s in dm.train_samples + dm.val_samples if s.hard_energy_aligned is not None]
+    aligned = [s for s in dm.train_samples + dm.val_samples if s.hard_energy is not None]
     assert len(aligned) >= len([s for s in dm.train_samples if s.hard is not None])
     for s in aligned:
-        assert s.hard_energy_aligned == pytest.approx(original[s.frame_id], abs=1e-3)
+        assert s.hard_energy == pytest.approx(original[s.frame_id], abs=1e-3)
     # energy differences within one composition are untouched
     a = [s for s in aligned if s.frame_id.startswith("UREAXX02")]
-    assert a[0].hard_energy_aligned - a[1].hard_energy_aligned == pytest.approx(
+    assert a[0].hard_energy - a[1].hard_energy == pytest.approx(
         a[0].hard.energy - a[1].hard.energy, abs=1e-6
     )
     # the held-out crystal's composition is outside the training span (3 training
@@ -144,8 +144,8 @@ def test_hard_reference_alignment(labelled_store, tmp_path):
     dm_h0 = _dm(labelled_store, reference="hard")
     for s, s0 in zip(dm_h.train_samples, dm_h0.train_samples):
         assert s.frame_id == s0.frame_id
-        if s.soft_energy_aligned is not None:
-            assert s.soft_energy_aligned == pytest.approx(s0.soft_energy_aligned, abs=1e-3)
+        if s.soft_energy is not None:
+            assert s.soft_energy == pytest.approx(s0.soft_energy, abs=1e-3)
     with pytest.raises(ValueError, match="hard_reference"):
         FramesDataModule(str(store), hard_reference="hard")
 

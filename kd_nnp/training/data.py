@@ -6,7 +6,7 @@
   then draws ``n_train`` training frames from a seeded permutation of the rest, so that for a
   given seed the Ntrain=100 set is inside the Ntrain=500 set (nested subsets share caches);
 - aligns soft energies with a per-element reference fitted on the training frames only
-  (:mod:`kd_nnp.teachers.reference`), recorded in ``reference`` and in the run folder; hard
+  (:mod:`kd_nnp.training.reference`), recorded in ``reference`` and in the run folder; hard
   energies likewise when ``hard_reference="student"`` (DFT labels on another absolute scale
   than the student's, e.g. vdW-DF2; the default ``none`` leaves them untouched);
 - converts structures to CHGNet graphs once, cached on disk by content hash
@@ -32,8 +32,8 @@ from ase import Atoms
 from torch.utils.data import DataLoader, Dataset
 
 from kd_nnp.data.store import Frame, FrameStore, Labels
-from kd_nnp.teachers.reference import ElementReference, fit_element_reference
 from kd_nnp.training.features import molecular_stress, molecule_offsets, select_force_atoms
+from kd_nnp.training.reference import ElementReference, fit_element_reference
 from kd_nnp.utils.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -163,10 +163,10 @@ class Sample:
     numbers: np.ndarray
     hard: Labels | None
     soft: Labels | None
-    soft_energy_aligned: float | None = None
-    # hard energy after the hard reference alignment (None: the raw hard energy is used)
-    hard_energy_aligned: float | None = None
-    hard_energy_masked: bool = False  # composition outside the hard reference's span
+    # the energies the losses see, after the reference alignments (None: no label, or a
+    # composition outside the span of the fitted reference, whose energy is masked)
+    hard_energy: float | None = None
+    soft_energy: float | None = None
     features: Any = None  # FrameFeatures when the feature cache is on
     info: dict[str, Any] = field(default_factory=dict)
     # atoms whose forces enter losses and metrics (data.force_atoms); None = all atoms
@@ -210,14 +210,7 @@ def _labels_tensors(
     for i, (smp, n) in enumerate(zip(samples, n_atoms)):
         lab = smp.hard if target == "hard" else smp.soft
         if lab is not None:
-            if target == "soft":
-                energy = smp.soft_energy_aligned
-            elif smp.hard_energy_masked:
-                energy = None
-            elif smp.hard_energy_aligned is not None:
-                energy = smp.hard_energy_aligned
-            else:
-                energy = lab.energy
+            energy = smp.hard_energy if target == "hard" else smp.soft_energy
             if energy is not None:
                 e[i] = energy / n
                 em[i] = True
@@ -281,7 +274,7 @@ class FramesDataModule(L.LightningDataModule):
         seed: draws the split and the training subset.
         grouped: split by ``group_id`` (no group in both train and validation).
         reference: soft-energy alignment, ``student`` | ``hard`` | ``none``
-            (see :mod:`kd_nnp.teachers.reference`).
+            (see :mod:`kd_nnp.training.reference`).
         hard_reference: hard-energy alignment, ``none`` (default: MPtrj-PBE labels are on
             CHGNet's own scale) | ``student`` (per-element shift onto the pretrained
             student's energies, for DFT labels on another absolute scale such as vdW-DF2).
@@ -446,8 +439,8 @@ class FramesDataModule(L.LightningDataModule):
 
         self.train_samples = [make(f) for f in pool]
         self.val_samples = [make(f) for f in val_ids]
-        self._fit_hard_reference()
-        self._fit_reference()
+        self.hard_reference, self.hard_unaligned = self._align("hard", self.hard_reference_method)
+        self.reference, self.unaligned = self._align("soft", self.reference_method)
         self.summary = {
             "store": str(self.store_path),
             "label_set": self.label_set,
@@ -469,86 +462,60 @@ class FramesDataModule(L.LightningDataModule):
         }
         log.info("data: %s", {k: v for k, v in self.summary.items() if "groups" not in k})
 
-    def _hard_energy(self, s: Sample) -> float | None:
-        """The hard energy the losses see (after the hard alignment; None when masked)."""
-        if s.hard is None or s.hard.energy is None or s.hard_energy_masked:
-            return None
-        return s.hard_energy_aligned if s.hard_energy_aligned is not None else s.hard.energy
+    def _align(self, target: str, method: str) -> tuple[ElementReference, list[str]]:
+        """Fit one per-element reference of the ``target`` ("hard" or "soft") energies on the
+        training frames and apply it to every frame.
 
-    def _fit_hard_reference(self) -> None:
-        """Per-element shift of the hard energies onto the pretrained student's scale."""
-        self.hard_unaligned = []
-        train_hard = [
-            s for s in self.train_samples if s.hard is not None and s.hard.energy is not None
-        ]
-        if self.hard_reference_method == "none" or not train_hard:
-            self.hard_reference = ElementReference("none")
-            return
-        target = self._pretrained_energies(train_hard)
-        self.hard_reference = fit_element_reference(
-            [s.numbers for s in train_hard],
-            [s.hard.energy for s in train_hard],
-            target,
-            "student",
-        )
-        for s in self.train_samples + self.val_samples:
-            if s.hard is not None and s.hard.energy is not None:
-                if self.hard_reference.identifiable(s.numbers):
-                    s.hard_energy_aligned = self.hard_reference.apply(s.numbers, s.hard.energy)
-                else:  # undetermined correction: no hard energy label for this frame
-                    s.hard_energy_masked = True
-                    self.hard_unaligned.append(s.frame_id)
-        if self.hard_unaligned:
-            log.warning(
-                "%d frame(s) have compositions outside the span of the training compositions; "
-                "their hard energies are masked (hard reference cannot align them): %s",
-                len(self.hard_unaligned),
-                self.hard_unaligned[:5],
-            )
+        ``method``: ``student`` (onto the pretrained student's energies), ``hard`` (onto the
+        hard energies the losses see, i.e. after the hard alignment) or ``none``. A frame whose
+        composition lies outside the span of the fitted ones gets no energy label (its
+        ``<target>_energy`` becomes None) and is returned in the list of unaligned frames.
+        """
 
-    def _fit_reference(self) -> None:
-        train_soft = [
-            s for s in self.train_samples if s.soft is not None and s.soft.energy is not None
-        ]
-        method = self.reference_method
-        if not train_soft or method == "none":
-            self.reference = ElementReference("none")
-        elif method == "hard":
-            pairs = [s for s in train_soft if self._hard_energy(s) is not None]
-            if not pairs:
-                raise ValueError(
-                    "reference=hard but no training frame has both hard and soft energy"
-                )
-            self.reference = fit_element_reference(
-                [s.numbers for s in pairs],
-                [s.soft.energy for s in pairs],
-                [self._hard_energy(s) for s in pairs],
-                "hard",
-            )
-        elif method == "student":
-            target = self._pretrained_energies(train_soft)
-            self.reference = fit_element_reference(
-                [s.numbers for s in train_soft],
-                [s.soft.energy for s in train_soft],
-                target,
-                "student",
-            )
+        def raw(s: Sample) -> float | None:
+            lab = s.hard if target == "hard" else s.soft
+            return None if lab is None else lab.energy
+
+        labelled = [s for s in self.train_samples if raw(s) is not None]
+        if method == "none" or not labelled:
+            ref = ElementReference("none")
         else:
-            raise ValueError(f"unknown data.reference {method!r}: use student, hard or none")
-        self.unaligned: list[str] = []
+            if method == "hard":
+                fit_on = [s for s in labelled if s.hard_energy is not None]
+                if not fit_on:
+                    raise ValueError(
+                        f"reference=hard but no training frame has both hard and {target} energy"
+                    )
+                goal = [s.hard_energy for s in fit_on]
+            elif method == "student":
+                fit_on = labelled
+                goal = self._pretrained_energies(fit_on)
+            else:
+                raise ValueError(f"unknown data.reference {method!r}: use student, hard or none")
+            log.info("%s energy reference (%s): fitting on %d frames", target, method, len(fit_on))
+            ref = fit_element_reference(
+                [s.numbers for s in fit_on], [raw(s) for s in fit_on], goal, method
+            )
+            log.info(
+                "%s energy reference (%s): done, RMS %.4g -> %.4g eV/atom",
+                target, method, ref.rmse_before, ref.rmse_after,
+            )  # fmt: skip
+        unaligned: list[str] = []
         for s in self.train_samples + self.val_samples:
-            if s.soft is not None and s.soft.energy is not None:
-                if self.reference.identifiable(s.numbers):
-                    s.soft_energy_aligned = self.reference.apply(s.numbers, s.soft.energy)
-                else:  # correction undetermined by the training compositions: no energy label
-                    self.unaligned.append(s.frame_id)
-        if self.unaligned:
+            energy = raw(s)
+            if energy is None:
+                continue
+            aligned = ref.apply(s.numbers, energy) if ref.identifiable(s.numbers) else None
+            setattr(s, f"{target}_energy", aligned)
+            if aligned is None:  # correction undetermined by the training compositions
+                unaligned.append(s.frame_id)
+        if unaligned:
             log.warning(
                 "%d frame(s) have compositions outside the span of the training compositions; "
-                "their soft energies are masked (reference cannot align them): %s",
-                len(self.unaligned),
-                self.unaligned[:5],
-            )
+                "their %s energies are masked (the %s reference cannot align them): %s",
+                len(unaligned), target, target, unaligned[:5],
+            )  # fmt: skip
+        return ref, unaligned
 
     def _pretrained_energies(self, samples: Sequence[Sample]) -> list[float]:
         """Total energies of the pretrained student on these frames (cached per graph)."""
