@@ -1,4 +1,4 @@
-"""Cached-feature training (kd_nnp.training.features) against chgnet's own autograd path.
+"""Cached-feature training (kd_nnp.training.jacobian, predict, cache.features) against chgnet's own autograd path.
 
 Small real organic crystals from pyxtal's shipped database (16-24 atoms), rattled and
 strained a little so that forces and stress are far from zero.
@@ -23,17 +23,14 @@ from chgnet.model import CHGNet
 from pymatgen.io.ase import AseAtomsAdaptor
 from torch import Tensor, nn
 
-from kd_nnp.training.features import (
-    FeatureCache,
+from kd_nnp.training.cache.features import FeatureCache, backbone_hash, graph_hash
+from kd_nnp.training.jacobian import (
     FrameFeatures,
-    backbone_hash,
     compute_features,
-    graph_hash,
     jacobian_nbytes,
-    predict_from_features,
-    predict_full,
     select_force_atoms,
 )
+from kd_nnp.training.predict import predict_from_features, predict_full
 from kd_nnp.utils.paths import pyxtal_db
 
 ROWS = (91, 93, 1)  # OXALAC11 (16 atoms), UREAXX02 (16), FORMAM (24)
@@ -444,7 +441,7 @@ def test_keep_freed_memory_is_idempotent_and_harmless(model: CHGNet,
 def test_molecular_stress_jacobian_matches_chgnet_forces_and_stress(model: CHGNet) -> None:
     """Pushing molecule-rigid strains through the backbone gives chgnet's affine stress plus
     sym(offsets^T F)/V, the label formula (molecular_stress) applied to chgnet's own output."""
-    from kd_nnp.training.features import molecular_stress, molecule_offsets
+    from kd_nnp.training.stress import molecular_stress, molecule_offsets
 
     row = connect(pyxtal_db("test")).get(id=ROWS[1])  # UREAXX02: 2 molecules of urea
     atoms = row.toatoms()
@@ -475,7 +472,7 @@ def test_molecular_stress_is_the_rigid_strain_derivative(chgnet_model) -> None:
     from chgnet.model.dynamics import CHGNetCalculator
 
     from kd_nnp.data.sources.perturb import apply_strain
-    from kd_nnp.training.features import molecular_stress, molecule_offsets
+    from kd_nnp.training.stress import molecular_stress, molecule_offsets
 
     atoms = connect(pyxtal_db("test")).get(id=ROWS[1]).toatoms()
     atoms.positions += np.random.default_rng(3).normal(scale=0.02, size=atoms.positions.shape)

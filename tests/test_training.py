@@ -280,7 +280,7 @@ def test_tiny_multirun_sweep(labelled_store, tmp_path):
 def test_force_subsets_reach_the_loss_cached_equals_full(labelled_store):
     """data.force_atoms: only M atoms per frame carry force labels in the batch, and the cached
     backend (subsampled Jacobians + stress) gives the full backend's loss on the same batch."""
-    from kd_nnp.training.cached import attach_feature_cache
+    from kd_nnp.training.cache.attach import attach_feature_cache
 
     dm = _dm(labelled_store, force_atoms=3)
     for s in dm.train_samples + dm.val_samples:
@@ -349,7 +349,7 @@ def test_feature_device_is_checked(labelled_store):
     """feature_device: 'auto' builds where torch can; an unusable device is a clear error."""
     import torch
 
-    from kd_nnp.training.cached import attach_feature_cache
+    from kd_nnp.training.cache.attach import attach_feature_cache
 
     dm = _dm(labelled_store, force_atoms=2)
     module = DistillationModule(loss=DistillationLoss(r_se=1, r_sf=1), backend="cached")
@@ -366,9 +366,8 @@ def test_molecular_stress_labels_and_backends_agree(labelled_store):
     """data.stress_mode=molecular: stress targets are sigma + offsets^T F / V of the labels, and
     the cached (molecule-rigid strain Jacobian) and full (chgnet + correction) backends give
     the same loss."""
-    from kd_nnp.training.cached import attach_feature_cache
-    from kd_nnp.training.data import EV_A3_TO_GPA
-    from kd_nnp.training.features import molecular_stress
+    from kd_nnp.training.cache.attach import attach_feature_cache
+    from kd_nnp.training.stress import EV_PER_A3_TO_GPA, molecular_stress
 
     dm = _dm(labelled_store, force_atoms=3, stress_mode="molecular")
     s0 = dm.val_samples[0]
@@ -377,9 +376,9 @@ def test_molecular_stress_labels_and_backends_agree(labelled_store):
     full = DistillationModule(loss=loss, backend="full")
     batch = next(iter(dm.val_dataloader()))
     want = molecular_stress(s0.soft.stress, s0.soft.forces, s0.mol_offsets, s0.volume)
-    assert torch.allclose(batch["soft_stress"][0], torch.tensor(want * EV_A3_TO_GPA).float(),
+    assert torch.allclose(batch["soft_stress"][0], torch.tensor(want * EV_PER_A3_TO_GPA).float(),
                           rtol=1e-5, atol=1e-5)  # fmt: skip
-    affine = torch.tensor(s0.soft.stress * EV_A3_TO_GPA).float()
+    affine = torch.tensor(s0.soft.stress * EV_PER_A3_TO_GPA).float()
     assert float((batch["soft_stress"][0] - affine).abs().max()) > 0.05
     loss_full, terms_full = full.loss_fn(full(batch), batch)
     cached = DistillationModule(loss=loss, backend="cached")

@@ -57,12 +57,8 @@ def child_schemes(cfg: dict[str, Any]) -> dict[str, Any]:
     from pymatgen.io.ase import AseAtomsAdaptor
 
     from kd_nnp.data.sources.pyxtal_db import pyxtal_frames
-    from kd_nnp.training.features import (
-        compute_features,
-        graph_hash,
-        jacobian_nbytes,
-        select_force_atoms,
-    )
+    from kd_nnp.training.cache.features import graph_hash
+    from kd_nnp.training.jacobian import compute_features, jacobian_nbytes, select_force_atoms
     from kd_nnp.utils.memory import keep_freed_memory
 
     keep_freed_memory()  # as the pipeline's build processes do
@@ -118,7 +114,7 @@ def child_schemes(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def child_cached_fs(cfg: dict[str, Any]) -> dict[str, Any]:
     """kd_nnp cached backend, E + F (M atoms) + S on the hard labels, epochs timed."""
-    from kd_nnp.training.cached import attach_feature_cache
+    from kd_nnp.training.cache.attach import attach_feature_cache
     from kd_nnp.training.data import FramesDataModule
     from kd_nnp.training.loss import DistillationLoss
     from kd_nnp.training.module import DistillationModule

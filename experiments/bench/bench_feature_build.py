@@ -20,7 +20,7 @@ from ase.db import connect
 from chgnet.model import CHGNet
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from kd_nnp.training import features as F
+from kd_nnp.training import jacobian as F
 from kd_nnp.utils.paths import pyxtal_db
 from kd_nnp.utils.threads import set_threads
 

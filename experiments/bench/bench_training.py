@@ -99,8 +99,9 @@ def _lightning_trainer(epochs: int, callbacks: list[Any]) -> Any:
 # ----------------------------------------------------------------------------- children
 def child_build(cfg: dict[str, Any]) -> dict[str, Any]:
     """Graph cache + one-time feature build of every frame; writes the frame order."""
-    from kd_nnp.training.data import GraphCache
-    from kd_nnp.training.features import FeatureCache, jacobian_nbytes
+    from kd_nnp.training.cache.features import FeatureCache
+    from kd_nnp.training.cache.graphs import GraphCache
+    from kd_nnp.training.jacobian import jacobian_nbytes
     from kd_nnp.utils.paths import cache_dir
 
     t = time.perf_counter()
@@ -132,7 +133,7 @@ def child_trainer(cfg: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from kd_nnp.data.store import FrameStore
-    from kd_nnp.training.data import GraphCache
+    from kd_nnp.training.cache.graphs import GraphCache
 
     if not Path(cfg["manifest"]).is_file():  # no build child ran: the data module's order
         dm = _datamodule(cfg)
@@ -178,8 +179,8 @@ def child_trainer(cfg: dict[str, Any]) -> dict[str, Any]:
 def child_kdnnp(cfg: dict[str, Any]) -> dict[str, Any]:
     """kd_nnp's DistillationModule through lightning (backend from cfg), data module included."""
 
-    from kd_nnp.training.cached import attach_feature_cache
-    from kd_nnp.training.features import jacobian_nbytes
+    from kd_nnp.training.cache.attach import attach_feature_cache
+    from kd_nnp.training.jacobian import jacobian_nbytes
 
     backend = cfg["backend"]
     dm = _datamodule(cfg)
@@ -243,9 +244,9 @@ def child_check(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
     from chgnet.trainer.trainer import CombinedLoss
 
-    from kd_nnp.training.cached import attach_feature_cache
-    from kd_nnp.training.data import GraphCache
-    from kd_nnp.training.features import predict_full
+    from kd_nnp.training.cache.attach import attach_feature_cache
+    from kd_nnp.training.cache.graphs import GraphCache
+    from kd_nnp.training.predict import predict_full
 
     dm = _datamodule(cfg)
     dm.setup("fit")

@@ -48,7 +48,7 @@ def profile_training(workdir: Path, epochs: int, top: int) -> None:
         return
     os.environ["KD_NNP_CACHE"] = str(cache)
     cfg = {"store": str(stores[-1].parent), "batch_size": 3, "epochs": epochs}
-    from kd_nnp.training.cached import attach_feature_cache
+    from kd_nnp.training.cache.attach import attach_feature_cache
 
     dm = bt._datamodule(cfg)
     dm.setup("fit")

@@ -10,16 +10,14 @@
   energies likewise when ``hard_reference="student"`` (DFT labels on another absolute scale
   than the student's, e.g. vdW-DF2; the default ``none`` leaves them untouched);
 - converts structures to CHGNet graphs once, cached on disk by content hash
-  (:class:`GraphCache`), so epochs, Ntrain subsets and sweep jobs reuse them.
+  (:class:`~kd_nnp.training.cache.graphs.GraphCache`), so epochs, Ntrain subsets and sweep jobs reuse them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,81 +26,18 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from ase import Atoms
 from torch.utils.data import DataLoader, Dataset
 
 from kd_nnp.data.store import Frame, FrameStore, Labels
-from kd_nnp.training.features import molecular_stress, molecule_offsets, select_force_atoms
+from kd_nnp.training.cache.graphs import GraphCache
+from kd_nnp.training.jacobian import select_force_atoms
 from kd_nnp.training.reference import ElementReference, fit_element_reference
+from kd_nnp.training.stress import EV_PER_A3_TO_GPA, molecular_stress, molecule_offsets
 from kd_nnp.utils.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-EV_A3_TO_GPA = 160.21766208
 HARD_REFERENCE_METHODS = ("none", "student")
-GRAPH_CACHE_VERSION = 1
-
-
-# --------------------------------------------------------------------------- graph cache
-def atoms_content_hash(atoms: Atoms) -> str:
-    h = hashlib.sha256()
-    h.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
-    h.update(np.round(np.asarray(atoms.positions, dtype=np.float64), 8).tobytes())
-    h.update(np.round(np.asarray(atoms.cell.array, dtype=np.float64), 8).tobytes())
-    return h.hexdigest()[:24]
-
-
-class GraphCache:
-    """CHGNet ``CrystalGraph`` per structure on disk: ``root/<key[:2]>/<key>.pt``.
-
-    The key hashes the structure (numbers, positions, cell) and the converter settings, so
-    identical frames in different stores and sweep jobs share one file. Writes are atomic
-    (temporary file + rename), so parallel jobs never read half a graph.
-    """
-
-    def __init__(self, root: str | Path | None = None, converter: Any = None) -> None:
-        from chgnet.graph import CrystalGraphConverter
-
-        self.root = Path(root) if root is not None else cache_dir() / "graphs"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.converter = converter or CrystalGraphConverter(
-            atom_graph_cutoff=6, bond_graph_cutoff=3, algorithm="fast"
-        )
-        c = self.converter
-        self._settings = f"v{GRAPH_CACHE_VERSION}|{c.atom_graph_cutoff}|{c.bond_graph_cutoff}"
-        self.n_built = 0
-
-    def key(self, atoms: Atoms) -> str:
-        return hashlib.sha256((atoms_content_hash(atoms) + self._settings).encode()).hexdigest()[
-            :32
-        ]
-
-    def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.pt"
-
-    def get(self, atoms: Atoms, graph_id: str = "") -> tuple[str, Path]:
-        """Build the graph if missing; return (key, path)."""
-        key = self.key(atoms)
-        path = self.path(key)
-        if not path.exists():
-            from pymatgen.io.ase import AseAtomsAdaptor
-
-            structure = AseAtomsAdaptor.get_structure(atoms)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graph = self.converter(structure, graph_id=graph_id)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(graph.to_dict(), tmp)
-            os.replace(tmp, path)
-            self.n_built += 1
-        return key, path
-
-    @staticmethod
-    def load(path: Path) -> Any:
-        from chgnet.graph import CrystalGraph
-
-        return CrystalGraph.from_dict(torch.load(path, weights_only=False))
 
 
 # --------------------------------------------------------------------------- splits
@@ -221,11 +156,11 @@ def _labels_tensors(
                 else:  # subsampled force atoms: only their components count
                     fm[offset + torch.as_tensor(smp.force_index, dtype=torch.long)] = True
             if lab.stress is not None and smp.mol_offsets is None:
-                s[i] = torch.as_tensor(lab.stress * EV_A3_TO_GPA, dtype=torch.float32)
+                s[i] = torch.as_tensor(lab.stress * EV_PER_A3_TO_GPA, dtype=torch.float32)
                 sm[i] = True
             elif lab.stress is not None and lab.forces is not None:  # molecule-rigid stress
                 mol = molecular_stress(lab.stress, lab.forces, smp.mol_offsets, smp.volume)
-                s[i] = torch.as_tensor(mol * EV_A3_TO_GPA, dtype=torch.float32)
+                s[i] = torch.as_tensor(mol * EV_PER_A3_TO_GPA, dtype=torch.float32)
                 sm[i] = True
         offset += n
     return {
@@ -285,7 +220,7 @@ class FramesDataModule(L.LightningDataModule):
         max_atoms: skip frames larger than this.
         force_atoms: force terms and force metrics use M atoms per frame (stratified by
             element, drawn from the frame's content hash and ``force_seed``, see
-            :func:`kd_nnp.training.features.select_force_atoms`) instead of all N; the
+            :func:`kd_nnp.training.jacobian.select_force_atoms`) instead of all N; the
             cached backend then stores only their Jacobian columns (O(N M) instead of
             O(N^2)). None: every atom. The same frame gets the same atoms in every job.
         force_seed: seed of that choice (independent of ``seed``, so sweep jobs with other

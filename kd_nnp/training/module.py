@@ -4,7 +4,7 @@ Two exact prediction paths give the same energies, forces, stresses and MLP grad
 
 - ``full``: CHGNet's own forward with autograd forces/stress through the frozen backbone;
 - ``cached``: features and their Jacobians cached once per frame
-  (:mod:`kd_nnp.training.features`), so a step touches only the MLP (issue 6).
+  (:mod:`kd_nnp.training.jacobian`, :mod:`kd_nnp.training.cache.features`), so a step touches only the MLP (issue 6).
 
 Forces need autograd in validation/test too: the Trainer must run with
 ``inference_mode=False`` (the configs do), and the steps re-enable grad explicitly.
@@ -20,19 +20,14 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanAbsoluteError, MeanMetric
 
-from kd_nnp.training.features import EV_PER_A3_TO_GPA, predict_from_features, predict_full
 from kd_nnp.training.loss import QUANTITIES, TARGETS, DistillationLoss
+from kd_nnp.training.predict import predict_from_features, predict_full
+from kd_nnp.training.stress import EV_PER_A3_TO_GPA, full_to_voigt
 from kd_nnp.training.student import load_student, trainable_parameter_names
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
-
-
-def stress_to_voigt(s: Tensor) -> Tensor:
-    """(..., 3, 3) -> (..., 6) in (xx, yy, zz, yz, xz, xy) order."""
-    return torch.stack([s[..., i, j] for i, j in VOIGT], dim=-1)
 
 
 class DistillationModule(L.LightningModule):
@@ -146,7 +141,7 @@ class DistillationModule(L.LightningModule):
             stress = torch.stack(list(out["s"]), dim=0)
             if batch.get("features") is None or self.backend == "full":
                 stress = self._molecular_correction(stress, out, batch)
-            pred["stress"] = stress_to_voigt(stress)
+            pred["stress"] = full_to_voigt(stress)
         return pred
 
     @staticmethod

@@ -67,7 +67,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule.setup("fit")
     module.loss_fn.check_available(datamodule.available())
     if module.backend != "full":
-        from kd_nnp.training.cached import attach_feature_cache
+        from kd_nnp.training.cache.attach import attach_feature_cache
 
         attach_feature_cache(
             datamodule, module, workers=int(cfg.get("feature_workers", 1)),

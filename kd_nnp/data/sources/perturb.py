@@ -91,7 +91,7 @@ def molecule_centres(atoms: Atoms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Molecule labels, unwrapped positions and, per atom, the geometric centre of its
     molecule (N, 3):
     the centre that molecule-rigid strains keep fixed relative to the cell (here and in the
-    molecular stress of :mod:`kd_nnp.training.features`)."""
+    molecular stress of :mod:`kd_nnp.training.stress`)."""
     labels, pos = molecule_indices(atoms)
     centres = np.empty_like(pos)
     for m in np.unique(labels):

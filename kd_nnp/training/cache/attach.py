@@ -1,4 +1,4 @@
-"""Glue between the data module and the exact feature cache (:mod:`kd_nnp.training.features`).
+"""Glue between the data module and the exact feature cache (:mod:`.features`).
 
 ``attach_feature_cache`` gives the data module a loader that returns each frame's cached
 features (building them once, on disk, content-addressed), so training steps never run the
@@ -28,7 +28,7 @@ def _init_build_worker(model_name: str, path: str | None, root: str, backbone_ke
     global _WORKER_CACHE
     from pathlib import Path
 
-    from kd_nnp.training.features import FeatureCache
+    from kd_nnp.training.cache.features import FeatureCache
     from kd_nnp.training.student import load_chgnet
     from kd_nnp.utils.memory import keep_freed_memory
 
@@ -40,7 +40,7 @@ def _init_build_worker(model_name: str, path: str | None, root: str, backbone_ke
 
 
 def _build_task(item: dict[str, Any]) -> int:
-    from kd_nnp.training.data import GraphCache
+    from kd_nnp.training.cache.graphs import GraphCache
 
     _WORKER_CACHE.get(
         GraphCache.load(item["graph_path"]), forces=item["forces"], stress=item["stress"],
@@ -69,8 +69,9 @@ def attach_feature_cache(
     import torch
     from tqdm.auto import tqdm
 
-    from kd_nnp.training.data import GraphCache
-    from kd_nnp.training.features import FeatureCache, jacobian_nbytes
+    from kd_nnp.training.cache.features import FeatureCache
+    from kd_nnp.training.cache.graphs import GraphCache
+    from kd_nnp.training.jacobian import jacobian_nbytes
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
