@@ -5,30 +5,45 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kd_nnp.training.batch import Batch, Prediction, Targets
 from kd_nnp.training.loss import DistillationLoss, LossConfigError, masked_mae
 
 
-def _batch():
-    # 2 frames: frame 0 has 2 atoms, frame 1 has 1 atom
-    return {
-        "hard_energy": torch.tensor([1.0, 2.0]),
-        "hard_energy_mask": torch.tensor([True, False]),
-        "hard_forces": torch.zeros(3, 3),
-        "hard_forces_mask": torch.tensor([True, True, False]),
-        "soft_energy": torch.tensor([0.5, 3.0]),
-        "soft_energy_mask": torch.tensor([True, True]),
-        "soft_forces": torch.ones(3, 3),
-        "soft_forces_mask": torch.tensor([True, True, True]),
-    }
+def _targets(**labels) -> Targets:
+    # 2 frames: frame 0 has 2 atoms, frame 1 has 1 atom; unlisted labels are masked out
+    empty = Targets.empty(2, 3)
+    return Targets(**{f: labels.get(f, getattr(empty, f)) for f in empty.__dataclass_fields__})
 
 
-def _pred():
-    return {"energy": torch.tensor([1.5, 2.5]), "forces": torch.full((3, 3), 0.5)}
+def _batch(hard=None, soft=None) -> Batch:
+    hard = hard or dict(
+        energy=torch.tensor([1.0, 2.0]),
+        energy_mask=torch.tensor([True, False]),
+        forces=torch.zeros(3, 3),
+        forces_mask=torch.tensor([True, True, False]),
+    )
+    soft = soft or dict(
+        energy=torch.tensor([0.5, 3.0]),
+        energy_mask=torch.tensor([True, True]),
+        forces=torch.ones(3, 3),
+        forces_mask=torch.tensor([True, True, True]),
+    )
+    return Batch(
+        frame_ids=["a", "b"],
+        n_atoms=torch.tensor([2, 1]),
+        hard=_targets(**hard),
+        soft=_targets(**soft),
+    )
+
+
+def _pred(**kw) -> Prediction:
+    return Prediction(energy=torch.tensor([1.5, 2.5]), forces=torch.full((3, 3), 0.5), **kw)
 
 
 def test_hand_computed_value():
     loss = DistillationLoss(r_he=2.0, r_hf=3.0, r_se=5.0, r_sf=7.0)
-    value, terms = loss(_pred(), _batch())
+    out = loss(_pred(), _batch())
+    value, terms = out.total, out.maes
     # hard E: only frame 0: |1.5-1| = 0.5 ; hard F: atoms 0,1 (6 comps) of |0.5-0| = 0.5
     # soft E: (|1.5-0.5| + |2.5-3|)/2 = 0.75 ; soft F: 9 comps of |0.5-1| = 0.5
     assert terms["mae_hard_energy"].item() == pytest.approx(0.5)
@@ -36,18 +51,25 @@ def test_hand_computed_value():
     assert terms["mae_soft_energy"].item() == pytest.approx(0.75)
     assert terms["mae_soft_forces"].item() == pytest.approx(0.5)
     assert value.item() == pytest.approx(2 * 0.5 + 3 * 0.5 + 5 * 0.75 + 7 * 0.5)
+    # the counts the module weights the epoch MAEs with; no stress was predicted
+    assert out.counts == {
+        "mae_hard_energy": 1,
+        "mae_hard_forces": 6,
+        "mae_soft_energy": 2,
+        "mae_soft_forces": 9,
+    }
 
 
 def test_ratios_are_not_normalised():
-    a, _ = DistillationLoss(1, 1, 1, 1)(_pred(), _batch())
-    b, _ = DistillationLoss(10, 10, 10, 10)(_pred(), _batch())
+    a = DistillationLoss(1, 1, 1, 1)(_pred(), _batch()).total
+    b = DistillationLoss(10, 10, 10, 10)(_pred(), _batch()).total
     assert b.item() == pytest.approx(10 * a.item())
 
 
 def test_masked_terms_do_not_count():
-    batch = _batch()
-    batch["hard_energy_mask"] = torch.tensor([False, False])
-    value, terms = DistillationLoss(r_he=1.0, r_hf=0, r_se=0, r_sf=0)(_pred(), batch)
+    batch = _batch(hard=dict(energy=torch.tensor([1.0, 2.0])))  # every hard label masked
+    out = DistillationLoss(r_he=1.0, r_hf=0, r_se=0, r_sf=0)(_pred(), batch)
+    value, terms = out.total, out.maes
     assert value.item() == 0.0 and "mae_hard_energy" not in terms
     mae, n = masked_mae(
         torch.tensor([1.0, 5.0]), torch.tensor([0.0, 0.0]), torch.tensor([True, False])
@@ -56,13 +78,10 @@ def test_masked_terms_do_not_count():
 
 
 def test_stress_terms():
-    pred = dict(_pred(), stress=torch.tensor([[1.0] * 6, [2.0] * 6]))
-    batch = dict(
-        _batch(),
-        soft_stress=torch.zeros(2, 6),
-        soft_stress_mask=torch.tensor([False, True]),
-    )
-    value, terms = DistillationLoss(r_he=0, r_hf=0, r_se=0, r_sf=0, r_ss=4.0)(pred, batch)
+    pred = _pred(stress=torch.tensor([[1.0] * 6, [2.0] * 6]))
+    batch = _batch(soft=dict(stress=torch.zeros(2, 6), stress_mask=torch.tensor([False, True])))
+    out = DistillationLoss(r_he=0, r_hf=0, r_se=0, r_sf=0, r_ss=4.0)(pred, batch)
+    value, terms = out.total, out.maes
     assert terms["mae_soft_stress"].item() == pytest.approx(2.0)
     assert value.item() == pytest.approx(8.0)
 
@@ -93,11 +112,15 @@ def test_gradient_matches_finite_difference():
     lin = torch.nn.Linear(4, 1).double()
     x = torch.randn(5, 4, dtype=torch.double)
     target = torch.randn(5, dtype=torch.double)
-    batch = {"soft_energy": target, "soft_energy_mask": torch.tensor([1, 1, 0, 1, 1]).bool()}
+    empty = Targets.empty(5, 5)
+    soft = Targets(**{**empty.__dict__, "energy": target,
+                      "energy_mask": torch.tensor([1, 1, 0, 1, 1]).bool()})  # fmt: skip
+    batch = Batch(frame_ids=list("abcde"), n_atoms=torch.ones(5, dtype=torch.long),
+                  hard=empty, soft=soft)  # fmt: skip
     loss = DistillationLoss(r_he=0, r_hf=0, r_se=2.0, r_sf=0)
 
     def f():
-        return loss({"energy": lin(x).squeeze(-1)}, batch)[0]
+        return loss(Prediction(energy=lin(x).squeeze(-1)), batch).total
 
     f().backward()
     g = lin.weight.grad.clone()

@@ -56,10 +56,10 @@ def test_datamodule_reads_soft_and_hard_separately(labelled_store):
     assert not set(val_groups) & set(train_groups)
     # the soft labels are the teacher's, not the hard ones (the chgnet-KD reader bug)
     batch = next(iter(dm.train_dataloader()))
-    both = batch["hard_energy_mask"] & batch["soft_energy_mask"]
+    both = batch.hard.energy_mask & batch.soft.energy_mask
     assert both.any()
-    assert not torch.allclose(batch["hard_energy"][both], batch["soft_energy"][both], atol=1e-3)
-    assert not torch.allclose(batch["hard_forces"], batch["soft_forces"], atol=1e-4)
+    assert not torch.allclose(batch.hard.energy[both], batch.soft.energy[both], atol=1e-3)
+    assert not torch.allclose(batch.hard.forces, batch.soft.forces, atol=1e-4)
     # teacher-only frames (OXALAC02) carry soft labels and no hard ones
     all_train = [s for s in dm.train_samples + dm.val_samples if s.frame_id.startswith("OXALAC02")]
     assert all(s.hard is None and s.soft is not None for s in all_train)
@@ -106,8 +106,8 @@ def test_hard_reference_alignment(labelled_store, tmp_path):
     batch = collate([FramesDataset(dm0.train_samples)[i] for i in range(len(dm0.train_samples))])
     for k, s in enumerate(dm0.train_samples):
         if s.hard is not None:
-            assert batch["hard_energy_mask"][k]
-            assert batch["hard_energy"][k].item() == pytest.approx(s.hard.energy / s.n_atoms)
+            assert batch.hard.energy_mask[k]
+            assert batch.hard.energy[k].item() == pytest.approx(s.hard.energy / s.n_atoms)
             assert s.hard.energy != pytest.approx(original[s.frame_id], abs=0.1)
 
     # hard_reference=student: the known per-element offset is removed exactly (the hard labels
@@ -134,9 +134,9 @@ def test_hard_reference_alignment(labelled_store, tmp_path):
     vb = collate([FramesDataset(dm.val_samples)[i] for i in range(len(dm.val_samples))])
     for k, s in enumerate(dm.val_samples):
         if s.frame_id in masked:
-            assert not vb["hard_energy_mask"][k] and vb["hard_forces_mask"].any()
+            assert not vb.hard.energy_mask[k] and vb.hard.forces_mask.any()
         elif s.hard is not None:
-            assert vb["hard_energy"][k].item() == pytest.approx(
+            assert vb.hard.energy[k].item() == pytest.approx(
                 original[s.frame_id] / s.n_atoms, abs=1e-4
             )
     # the soft alignment onto hard energies uses the aligned ones
@@ -155,7 +155,7 @@ def test_soft_and_hard_reach_the_loss_separately(labelled_store):
     module = DistillationModule(loss=DistillationLoss(r_he=1, r_hf=1, r_se=1, r_sf=1))
     batch = next(iter(dm.val_dataloader()))
     pred = module(batch)
-    _, terms = module.loss_fn(pred, batch)
+    terms = module.loss_fn(pred, batch).maes
     assert terms["mae_hard_energy"].item() < 1e-4  # hard labels are the pretrained CHGNet's
     assert terms["mae_soft_energy"].item() > 10 * terms["mae_hard_energy"].item()
     assert terms["mae_soft_forces"].item() > terms["mae_hard_forces"].item()
@@ -293,24 +293,26 @@ def test_force_subsets_reach_the_loss_cached_equals_full(labelled_store):
     full = DistillationModule(loss=loss, backend="full")
     batch = next(iter(dm.val_dataloader()))
     for t in ("soft", "hard"):
-        per_frame = torch.split(batch[f"{t}_forces_mask"], batch["n_atoms"].tolist())
+        per_frame = torch.split(batch.targets(t).forces_mask, batch.n_atoms.tolist())
         labelled = [
             bool(getattr(s, t) is not None and getattr(s, t).forces is not None)
             for s in dm.val_samples[: len(per_frame)]
         ]
         assert [int(m.sum()) for m in per_frame] == [3 if ok else 0 for ok in labelled]
-    loss_full, terms_full = full.loss_fn(full(batch), batch)
+    out_full = full.loss_fn(full(batch), batch)
+    loss_full, terms_full = out_full.total, out_full.maes
 
     cached = DistillationModule(loss=loss, backend="cached")
     attach_feature_cache(dm, cached, prebuild=False)
     cbatch = next(iter(dm.val_dataloader()))
-    assert cbatch["features"] is not None and cbatch["graphs"] is None
-    loss_cached, terms_cached = cached.loss_fn(cached(cbatch), cbatch)
+    assert cbatch.features is not None and cbatch.graphs is None
+    out_cached = cached.loss_fn(cached(cbatch), cbatch)
+    loss_cached, terms_cached = out_cached.total, out_cached.maes
     assert float(loss_cached) == pytest.approx(float(loss_full), rel=2e-4)
     for k in ("mae_soft_forces", "mae_soft_stress", "mae_soft_energy"):
         assert float(terms_cached[k]) == pytest.approx(float(terms_full[k]), rel=2e-4, abs=1e-6)
     # a label on an atom whose forces were not cached is refused, never trained towards 0
-    cbatch["soft_forces_mask"][:] = True
+    cbatch.soft.forces_mask[:] = True
     with pytest.raises(RuntimeError, match="force_atoms disagree"):
         cached(cbatch)
 
@@ -376,15 +378,17 @@ def test_molecular_stress_labels_and_backends_agree(labelled_store):
     full = DistillationModule(loss=loss, backend="full")
     batch = next(iter(dm.val_dataloader()))
     want = molecular_stress(s0.soft.stress, s0.soft.forces, s0.mol_offsets, s0.volume)
-    assert torch.allclose(batch["soft_stress"][0], torch.tensor(want * EV_PER_A3_TO_GPA).float(),
+    assert torch.allclose(batch.soft.stress[0], torch.tensor(want * EV_PER_A3_TO_GPA).float(),
                           rtol=1e-5, atol=1e-5)  # fmt: skip
     affine = torch.tensor(s0.soft.stress * EV_PER_A3_TO_GPA).float()
-    assert float((batch["soft_stress"][0] - affine).abs().max()) > 0.05
-    loss_full, terms_full = full.loss_fn(full(batch), batch)
+    assert float((batch.soft.stress[0] - affine).abs().max()) > 0.05
+    out_full = full.loss_fn(full(batch), batch)
+    loss_full, terms_full = out_full.total, out_full.maes
     cached = DistillationModule(loss=loss, backend="cached")
     attach_feature_cache(dm, cached, prebuild=False)
     cbatch = next(iter(dm.val_dataloader()))
-    loss_cached, terms_cached = cached.loss_fn(cached(cbatch), cbatch)
+    out_cached = cached.loss_fn(cached(cbatch), cbatch)
+    loss_cached, terms_cached = out_cached.total, out_cached.maes
     assert float(terms_cached["mae_soft_stress"]) == pytest.approx(
         float(terms_full["mae_soft_stress"]), rel=1e-3, abs=1e-4
     )

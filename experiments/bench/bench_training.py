@@ -231,7 +231,7 @@ def compute_epochs(module: Any, dm: Any, epochs: int) -> list[float]:
         t = time.perf_counter()
         for batch in batches:
             with torch.enable_grad():
-                loss, _ = module.loss_fn(module(batch), batch)
+                loss = module.loss_fn(module(batch), batch).total
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -241,6 +241,8 @@ def compute_epochs(module: Any, dm: Any, epochs: int) -> list[float]:
 
 def child_check(cfg: dict[str, Any]) -> dict[str, Any]:
     """Step 0, first batch, one model: chgnet forward + CombinedLoss vs kd_nnp backends."""
+    from dataclasses import replace
+
     import torch
     from chgnet.trainer.trainer import CombinedLoss
 
@@ -253,26 +255,26 @@ def child_check(cfg: dict[str, Any]) -> dict[str, Any]:
     module = _module("cached")
     attach_feature_cache(dm, module, prebuild=False)
     batch = next(iter(dm.train_dataloader()))
-    assert batch["features"] is not None, "the first batch has no cached features"
-    if not batch.get("graphs"):  # a cached batch may come without graphs: the full path needs them
+    assert batch.features is not None, "the first batch has no cached features"
+    if not batch.graphs:  # a cached batch may come without graphs: the full path needs them
         by_id = {s.frame_id: s for s in dm.train_samples}
-        graphs = [GraphCache.load(by_id[f].graph_path) for f in batch["frame_ids"]]
-        batch = dict(batch, graphs=graphs)
+        graphs = [GraphCache.load(by_id[f].graph_path) for f in batch.frame_ids]
+        batch = replace(batch, graphs=graphs)
     params = [p for p in module.student.mlp.parameters()]
-    sizes = batch["n_atoms"].tolist()
-    targets = {"e": batch["hard_energy"], "f": list(torch.split(batch["hard_forces"], sizes))}
+    sizes = batch.n_atoms.tolist()
+    targets = {"e": batch.hard.energy, "f": list(torch.split(batch.hard.forces, sizes))}
     criterion = CombinedLoss(target_str="ef", criterion="MAE", energy_loss_ratio=1,
                              force_loss_ratio=1)  # fmt: skip
-    pred = predict_full(module.student, batch["graphs"], forces=True, stress=False)
+    pred = predict_full(module.student, batch.graphs, forces=True, stress=False)
     loss_chgnet = criterion(targets, pred)["loss"]
     g_chgnet = torch.autograd.grad(loss_chgnet, params)
-    out: dict[str, Any] = {"frame_ids": batch["frame_ids"], "loss_chgnet": float(loss_chgnet)}
+    out: dict[str, Any] = {"frame_ids": batch.frame_ids, "loss_chgnet": float(loss_chgnet)}
     scale = max(float(g.abs().max()) for g in g_chgnet)
     out["grad_max_abs"] = scale
     for backend in ("cached", "full"):
         module.backend = backend
         with torch.enable_grad():
-            loss, _ = module.loss_fn(module(batch), batch)
+            loss = module.loss_fn(module(batch), batch).total
         grads = torch.autograd.grad(loss, params)
         diff = max(float((a - b).abs().max()) for a, b in zip(grads, g_chgnet, strict=True))
         out[f"loss_{backend}"] = float(loss)

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kd_nnp.data.store import Frame, FrameStore, Labels
+from kd_nnp.training.batch import Batch, Targets
 from kd_nnp.training.cache.graphs import GraphCache
 from kd_nnp.training.jacobian import select_force_atoms
 from kd_nnp.training.reference import ElementReference, fit_element_reference
@@ -131,69 +132,60 @@ class FramesDataset(Dataset):
         return {"sample": s, "graph": graph, "features": feats}
 
 
-def _labels_tensors(
-    samples: Sequence[Sample], target: str, n_atoms: Sequence[int]
-) -> dict[str, torch.Tensor]:
-    b, total = len(samples), int(sum(n_atoms))
-    e = torch.zeros(b)
-    em = torch.zeros(b, dtype=torch.bool)
-    f = torch.zeros(total, 3)
-    fm = torch.zeros(total, dtype=torch.bool)
-    s = torch.zeros(b, 6)
-    sm = torch.zeros(b, dtype=torch.bool)
+def _targets(samples: Sequence[Sample], target: str, n_atoms: Sequence[int]) -> Targets:
+    """The ``target`` ("hard" | "soft") labels of ``samples`` with their masks."""
+    out = Targets.empty(len(samples), int(sum(n_atoms)))
     offset = 0
     for i, (smp, n) in enumerate(zip(samples, n_atoms)):
         lab = smp.hard if target == "hard" else smp.soft
         if lab is not None:
             energy = smp.hard_energy if target == "hard" else smp.soft_energy
             if energy is not None:
-                e[i] = energy / n
-                em[i] = True
+                out.energy[i] = energy / n
+                out.energy_mask[i] = True
             if lab.forces is not None:
-                f[offset : offset + n] = torch.tensor(np.asarray(lab.forces), dtype=torch.float32)
+                out.forces[offset : offset + n] = torch.tensor(np.asarray(lab.forces))
                 if smp.force_index is None:
-                    fm[offset : offset + n] = True
+                    out.forces_mask[offset : offset + n] = True
                 else:  # subsampled force atoms: only their components count
-                    fm[offset + torch.as_tensor(smp.force_index, dtype=torch.long)] = True
+                    out.forces_mask[offset + torch.as_tensor(smp.force_index, dtype=torch.long)] = (
+                        True
+                    )
             if lab.stress is not None and smp.mol_offsets is None:
-                s[i] = torch.as_tensor(lab.stress * EV_PER_A3_TO_GPA, dtype=torch.float32)
-                sm[i] = True
+                out.stress[i] = torch.as_tensor(lab.stress * EV_PER_A3_TO_GPA, dtype=torch.float32)
+                out.stress_mask[i] = True
             elif lab.stress is not None and lab.forces is not None:  # molecule-rigid stress
                 mol = molecular_stress(lab.stress, lab.forces, smp.mol_offsets, smp.volume)
-                s[i] = torch.as_tensor(mol * EV_PER_A3_TO_GPA, dtype=torch.float32)
-                sm[i] = True
+                out.stress[i] = torch.as_tensor(mol * EV_PER_A3_TO_GPA, dtype=torch.float32)
+                out.stress_mask[i] = True
         offset += n
-    return {
-        f"{target}_energy": e,
-        f"{target}_energy_mask": em,
-        f"{target}_forces": f,
-        f"{target}_forces_mask": fm,
-        f"{target}_stress": s,
-        f"{target}_stress_mask": sm,
-    }
+    return out
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+def collate(items: list[dict[str, Any]]) -> Batch:
     samples = [it["sample"] for it in items]
     n_atoms = [s.n_atoms for s in samples]
     cached = all(it["features"] is not None for it in items)
-    batch: dict[str, Any] = {
-        "frame_ids": [s.frame_id for s in samples],
+    molecular = any(s.mol_offsets is not None for s in samples)  # full backend's molecular stress
+    return Batch(
+        frame_ids=[s.frame_id for s in samples],
+        n_atoms=torch.as_tensor(n_atoms, dtype=torch.long),
+        hard=_targets(samples, "hard", n_atoms),
+        soft=_targets(samples, "soft", n_atoms),
         # the full path needs every graph of the batch; the cached path needs none
-        "graphs": None
+        graphs=None
         if cached
         else [it["graph"] or GraphCache.load(it["sample"].graph_path) for it in items],
-        "features": [it["features"] for it in items] if cached else None,
-        "n_atoms": torch.as_tensor(n_atoms, dtype=torch.long),
-    }
-    if any(s.mol_offsets is not None for s in samples):  # the full backend's molecular stress
-        batch["mol_offsets"] = torch.as_tensor(
+        features=[it["features"] for it in items] if cached else None,
+        mol_offsets=torch.as_tensor(
             np.concatenate([s.mol_offsets for s in samples]), dtype=torch.float32
         )
-        batch["volumes"] = torch.as_tensor([s.volume for s in samples], dtype=torch.float32)
-    batch.update(_labels_tensors(samples, "hard", n_atoms))
-    batch.update(_labels_tensors(samples, "soft", n_atoms))
-    return batch
+        if molecular
+        else None,
+        volumes=torch.as_tensor([s.volume for s in samples], dtype=torch.float32)
+        if molecular
+        else None,
+    )
 
 
 # --------------------------------------------------------------------------- datamodule

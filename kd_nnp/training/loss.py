@@ -14,14 +14,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from kd_nnp.errors import KdNnpError
+from kd_nnp.training.batch import Batch, Prediction
 
-TARGETS = ("hard", "soft")
-QUANTITIES = ("energy", "forces", "stress")
 RATIO_NAMES = {
     ("hard", "energy"): "r_he",
     ("hard", "forces"): "r_hf",
@@ -34,6 +34,18 @@ RATIO_NAMES = {
 
 class LossConfigError(KdNnpError, ValueError):
     """The loss ratios are inconsistent with themselves or with the data."""
+
+
+@dataclass(frozen=True)
+class LossResult:
+    """The loss and its terms: ``maes[f"mae_{target}_{quantity}"]`` (detached, unweighted)
+    with ``counts`` (number of scalar components averaged) for every term that had a labelled
+    component in the batch. The module logs these (count-weighted over an epoch), so the
+    logged MAE is exactly the loss's MAE."""
+
+    total: Tensor
+    maes: dict[str, Tensor]
+    counts: dict[str, int]
 
 
 def masked_mae(pred: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, int]:
@@ -100,27 +112,28 @@ class DistillationLoss(nn.Module):
         if missing:
             raise LossConfigError("loss configuration does not fit the data: " + "; ".join(missing))
 
-    def forward(
-        self, pred: Mapping[str, Tensor], batch: Mapping[str, Tensor]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``pred``: 'energy' (B,) eV/atom, 'forces' (Natoms,3), 'stress' (B,6) GPa (optional).
+    def forward(self, pred: Prediction, batch: Batch) -> LossResult:
+        """The weighted loss and the masked MAE of every labelled (target, quantity).
 
-        ``batch``: f'{target}_{quantity}' tensors with f'{target}_{quantity}_mask' boolean masks
-        ((B,) for energy and stress, (Natoms,) for forces).
-        Returns the loss and a dict of the individual (unweighted) MAE terms.
+        ``pred`` carries energies (B,) eV/atom, forces (Natoms, 3) and stress (B, 6) GPa (the
+        last two None when not predicted); the labels and masks come from ``batch.hard`` and
+        ``batch.soft``. A non-zero ratio whose quantity was not predicted is an error.
         """
-        total = pred["energy"].sum() * 0.0
-        terms: dict[str, Tensor] = {}
+        total = pred.energy.sum() * 0.0
+        maes: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
         for (target, quantity), rname in RATIO_NAMES.items():
             r = self.ratios[rname]
-            key = f"{target}_{quantity}"
-            if quantity not in pred or key not in batch:
+            predicted = pred.get(quantity)
+            if predicted is None:
                 if r > 0:
-                    raise LossConfigError(f"{rname}={r} but the batch or prediction lacks {key}")
+                    raise LossConfigError(f"{rname}={r} but the prediction lacks {quantity}")
                 continue
-            mae, count = masked_mae(pred[quantity], batch[key], batch[f"{key}_mask"])
+            values, mask = batch.targets(target).label(quantity)
+            mae, count = masked_mae(predicted, values, mask)
             if count:
-                terms[f"mae_{key}"] = mae.detach()
+                maes[f"mae_{target}_{quantity}"] = mae.detach()
+                counts[f"mae_{target}_{quantity}"] = count
             if r > 0:
                 total = total + r * mae
-        return total, terms
+        return LossResult(total=total, maes=maes, counts=counts)

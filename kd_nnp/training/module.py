@@ -18,9 +18,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torchmetrics import MeanAbsoluteError, MeanMetric
+from torchmetrics import MeanMetric
 
-from kd_nnp.training.loss import QUANTITIES, TARGETS, DistillationLoss
+from kd_nnp.training.batch import QUANTITIES, TARGETS, Batch, Prediction
+from kd_nnp.training.loss import DistillationLoss
 from kd_nnp.training.predict import predict_from_features, predict_full
 from kd_nnp.training.stress import EV_PER_A3_TO_GPA, full_to_voigt
 from kd_nnp.training.student import load_student, trainable_parameter_names
@@ -104,7 +105,7 @@ class DistillationModule(L.LightningModule):
         self.max_feature_bytes = max_feature_bytes
         self.metrics = torch.nn.ModuleDict(
             {
-                f"{split}_{t}_{q}": MeanAbsoluteError()
+                f"{split}_{t}_{q}": MeanMetric()
                 for split in SPLITS
                 for t in TARGETS
                 for q in QUANTITIES
@@ -115,76 +116,77 @@ class DistillationModule(L.LightningModule):
         self.epoch_metrics: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Predictions: 'energy' (B,) eV/atom, 'forces' (Natoms,3) eV/A, 'stress' (B,6) GPa."""
+    def forward(self, batch: Batch) -> Prediction:
+        """Energies (B,) eV/atom, forces (Natoms,3) eV/A and stress (B,6) GPa of ``batch``."""
         fw, st = self.compute_forces, self.compute_stress
-        if batch.get("features") is not None and self.backend != "full":
+        cached = batch.features is not None and self.backend != "full"
+        if cached:
             norm = self.student.readout_norm
             out = predict_from_features(
-                self.student.mlp, norm, batch["features"], forces=fw, stress=st
+                self.student.mlp, norm, batch.features, forces=fw, stress=st
             )
         else:
-            out = predict_full(self.student, batch["graphs"], forces=fw, stress=st)
-        pred = {"energy": out["e"].reshape(-1)}
+            out = predict_full(self.student, batch.graphs, forces=fw, stress=st)
+        forces = stress = None
         if fw:
-            pred["forces"] = torch.cat(list(out["f"]), dim=0)
+            forces = torch.cat(list(out["f"]), dim=0)
             if "f_mask" in out:  # cached force subsets: no label may ask for an absent row
                 have = torch.cat(list(out["f_mask"]), dim=0)
                 for t in TARGETS:
-                    want = batch.get(f"{t}_forces_mask")
-                    if want is not None and bool((want & ~have).any()):
+                    if bool((batch.targets(t).forces_mask & ~have).any()):
                         raise RuntimeError(
                             f"{t} force labels on atoms whose cached forces were not built "
                             "(feature cache and data.force_atoms disagree)"
                         )
         if st:
-            stress = torch.stack(list(out["s"]), dim=0)
-            if batch.get("features") is None or self.backend == "full":
-                stress = self._molecular_correction(stress, out, batch)
-            pred["stress"] = full_to_voigt(stress)
-        return pred
+            full = torch.stack(list(out["s"]), dim=0)
+            if not cached:
+                full = self._molecular_correction(full, out, batch)
+            stress = full_to_voigt(full)
+        return Prediction(energy=out["e"].reshape(-1), forces=forces, stress=stress)
 
     @staticmethod
-    def _molecular_correction(stress: Tensor, out: dict[str, Any], batch: dict[str, Any]) -> Tensor:
+    def _molecular_correction(stress: Tensor, out: dict[str, Any], batch: Batch) -> Tensor:
         """Full backend, ``data.stress_mode=molecular``: chgnet's affine stress plus
         ``sym(offsets^T F) / V`` (the cached backend differentiates along the molecule-rigid
         strains directly; both equal the same derivative)."""
-        if batch.get("mol_offsets") is None:
+        if batch.mol_offsets is None:
             return stress
         if "f" not in out:
             raise ValueError("molecular stress on the full backend needs model.compute_forces")
-        sizes = batch["n_atoms"].tolist()
-        offsets = torch.split(batch["mol_offsets"].to(stress.device), sizes)
+        sizes = batch.n_atoms.tolist()
+        offsets = torch.split(batch.mol_offsets.to(stress.device), sizes)
         rows = []
-        for s, o, f, v in zip(stress, offsets, out["f"], batch["volumes"], strict=True):
+        for s, o, f, v in zip(stress, offsets, out["f"], batch.volumes, strict=True):
             extra = o.T @ f / v * EV_PER_A3_TO_GPA
             rows.append(s + 0.5 * (extra + extra.T))
         return torch.stack(rows, dim=0)
 
-    # ------------------------------------------------------------------ steps
-    def _step(self, batch: dict[str, Any], split: str) -> Tensor:
-        with torch.enable_grad():
-            pred = self(batch)
-            loss, _ = self.loss_fn(pred, batch)
-        bs = len(batch["frame_ids"])
-        for t in TARGETS:
-            for q in QUANTITIES:
-                key = f"{t}_{q}"
-                if q not in pred or key not in batch:
-                    continue
-                mask = batch[f"{key}_mask"]
-                if bool(mask.any()):
-                    self.metrics[f"{split}_{key}"].update(pred[q][mask].detach(), batch[key][mask])
-        self.loss_metrics[f"{split}_loss"].update(loss.detach(), weight=bs)
-        return loss
+    def transfer_batch_to_device(
+        self, batch: Batch, device: torch.device, dataloader_idx: int
+    ) -> Batch:
+        return batch.to(device)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    # ------------------------------------------------------------------ steps
+    def _step(self, batch: Batch, split: str) -> Tensor:
+        with torch.enable_grad():
+            result = self.loss_fn(self(batch), batch)
+        # the loss's own masked MAEs, weighted by their component counts: the epoch value is
+        # the MAE over every labelled component of the epoch
+        for key, mae in result.maes.items():
+            self.metrics[f"{split}_{key.removeprefix('mae_')}"].update(
+                mae, weight=result.counts[key]
+            )
+        self.loss_metrics[f"{split}_loss"].update(result.total.detach(), weight=len(batch))
+        return result.total
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._step(batch, "test")
 
     def _epoch_index(self) -> int:
@@ -200,7 +202,7 @@ class DistillationModule(L.LightningModule):
         for t in TARGETS:
             for q in QUANTITIES:
                 m = self.metrics[f"{split}_{t}_{q}"]
-                if int(m.total) > 0:
+                if float(m.weight) > 0:
                     value = m.compute()
                     self.log(f"{split}/mae_{t}_{q}", value, on_epoch=True, sync_dist=True)
                     row[f"mae_{t}_{q}"] = float(value)
