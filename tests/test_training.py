@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -23,7 +24,8 @@ def _dm(store, **kw) -> FramesDataModule:
     kw.setdefault("batch_size", 4)
     kw.setdefault("grouped", False)
     kw.setdefault("seed", 0)
-    dm = FramesDataModule(str(store), label_set="toy_teacher", n_val=5, **kw)
+    kw.setdefault("n_val", 5)
+    dm = FramesDataModule(str(store), label_set="toy_teacher", **kw)
     dm.setup("fit")
     return dm
 
@@ -395,3 +397,86 @@ def test_molecular_stress_labels_and_backends_agree(labelled_store):
     assert float(loss_cached) == pytest.approx(float(loss_full), rel=1e-3)
     with pytest.raises(ValueError, match="stress_mode must be affine or molecular"):
         _dm(labelled_store, stress_mode="rigid")
+
+
+def test_masked_or_empty_validation_is_reported(labelled_store, caplog):
+    """D14: a validation split whose energies are all masked (compositions outside the span of
+    the training ones) or an empty one (n_val=0) is named in a warning and in the summary,
+    instead of a silently blank validation report."""
+    caplog.set_level(logging.WARNING)
+    dm = _dm(labelled_store, grouped=True, use_hard=False)
+    val = dm.summary["validation"]
+    assert val["n_frames"] == 5 and val["soft_energy_masked"] == 5
+    assert val["energy_labelled"] == 0 and val["problems"]
+    assert "every validation energy is masked (5 of 5 frames" in caplog.text
+    assert "outside the span of the training compositions" in caplog.text
+    # with hard labels the hard energies stay (no hard alignment): no problem to report
+    caplog.clear()
+    dm_h = _dm(labelled_store, grouped=True)
+    assert dm_h.summary["validation"]["energy_labelled"] > 0
+    assert "every validation energy is masked" not in caplog.text
+    # no validation frames at all
+    caplog.clear()
+    dm0 = _dm(labelled_store, n_val=0)
+    assert dm0.summary["validation"]["n_frames"] == 0 and dm0.summary["validation"]["problems"]
+    assert "no validation frames (data.n_val=0)" in caplog.text
+
+
+def test_preparation_logs_progress(labelled_store, tmp_path, caplog):
+    """D18: building the graph cache, fitting the reference and building the feature cache
+    log i/n, rate and ETA (every 10 %), and the reference fit logs its start and end."""
+    from kd_nnp.training.cache.attach import attach_feature_cache
+
+    caplog.set_level(logging.INFO)
+    dm = _dm(labelled_store, graph_cache=str(tmp_path / "graphs"))
+    text = caplog.text
+    assert "graph cache: 2/20 (10 %)" in text and "graph cache: 20/20 (100 %)" in text
+    assert "ETA" in text
+    assert "pretrained student energies: 15/15 (100 %)" in text
+    assert "soft energy reference (student): fitting on 15 frames" in text
+    assert "soft energy reference (student): done" in text
+    caplog.clear()
+    module = DistillationModule(
+        loss=DistillationLoss(r_se=1, r_sf=0), compute_forces=False, backend="cached"
+    )
+    attach_feature_cache(dm, module)
+    assert "feature cache: 20/20 (100 %)" in caplog.text
+
+
+def test_full_backend_memory_is_checked_before_training(labelled_store, monkeypatch, caplog):
+    """D20: backend=full with forces needs ~BYTES_PER_ATOM per atom of a batch; the largest
+    batch's estimate is compared with the available memory before training: a warning when
+    it does not fit, KdNnpError when it exceeds it by more than OVERCOMMIT_FACTOR (unless
+    model.allow_memory_overcommit)."""
+    import lightning as L
+
+    from kd_nnp.errors import KdNnpError
+    from kd_nnp.training import memory_check as mc
+
+    dm = _dm(labelled_store, batch_size=4)
+    sizes = sorted(s.n_atoms for s in dm.train_samples)
+    assert dm.max_batch_atoms() >= sum(sizes[-4:])
+    module = DistillationModule(loss=DistillationLoss(r_se=1, r_sf=1), backend="full")
+    need = mc.BYTES_PER_ATOM_FULL_FORCES * dm.max_batch_atoms()
+    caplog.set_level(logging.WARNING)
+    report = mc.check_full_backend_memory(dm, module, available=10 * need)
+    assert report["estimate_bytes"] == need and not caplog.text
+    mc.check_full_backend_memory(dm, module, available=int(need / 1.2))
+    assert "largest batch" in caplog.text and "may not fit" in caplog.text
+    with pytest.raises(KdNnpError, match="allow_memory_overcommit"):
+        mc.check_full_backend_memory(dm, module, available=need // 4)
+    # energy-only or cached training is not concerned
+    energy_only = DistillationModule(loss=DistillationLoss(r_se=1, r_sf=0), compute_forces=False)
+    assert mc.check_full_backend_memory(dm, energy_only, available=1) is None
+    # the module runs the check when Lightning sets it up, before the first step
+    monkeypatch.setattr(mc, "available_memory_bytes", lambda: need // 4)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, inference_mode=False)  # fmt: skip
+    with pytest.raises(KdNnpError, match="estimated"):
+        trainer.fit(module, datamodule=dm)
+    overcommit = DistillationModule(
+        loss=DistillationLoss(r_se=1, r_sf=1), backend="full", allow_memory_overcommit=True
+    )
+    caplog.clear()
+    assert mc.check_full_backend_memory(dm, overcommit)["estimate_bytes"] == need
+    assert "allow_memory_overcommit" in caplog.text

@@ -32,6 +32,7 @@ from kd_nnp.data.store import Frame, FrameStore, Labels
 from kd_nnp.training.batch import Batch, Targets
 from kd_nnp.training.cache.graphs import GraphCache
 from kd_nnp.training.jacobian import select_force_atoms
+from kd_nnp.training.progress import ProgressLog
 from kd_nnp.training.reference import ElementReference, fit_element_reference
 from kd_nnp.training.stress import EV_PER_A3_TO_GPA, molecular_stress, molecule_offsets
 from kd_nnp.utils.paths import cache_dir
@@ -364,8 +365,15 @@ class FramesDataModule(L.LightningDataModule):
                 info=fr.info,
             )
 
-        self.train_samples = [make(f) for f in pool]
-        self.val_samples = [make(f) for f in val_ids]
+        progress = ProgressLog(log, "graph cache", len(pool) + len(val_ids))
+
+        def make_logged(fid: str) -> Sample:
+            sample = make(fid)
+            progress.step()
+            return sample
+
+        self.train_samples = [make_logged(f) for f in pool]
+        self.val_samples = [make_logged(f) for f in val_ids]
         self.hard_reference, self.hard_unaligned = self._align("hard", self.hard_reference_method)
         self.reference, self.unaligned = self._align("soft", self.reference_method)
         self.summary = {
@@ -386,6 +394,7 @@ class FramesDataModule(L.LightningDataModule):
             "hard_reference": self.hard_reference.to_dict() if self.hard_reference else None,
             "hard_energy_unaligned_frames": self.hard_unaligned,
             "available": {f"{k[0]}_{k[1]}": v for k, v in self.available().items()},
+            "validation": self._validation_report(),
         }
         log.info("data: %s", {k: v for k, v in self.summary.items() if "groups" not in k})
 
@@ -444,6 +453,52 @@ class FramesDataModule(L.LightningDataModule):
             )  # fmt: skip
         return ref, unaligned
 
+    def _validation_report(self) -> dict[str, Any]:
+        """What the validation metrics can show: frames, energies masked by the references.
+
+        Warns (and lists under ``problems``) when there is no validation frame or when every
+        validation energy is masked, so a blank validation report never goes unexplained.
+        Training goes on either way: only the validation metrics are affected.
+        """
+        val = self.val_samples
+        unaligned = {"hard": set(self.hard_unaligned), "soft": set(self.unaligned)}
+        report: dict[str, Any] = {"n_frames": len(val)}
+        for target in ("hard", "soft"):
+            report[f"{target}_energy_masked"] = sum(s.frame_id in unaligned[target] for s in val)
+        report["energy_labelled"] = sum(
+            s.hard_energy is not None or s.soft_energy is not None for s in val
+        )
+        problems = []
+        if not val:
+            asked = (
+                f"data.n_val={self.n_val}"
+                if self.n_val is not None
+                else f"data.val_fraction={self.val_fraction}"
+            )
+            problems.append(
+                f"no validation frames ({asked}): val/* metrics and the validation columns "
+                "of the reports will be empty"
+            )
+        elif report["energy_labelled"] == 0:
+            masked = report["hard_energy_masked"] + report["soft_energy_masked"]
+            why = (
+                "their compositions are outside the span of the training compositions, so "
+                "the per-element energy reference cannot align them (data.reference="
+                f"{self.reference_method}, data.hard_reference={self.hard_reference_method}); "
+                "use a validation split whose compositions the training frames span, or "
+                "data.grouped=false"
+                if masked
+                else "no validation frame carries an energy label"
+            )
+            problems.append(
+                f"every validation energy is masked ({len(val)} of {len(val)} frames): {why}; "
+                "val/mae_*_energy will be missing"
+            )
+        for problem in problems:
+            log.warning("validation: %s", problem)
+        report["problems"] = problems
+        return report
+
     def _pretrained_energies(self, samples: Sequence[Sample]) -> list[float]:
         """Total energies of the pretrained student on these frames (cached per graph)."""
         from kd_nnp.training.student import load_chgnet
@@ -455,6 +510,7 @@ class FramesDataModule(L.LightningDataModule):
         todo = [s for s in samples if s.graph_key not in known]
         if todo:
             model = load_chgnet(self.student_model).eval()
+            progress = ProgressLog(log, "pretrained student energies", len(todo))
             for i in range(0, len(todo), 16):
                 chunk = todo[i : i + 16]
                 graphs = [GraphCache.load(s.graph_path) for s in chunk]
@@ -462,10 +518,22 @@ class FramesDataModule(L.LightningDataModule):
                     e = model(graphs, task="e")["e"].numpy()
                 for s, ei in zip(chunk, e):
                     known[s.graph_key] = float(ei) * s.n_atoms
+                progress.step(len(chunk))
             tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(known))
             os.replace(tmp, cache_file)
         return [known[s.graph_key] for s in samples]
+
+    def max_batch_atoms(self) -> int:
+        """Atoms in the largest batch a loader can make: the ``batch_size`` largest training
+        frames (shuffled batches may bring them together), the validation batches as they
+        come (in order)."""
+        sizes = sorted((s.n_atoms for s in self.train_samples), reverse=True)
+        largest = sum(sizes[: self.batch_size])
+        val = [s.n_atoms for s in self.val_samples]
+        for i in range(0, len(val), self.batch_size):
+            largest = max(largest, sum(val[i : i + self.batch_size]))
+        return largest
 
     def available(self) -> dict[tuple[str, str], int]:
         """Number of training frames carrying each (target, quantity)."""

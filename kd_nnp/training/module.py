@@ -44,6 +44,9 @@ class DistillationModule(L.LightningModule):
         compute_stress: ``auto`` (when the loss has stress terms) or a bool.
         backend: ``full`` | ``cached`` | ``auto`` (cached where the Jacobian fits
             ``max_feature_bytes``); the data module attaches the cache.
+        allow_memory_overcommit: go on when the full backend's memory estimate of the
+            largest batch exceeds the available memory by far (otherwise KdNnpError before
+            training; :mod:`kd_nnp.training.memory_check`).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class DistillationModule(L.LightningModule):
         compute_stress: bool | str = "auto",
         backend: str = "full",
         max_feature_bytes: int = 512 * 2**20,
+        allow_memory_overcommit: bool = False,
     ) -> None:
         super().__init__()
         student = dict(student or {})
@@ -103,6 +107,8 @@ class DistillationModule(L.LightningModule):
             )
         self.backend = backend
         self.max_feature_bytes = max_feature_bytes
+        self.allow_memory_overcommit = bool(allow_memory_overcommit)
+        self._memory_checked = False
         self.metrics = torch.nn.ModuleDict(
             {
                 f"{split}_{t}_{q}": MeanMetric()
@@ -114,6 +120,16 @@ class DistillationModule(L.LightningModule):
         self.loss_metrics = torch.nn.ModuleDict({f"{s}_loss": MeanMetric() for s in SPLITS})
         # one row per (split, epoch); epoch 0 = before training (a validate() call before fit)
         self.epoch_metrics: list[dict[str, Any]] = []
+
+    def setup(self, stage: str) -> None:
+        """Before the first step: the full backend's memory estimate of the largest batch
+        (:mod:`kd_nnp.training.memory_check`; Lightning sets the datamodule up first)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not self._memory_checked and datamodule is not None:
+            from kd_nnp.training import memory_check
+
+            memory_check.check_full_backend_memory(datamodule, self)
+            self._memory_checked = True
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: Batch) -> Prediction:

@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any
 
+from kd_nnp.training.progress import ProgressLog
 from kd_nnp.utils.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,6 @@ def attach_feature_cache(
     on disk and loaded on the CPU either way; training moves what a step needs.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from kd_nnp.training.cache.features import FeatureCache
     from kd_nnp.training.cache.graphs import GraphCache
@@ -180,12 +180,14 @@ def attach_feature_cache(
                 for s in missing
             ]
             errors = []
+            progress = ProgressLog(log, "feature cache (building)", len(items))
             for res in run_tasks(
                 _build_task, items, n_workers=min(int(workers), max(1, len(items))),
                 initializer=_init_build_worker,
                 initargs=(cfg["model_name"], cfg.get("path"), str(cache.root), cache.backbone_key),
                 desc="feature cache",
             ):  # fmt: skip
+                progress.step()
                 if not res.ok:
                     errors.append(f"{res.key}: {res.error.splitlines()[0]}")
             if errors:
@@ -201,11 +203,13 @@ def attach_feature_cache(
 
                 keep_freed_memory()
             n0 = cache.n_builds
-            for s in tqdm(todo, desc="feature cache", smoothing=0.1):
+            progress = ProgressLog(log, "feature cache", len(todo))
+            for s in todo:
                 graph = GraphCache.load(s.graph_path)
                 cache.get(graph, forces=forces, stress=stress, entry=entry_of(s, graph),
                           **build_args(s))  # fmt: skip
                 ready.add(s.graph_key)
+                progress.step()
             stats["built"] = cache.n_builds - n0
         stats["build_s"] = time.perf_counter() - t0
         log.info("feature cache: %s", stats)
