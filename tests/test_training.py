@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from kd_nnp.training.data import FramesDataModule, FramesDataset, collate, split_frames
+from kd_nnp.training.data import FramesDataModule, FramesDataset, collate
 from kd_nnp.training.loss import DistillationLoss
 from kd_nnp.training.module import DistillationModule
+from kd_nnp.training.split import split_frames
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,6 +151,20 @@ def test_hard_reference_alignment(labelled_store, tmp_path):
             assert s.soft_energy == pytest.approx(s0.soft_energy, abs=1e-3)
     with pytest.raises(ValueError, match="hard_reference"):
         FramesDataModule(str(store), hard_reference="hard")
+
+
+def test_batch_moves_labels_and_graphs(labelled_store):
+    """Lightning's batch transfer (``transfer_batch_to_device``) moves the frozen Batch: labels,
+    masks and graphs go to the device ("meta" stands in for a GPU here)."""
+    dm = _dm(labelled_store, stress_mode="molecular")
+    batch = next(iter(dm.val_dataloader()))
+    module = DistillationModule(loss=DistillationLoss(r_se=1, r_sf=1))
+    moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    for t in (moved.hard, moved.soft):
+        assert {getattr(t, f).device.type for f in t.__dataclass_fields__} == {"meta"}
+    assert moved.graphs[0].lattice.device.type == "meta"
+    assert moved.mol_offsets.device.type == "meta" and moved.volumes.device.type == "meta"
+    assert batch.hard.energy.device.type == "cpu" and moved.frame_ids == batch.frame_ids
 
 
 def test_soft_and_hard_reach_the_loss_separately(labelled_store):

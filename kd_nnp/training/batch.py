@@ -79,14 +79,15 @@ class Batch:
         return self.hard if target == "hard" else self.soft
 
     def to(self, device: torch.device | str) -> Batch:
-        """The labels and tensors on ``device`` (graphs and cached features stay where they
-        are: the prediction paths move what a step needs)."""
+        """The labels, tensors and graphs on ``device`` (Lightning's batch transfer). Cached
+        features stay on the CPU (memory maps): the cached prediction moves what it needs."""
 
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)
 
         return replace(
             self,
+            graphs=None if self.graphs is None else [g.to(device) for g in self.graphs],
             n_atoms=self.n_atoms.to(device),
             hard=self.hard.to(device),
             soft=self.soft.to(device),
