@@ -4,20 +4,22 @@
   :class:`~kd_nnp.data.store.FrameStore`;
 - splits off a validation set (grouped by ``group_id`` so no material/trajectory is in both),
   then draws ``n_train`` training frames from a seeded permutation of the rest, so that for a
-  given seed the Ntrain=100 set is inside the Ntrain=500 set (nested subsets share caches);
+  given seed the Ntrain=100 set is inside the Ntrain=500 set (nested subsets share caches;
+  :func:`kd_nnp.training.split.split_frames`);
 - aligns soft energies with a per-element reference fitted on the training frames only
   (:mod:`kd_nnp.training.reference`), recorded in ``reference`` and in the run folder; hard
   energies likewise when ``hard_reference="student"`` (DFT labels on another absolute scale
   than the student's, e.g. vdW-DF2; the default ``none`` leaves them untouched);
 - converts structures to CHGNet graphs once, cached on disk by content hash
-  (:class:`~kd_nnp.training.cache.graphs.GraphCache`), so epochs, Ntrain subsets and sweep jobs reuse them.
+  (:class:`~kd_nnp.training.cache.graphs.GraphCache`), so epochs, Ntrain subsets and sweep
+  jobs reuse them; the pretrained student's energies (``reference=student``) likewise
+  (:func:`kd_nnp.training.cache.energies.pretrained_energies`);
+- collates :class:`~kd_nnp.training.batch.Batch` objects (the batch contract).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,65 +32,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from kd_nnp.data.store import Frame, FrameStore, Labels
 from kd_nnp.training.batch import Batch, Targets
+from kd_nnp.training.cache.energies import pretrained_energies
 from kd_nnp.training.cache.graphs import GraphCache
 from kd_nnp.training.jacobian import select_force_atoms
 from kd_nnp.training.progress import ProgressLog
 from kd_nnp.training.reference import ElementReference, fit_element_reference
+from kd_nnp.training.split import split_frames
 from kd_nnp.training.stress import EV_PER_A3_TO_GPA, molecular_stress, molecule_offsets
-from kd_nnp.utils.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
 HARD_REFERENCE_METHODS = ("none", "student")
-
-
-# --------------------------------------------------------------------------- splits
-def split_frames(
-    frame_ids: Sequence[str],
-    group_ids: Sequence[str],
-    *,
-    val_fraction: float = 0.1,
-    n_val: int | None = None,
-    seed: int = 0,
-    grouped: bool = True,
-) -> tuple[list[str], list[str]]:
-    """Return (train_pool, val) frame ids. Grouped: whole groups go to validation.
-
-    The train pool is returned in a seeded random order; taking its first ``n`` items gives
-    nested training subsets for the same seed. The result depends only on the ids and the
-    seed, not on the order the frames were written to the store (parallel writers).
-    """
-    rng = np.random.default_rng(seed)
-    by_id = sorted(zip(map(str, frame_ids), map(str, group_ids)))
-    frame_ids = [f for f, _ in by_id]
-    group_ids = [g for _, g in by_id]
-    target = n_val if n_val is not None else int(round(val_fraction * len(frame_ids)))
-    if target < 0 or target >= len(frame_ids):
-        raise ValueError(f"validation size {target} impossible for {len(frame_ids)} frames")
-    val: set[str] = set()
-    if target > 0:
-        if grouped:
-            groups: dict[str, list[str]] = {}
-            for fid, gid in zip(frame_ids, group_ids):
-                groups.setdefault(str(gid), []).append(fid)
-            if len(groups) < 2:
-                raise ValueError(
-                    "grouped split needs at least 2 groups (materials/trajectories); "
-                    "set data.grouped=false to split frames of one group"
-                )
-            order = sorted(groups)
-            rng.shuffle(order)
-            for gid in order:
-                if len(val) >= target:
-                    break
-                if len(val) + len(groups[gid]) >= len(frame_ids):
-                    continue  # never put everything in validation
-                val.update(groups[gid])
-        else:
-            val.update(rng.choice(frame_ids, size=target, replace=False).tolist())
-    pool = [f for f in frame_ids if f not in val]
-    perm = np.random.default_rng(seed + 7919).permutation(len(pool))
-    return [pool[i] for i in perm], [f for f in frame_ids if f in val]
 
 
 # --------------------------------------------------------------------------- samples
@@ -425,7 +379,7 @@ class FramesDataModule(L.LightningDataModule):
                 goal = [s.hard_energy for s in fit_on]
             elif method == "student":
                 fit_on = labelled
-                goal = self._pretrained_energies(fit_on)
+                goal = pretrained_energies(fit_on, self.student_model, self.graph_cache_dir)
             else:
                 raise ValueError(f"unknown data.reference {method!r}: use student, hard or none")
             log.info("%s energy reference (%s): fitting on %d frames", target, method, len(fit_on))
@@ -498,31 +452,6 @@ class FramesDataModule(L.LightningDataModule):
             log.warning("validation: %s", problem)
         report["problems"] = problems
         return report
-
-    def _pretrained_energies(self, samples: Sequence[Sample]) -> list[float]:
-        """Total energies of the pretrained student on these frames (cached per graph)."""
-        from kd_nnp.training.student import load_chgnet
-
-        cache_file = (
-            Path(self.graph_cache_dir) if self.graph_cache_dir else cache_dir() / "graphs"
-        ) / f"pretrained_energy_{self.student_model}.json"
-        known: dict[str, float] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-        todo = [s for s in samples if s.graph_key not in known]
-        if todo:
-            model = load_chgnet(self.student_model).eval()
-            progress = ProgressLog(log, "pretrained student energies", len(todo))
-            for i in range(0, len(todo), 16):
-                chunk = todo[i : i + 16]
-                graphs = [GraphCache.load(s.graph_path) for s in chunk]
-                with torch.no_grad():
-                    e = model(graphs, task="e")["e"].numpy()
-                for s, ei in zip(chunk, e):
-                    known[s.graph_key] = float(ei) * s.n_atoms
-                progress.step(len(chunk))
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, cache_file)
-        return [known[s.graph_key] for s in samples]
 
     def max_batch_atoms(self) -> int:
         """Atoms in the largest batch a loader can make: the ``batch_size`` largest training

@@ -47,6 +47,7 @@ from chgnet.model import CHGNet
 from torch import Tensor
 
 from kd_nnp.training.backbone import FEATURE_DIM, check_model, make_features_fn
+from kd_nnp.training.stress import VOIGT_PAIRS
 from kd_nnp.training.tangent import Unsupported, features_jvp
 
 DEFAULT_CHUNK_SIZE = 18  # directions per forward-mode pass (M = 4 + strain: one pass)
@@ -82,7 +83,7 @@ def _volume(graph: CrystalGraph) -> float:
 # the 6 symmetric strain directions (xx, yy, zz, yz, xz, xy); CHGNet's features are
 # invariant under rotations, so dh/d(strain) has no antisymmetric part and the full 3x3
 # Jacobian is J[a,b] = J[b,a] = derivative along (e_a e_b^T + e_b e_a^T) / 2
-_SYM_STRAIN = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+_SYM_STRAIN = VOIGT_PAIRS
 
 
 def _strain_tangents(dtype: torch.dtype) -> Tensor:
