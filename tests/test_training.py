@@ -495,3 +495,10 @@ def test_full_backend_memory_is_checked_before_training(labelled_store, monkeypa
     caplog.clear()
     assert mc.check_full_backend_memory(dm, overcommit)["estimate_bytes"] == need
     assert "allow_memory_overcommit" in caplog.text
+    assert dm.summary["memory"]["max_batch_atoms"] == dm.max_batch_atoms()
+    # train can run the check early (before the caches are built); the hook does not repeat it
+    caplog.clear()
+    overcommit.check_memory(dm)
+    assert caplog.text.count("may not fit") == 1
+    overcommit.check_memory(dm)
+    assert caplog.text.count("may not fit") == 1

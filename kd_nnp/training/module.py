@@ -121,15 +121,22 @@ class DistillationModule(L.LightningModule):
         # one row per (split, epoch); epoch 0 = before training (a validate() call before fit)
         self.epoch_metrics: list[dict[str, Any]] = []
 
-    def setup(self, stage: str) -> None:
-        """Before the first step: the full backend's memory estimate of the largest batch
-        (:mod:`kd_nnp.training.memory_check`; Lightning sets the datamodule up first)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not self._memory_checked and datamodule is not None:
+    def check_memory(self, datamodule: Any) -> None:
+        """The full backend's memory estimate of the largest batch against the available
+        memory (:mod:`kd_nnp.training.memory_check`), once per module: warns, or raises
+        KdNnpError unless ``allow_memory_overcommit``; recorded in ``datamodule.summary``."""
+        if not self._memory_checked:
             from kd_nnp.training import memory_check
 
             memory_check.check_full_backend_memory(datamodule, self)
             self._memory_checked = True
+
+    def setup(self, stage: str) -> None:
+        """Lightning's hook (the datamodule is set up first): :meth:`check_memory` at the
+        latest here, before the first step."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            self.check_memory(datamodule)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: Batch) -> Prediction:
