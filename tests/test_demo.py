@@ -10,9 +10,8 @@ import sys
 import pytest
 
 
-@pytest.mark.teacher
+@pytest.mark.teacher("so3lr")  # the demo's default teacher
 def test_quick_demo_runs_end_to_end(tmp_path):
-    pytest.importorskip("so3krates_torch", reason="the demo's default teacher is so3lr")
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
     cmd = [sys.executable, "-m", "kd_nnp.cli", "demo", "demo.quick=true",
            f"paths.output_dir={tmp_path}"]  # fmt: skip

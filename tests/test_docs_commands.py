@@ -556,3 +556,85 @@ def test_imports_are_declared_dependencies():
     for unused in ("psutil",):
         assert unused not in modules, f"{unused} is imported again by {modules[unused]}"
         assert unused not in norm, f"{unused} is declared but nothing imports it"
+
+
+# ----------------------------------------------------------------------------- skip helpers
+def test_teacher_and_shared_data_helpers_skip(monkeypatch):
+    """Without the [teachers] extra or the shared data, marked tests skip (never error)."""
+    import importlib.util
+
+    import conftest
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "dftd3" else real(n, *a)
+    )
+    assert conftest.missing_teacher_modules("chgnet_d3", "dftd3") == ["dftd3"]
+    with pytest.raises(pytest.skip.Exception, match="dftd3.*teachers"):
+        conftest.skip_without_teacher("chgnet_d3")
+    with pytest.raises(ValueError, match="unknown teacher"):
+        conftest.requires_teacher("no_such_teacher")
+
+    class Item:  # what pytest_runtest_setup reads of a test item
+        def __init__(self, *marks):
+            self.marks = marks
+
+        def get_closest_marker(self, name):
+            return next((m for m in self.marks if m.name == name), None)
+
+        def iter_markers(self, name):
+            return (m for m in self.marks if m.name == name)
+
+    teacher = conftest.requires_teacher("chgnet_d3").mark
+    with pytest.raises(pytest.skip.Exception):
+        conftest.pytest_runtest_setup(Item(teacher))
+    conftest.pytest_runtest_setup(Item(conftest.requires_teacher("chgnet").mark))  # no package
+    monkeypatch.setattr("kd_nnp.utils.paths.shared_data_dir", lambda *a, **k: None)
+    with pytest.raises(pytest.skip.Exception, match="shared data"):
+        conftest.pytest_runtest_setup(Item(conftest.requires_shared_data.mark))
+
+
+def test_teacher_packages_are_only_used_behind_the_skip_helper():
+    """A test that imports a teacher package (or loads a packaged teacher) carries
+    ``@pytest.mark.teacher(...)``/``requires_teacher`` or calls ``skip_without_teacher``;
+    expected failures (inside ``pytest.raises``) are exempt."""
+    import ast
+
+    import conftest
+
+    mod_to_teacher = {m: t for t, mods in conftest.TEACHER_MODULES.items() for m in mods}
+    unguarded = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+            guarded = any(
+                "teacher" in ast.unparse(d) for d in fn.decorator_list
+            ) or "skip_without_teacher(" in ast.unparse(fn)
+            if guarded:
+                continue
+            in_raises = {
+                id(n)
+                for w in ast.walk(fn)
+                if isinstance(w, ast.With) and "raises" in ast.unparse(w.items[0])
+                for n in ast.walk(w)
+            }
+            for node in ast.walk(fn):
+                if id(node) in in_raises:
+                    continue
+                mods = []
+                if isinstance(node, ast.Import):
+                    mods = [a.name.split(".")[0] for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    mods = [node.module.split(".")[0]]
+                elif (
+                    isinstance(node, ast.Call)
+                    and ast.unparse(node.func).endswith("load_teacher")
+                    and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                    and node.args[0].value in conftest.TEACHER_MODULES
+                ):
+                    mods = list(conftest.TEACHER_MODULES[node.args[0].value])
+                hits = [m for m in mods if m in mod_to_teacher]
+                if hits:
+                    unguarded.append(f"{path.relative_to(REPO)}::{fn.name} ({', '.join(hits)})")
+    assert not unguarded, unguarded
