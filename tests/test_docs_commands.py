@@ -638,3 +638,64 @@ def test_teacher_packages_are_only_used_behind_the_skip_helper():
                 if hits:
                     unguarded.append(f"{path.relative_to(REPO)}::{fn.name} ({', '.join(hits)})")
     assert not unguarded, unguarded
+
+
+# ----------------------------------------------------------------------------- docs say what exists
+def _arch_modules() -> set[str]:
+    text = (REPO / "docs" / "architecture.md").read_text().split("## Modules", 1)[1]
+    return {m for m in re.findall(r"^\| `([\w/]+\.py)` \|", text, re.M)}
+
+
+def test_architecture_lists_every_module():
+    listed = _arch_modules()
+    actual = {
+        str(p.relative_to(REPO / "kd_nnp"))
+        for p in (REPO / "kd_nnp").rglob("*.py")
+        if p.name != "__init__.py"
+    }
+    assert not actual - listed, f"not in docs/architecture.md: {sorted(actual - listed)}"
+    assert not listed - actual, f"listed but missing: {sorted(listed - actual)}"
+
+
+def test_docs_name_only_existing_code():
+    """``kd_nnp/...`` paths and ``kd_nnp.x.y`` names in README/docs exist."""
+    import importlib
+    import importlib.util
+
+    bad = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for path in set(re.findall(r"(?<![\w./])kd_nnp/[\w/]*\w(?:\.py)?", text)):
+            if not (REPO / path).exists() and not (REPO / f"{path}.py").exists():
+                bad.append(f"{_doc_id(doc)}: {path}")
+        for name in set(re.findall(r"\bkd_nnp(?:\.\w+)+", text)):
+            parts = name.split(".")
+            for i in range(len(parts), 0, -1):
+                try:
+                    if importlib.util.find_spec(".".join(parts[:i])) is not None:
+                        obj = importlib.import_module(".".join(parts[:i]))
+                        break
+                except ModuleNotFoundError:
+                    continue
+            try:
+                for attr in parts[i:]:
+                    obj = getattr(obj, attr)
+            except AttributeError:
+                bad.append(f"{_doc_id(doc)}: {name}")
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_doc_id)
+def test_docs_tables_are_well_formed(doc):
+    """Every row of a markdown table has as many unescaped ``|`` as its header (D11)."""
+    lines = doc.read_text().splitlines()
+    bad = []
+    for i in range(1, len(lines)):
+        if re.match(r"^\|[-:| ]+\|$", lines[i]) and lines[i - 1].startswith("|"):
+            width = len(re.findall(r"(?<!\\)\|", lines[i - 1]))
+            j = i + 1
+            while j < len(lines) and lines[j].startswith("|"):
+                if len(re.findall(r"(?<!\\)\|", lines[j])) != width:
+                    bad.append(f"{_doc_id(doc)}:{j + 1}: {lines[j]}")
+                j += 1
+    assert not bad, "\n".join(bad)
