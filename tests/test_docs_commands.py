@@ -658,14 +658,14 @@ def test_architecture_lists_every_module():
 
 
 def test_docs_name_only_existing_code():
-    """``kd_nnp/...`` paths and ``kd_nnp.x.y`` names in README/docs exist."""
+    """``kd_nnp/...`` and ``tests/...`` paths and ``kd_nnp.x.y`` names in README/docs exist."""
     import importlib
     import importlib.util
 
     bad = []
     for doc in DOCS:
         text = doc.read_text()
-        for path in set(re.findall(r"(?<![\w./])kd_nnp/[\w/]*\w(?:\.py)?", text)):
+        for path in set(re.findall(r"(?<![\w./])(?:kd_nnp|tests)/[\w/]*\w(?:\.py)?", text)):
             if not (REPO / path).exists() and not (REPO / f"{path}.py").exists():
                 bad.append(f"{_doc_id(doc)}: {path}")
         for name in set(re.findall(r"\bkd_nnp(?:\.\w+)+", text)):
@@ -699,3 +699,11 @@ def test_docs_tables_are_well_formed(doc):
                     bad.append(f"{_doc_id(doc)}:{j + 1}: {lines[j]}")
                 j += 1
     assert not bad, "\n".join(bad)
+
+
+def test_integration_tests_are_slow():
+    """tests/integration/ holds the long end-to-end runs: `make test` leaves them out."""
+    files = sorted((REPO / "tests" / "integration").glob("test_*.py"))
+    assert files
+    for f in files:
+        assert re.search(r"^pytestmark = pytest\.mark\.slow$", f.read_text(), re.M), f.name
