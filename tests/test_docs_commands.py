@@ -284,24 +284,27 @@ def _compose_all(call: _HydraCall) -> list:
     if sweeps:
         points = points[1:] or [fixed]
     cfgs = []
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        for ov in points:
-            cfg = compose(call.config_name, overrides=ov, return_hydra_config=True)
-            with open_dict(cfg):
-                cfg.hydra.runtime.output_dir = "/tmp/kd_nnp_docs_check"
-                cfg.hydra.job.num = 0
-            HydraConfig.instance().set_config(cfg)
-            for key in cfg:
-                if key == "hydra":
-                    continue
-                node = cfg._get_node(key)
-                if isinstance(node, DictConfig | ListConfig):
-                    OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
-                else:
-                    _ = cfg[key]
-            with open_dict(cfg):
-                del cfg["hydra"]
-            cfgs.append(cfg)
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            for ov in points:
+                cfg = compose(call.config_name, overrides=ov, return_hydra_config=True)
+                with open_dict(cfg):
+                    cfg.hydra.runtime.output_dir = "/tmp/kd_nnp_docs_check"
+                    cfg.hydra.job.num = 0
+                HydraConfig.instance().set_config(cfg)
+                for key in cfg:
+                    if key == "hydra":
+                        continue
+                    node = cfg._get_node(key)
+                    if isinstance(node, DictConfig | ListConfig):
+                        OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+                    else:
+                        _ = cfg[key]
+                with open_dict(cfg):
+                    del cfg["hydra"]
+                cfgs.append(cfg)
+    finally:
+        HydraConfig.instance().cfg = None  # leave no global Hydra state to later tests
     return cfgs
 
 
