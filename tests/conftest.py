@@ -1,7 +1,19 @@
-"""Shared fixtures: small real organic crystals, a labelled store, the shared data folder."""
+"""Shared fixtures (small real organic crystals, a labelled store, the shared data folder) and
+the one way tests skip on missing optional things:
+
+- ``@requires_shared_data`` (= ``@pytest.mark.shared_data``): skipped when ``../shared/data``
+  (or ``$KD_NNP_SHARED_DATA``) is absent; the ``shared_data`` fixture gives its path.
+- ``@requires_teacher("so3lr", ...)`` (= ``@pytest.mark.teacher("so3lr", ...)``): skipped when a
+  teacher's optional package (``pip install -e .[teachers]``) is not importable;
+  :func:`skip_without_teacher` does the same inside a fixture.
+
+So ``pip install -e .[dev]`` without ``[teachers]`` and without the shared data skips those
+tests instead of erroring.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -11,6 +23,55 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+#: teacher (or package) name -> the importable modules it needs (the ``[teachers]`` extra)
+TEACHER_MODULES = {
+    "so3lr": ("so3krates_torch",),
+    "gfn2": ("tblite",),
+    "chgnet_d3": ("dftd3",),
+    "chgnet": (),  # a core dependency
+    "dftd3": ("dftd3",),
+    "tblite": ("tblite",),
+    "sevenn": ("sevenn",),
+}
+
+
+def missing_teacher_modules(*names: str) -> list[str]:
+    """The modules of ``names`` (keys of TEACHER_MODULES) that cannot be imported."""
+    unknown = [n for n in names if n not in TEACHER_MODULES]
+    if unknown:
+        raise ValueError(f"unknown teacher {unknown}: add it to TEACHER_MODULES in conftest.py")
+    mods = dict.fromkeys(m for n in names for m in TEACHER_MODULES[n])
+    return [m for m in mods if importlib.util.find_spec(m) is None]
+
+
+def skip_without_teacher(*names: str) -> None:
+    """pytest.skip (also from a fixture) when a teacher's optional package is missing."""
+    missing = missing_teacher_modules(*names)
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (pip install -e .[teachers]) for {names}")
+
+
+def requires_teacher(*names: str) -> pytest.MarkDecorator:
+    """Mark a test that needs these teachers; skipped when their packages are missing."""
+    if not names:
+        raise ValueError("requires_teacher() needs at least one teacher name")
+    missing_teacher_modules(*names)  # an unknown name fails at collection
+    return pytest.mark.teacher(*names)
+
+
+requires_shared_data = pytest.mark.shared_data
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("shared_data") is not None:
+        from kd_nnp.utils.paths import shared_data_dir
+
+        if shared_data_dir() is None:
+            pytest.skip("shared data not available (set KD_NNP_SHARED_DATA)")
+    for mark in item.iter_markers("teacher"):
+        skip_without_teacher(*mark.args)
+
 
 SMALL_CODES = ("OXALAC11", "UREAXX02", "FORMAM", "OXALAC02")
 # fake per-element zero of the soft labels (eV/atom), like a teacher with another reference
@@ -63,6 +124,7 @@ def chgnet_model():
 
 def _soft_calculator(chgnet_model):
     """CHGNet + D3(BJ): a cheap teacher that differs from the hard labels."""
+    skip_without_teacher("chgnet_d3")  # skips the fixtures (and tests) built on it
     from ase.calculators.mixing import SumCalculator
     from chgnet.model.dynamics import CHGNetCalculator
     from dftd3.ase import DFTD3

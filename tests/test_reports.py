@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,9 +19,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kd_nnp.reports import aggregate
+from kd_nnp.reports import fig6, load, tables
 from kd_nnp.reports.cli import auto_kinds
 from kd_nnp.reports.cli import main as report_main
+from kd_nnp.reports.markdown import md_table
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -55,7 +57,7 @@ def _png_ok(path: Path) -> None:
 
 # ----------------------------------------------------------------------------- real sweep
 def test_real_sweep_loads_and_reports(real_sweep, tmp_path, capsys):
-    sweep = aggregate.load_sweep(real_sweep)
+    sweep = load.load_sweep(real_sweep)
     assert sweep.n_finished == 4 and sweep.n_failed == 0
     jobs = sweep.jobs
     assert set(zip(jobs["r_he"], jobs["n_train"])) == {(0.1, 6), (0.1, 12), (10, 6), (10, 12)}
@@ -255,7 +257,7 @@ def _row(df: pd.DataFrame, ratios: dict, n_train: int | None = None) -> pd.Serie
 
 
 def test_handmade_statistics(handmade):
-    sweep = aggregate.load_sweep(handmade)
+    sweep = load.load_sweep(handmade)
     assert sweep.n_finished == 12 and sweep.n_failed == 2
     assert sweep.has_evaluation and sweep.dims == []
     failed = sweep.failed.set_index("job")
@@ -269,7 +271,7 @@ def test_handmade_statistics(handmade):
         "hard only (rHE=1, rHF=1)": "hard only",
         "hard+soft (rHE=0.1, rHF=1, rSE=1, rSF=1)": "hard+soft",
     }
-    f4 = aggregate.fig4_table(sweep)
+    f4 = tables.fig4_table(sweep)
     assert len(f4) == 6
     r = _row(f4, SOFT, 10)
     assert (r["vol_mae_pct_mean"], r["vol_mae_pct_std"], r["vol_mae_pct_n"]) == (4.0, 1.0, 3)
@@ -285,7 +287,7 @@ def test_handmade_statistics(handmade):
     r = _row(f4, MIXED, 10)
     assert r["vol_mae_pct_mean"] == 5.0 and math.isnan(r["vol_mae_pct_std"])
 
-    t1 = aggregate.table1(sweep)
+    t1 = tables.table1(sweep)
     assert len(t1) == 3 and (t1["metric"] == "vol_mae_pct").all()
     r = _row(t1, SOFT)
     assert (r["best_mean"], r["best_n_train"], r["best_n"]) == (2.5, 100, 2)
@@ -303,17 +305,17 @@ def test_handmade_statistics(handmade):
     assert b.loc["teacher:so3lr", "vol_mean_pct"] == -0.5
     assert math.isnan(b.loc["teacher:so3lr", "n_failures"])
 
-    cross = aggregate.crossover_table(sweep)
+    cross = tables.crossover_table(sweep)
     mixed = cross[np.isclose(cross["r_he"], 0.1)].set_index("n_train")
     assert mixed.loc[10, "crossover_epoch"] == 1 and mixed.loc[100, "crossover_epoch"] == 2
     hard = cross[np.isclose(cross["r_he"], 1.0) & (cross["n_train"] == 10)].set_index("seed")
     assert hard.loc[1, "crossover_epoch"] == 2  # recomputed from the history
     assert math.isnan(hard.loc[0, "crossover_epoch"])
 
-    sel = aggregate.fig6_selection(sweep)  # rows: setting without rHF; largest N, lowest seed
+    sel = fig6.fig6_selection(sweep)  # rows: setting without rHF; largest N, lowest seed
     assert list(sel["row"]) == ["rSE=1, rSF=1", "rHE=0.1, rSE=1, rSF=1", "rHE=1"]
     assert (sel["n_train"] == 100).all() and (sel["seed"] == 0).all()
-    sel10 = aggregate.fig6_selection(sweep, n_train=10)
+    sel10 = fig6.fig6_selection(sweep, n_train=10)
     assert (sel10["n_train"] == 10).all()
 
 
@@ -330,7 +332,9 @@ def test_handmade_cli_report(handmade, tmp_path, capsys):
     t1 = pd.read_csv(out / "table1.csv")
     assert _row(t1, SOFT)["best_n_train"] == 100
     t1md = (out / "table1.md").read_text()
-    assert "| 0 | 0 | 1 | 1 | 2.5 (0.71) | 100 |" in t1md
+    assert ["0", "0", "1", "1", "2.5 (0.71)", "100"] in [r[:6] for r in _md_rows(t1md)]
+    for md_file in out.glob("*.md"):  # D11: no row of any table is split by a `|`
+        assert_md_tables_well_formed(md_file.read_text())
     fig4md = (out / "fig4.md").read_text()
     assert "cell volume error" in fig4md and "13.65" in fig4md  # baselines listed
     assert pd.read_csv(out / "baselines.csv")["label"].tolist() == ["chgnet", "teacher:so3lr"]
@@ -347,7 +351,7 @@ def test_handmade_cli_report(handmade, tmp_path, capsys):
     assert (default / "fig4.png").exists() and not (default / "table1.csv").exists()
     assert not (default / "fig6.png").exists()
     # the report folder inside the sweep is not mistaken for a job
-    assert aggregate.load_sweep(handmade).n_finished == 12
+    assert load.load_sweep(handmade).n_finished == 12
 
 
 def test_other_swept_keys_are_separate_settings(tmp_path):
@@ -355,9 +359,9 @@ def test_other_swept_keys_are_separate_settings(tmp_path):
     for i, (freeze, seed) in enumerate([("mlp", 0), ("mlp", 1), ("readout", 0), ("readout", 1)]):
         vol = 2.0 + i
         _write_job(root, i, SOFT, 50, seed, freeze=freeze, volume=(vol, vol, 0))
-    sweep = aggregate.load_sweep(root)
+    sweep = load.load_sweep(root)
     assert sweep.dims == ["student.freeze"]
-    f4 = aggregate.fig4_table(sweep).set_index("student.freeze")
+    f4 = tables.fig4_table(sweep).set_index("student.freeze")
     assert f4.loc["mlp", "vol_mae_pct_mean"] == 2.5 and f4.loc["readout", "vol_mae_pct_mean"] == 4.5
     assert f4.loc["mlp", "setting"] == "soft only (rSE=1, rSF=1, student.freeze=mlp)"
     assert auto_kinds(sweep) == ["table1", "fig6"]  # N_train does not vary: no Fig. 4
@@ -391,3 +395,51 @@ def test_notebook_runs_on_the_real_sweep(real_sweep, tmp_path, monkeypatch):
     assert "val/mae_soft_energy" in text  # the jobs table is shown
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 3  # Fig. 4, 5 and 6 redrawn
+
+
+# ----------------------------------------------------------------------------- markdown
+def _unescaped_pipes(line: str) -> int:
+    return len(re.findall(r"(?<!\\)\|", line))
+
+
+def _md_rows(text: str) -> list[list[str]]:
+    """The stripped cells of every table row (header and rule included)."""
+    return [
+        [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        for line in text.splitlines()
+        if line.startswith("|")
+    ]
+
+
+def assert_md_tables_well_formed(text: str) -> int:
+    """Every row of every table has as many unescaped pipes as its header; returns #tables."""
+    n_tables = 0
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        if (
+            lines[i].startswith("|")
+            and i + 1 < len(lines)
+            and re.match(r"^\|[-:| ]+\|$", lines[i + 1])
+        ):
+            n_tables += 1
+            width = _unescaped_pipes(lines[i])
+            while i < len(lines) and lines[i].startswith("|"):
+                assert _unescaped_pipes(lines[i]) == width, f"row {i + 1}: {lines[i]!r}"
+                i += 1
+        else:
+            i += 1
+    return n_tables
+
+
+def test_markdown_escapes_pipes_in_headers_and_cells():
+    """D11: a ``|sigma|`` header or a ``a | b`` cell must not split a GitHub table row."""
+    df = pd.DataFrame({"stress": [0.5, np.nan], "reason": ["train.log: a | b", None], "n": [1, 2]})
+    text = md_table(df, [("stress", "max |sigma| GPa"), "reason", ("n", "n|jobs")])
+    assert assert_md_tables_well_formed(text) == 1
+    header, rule, first, second = text.splitlines()
+    assert _unescaped_pipes(header) == 4 and r"max \|sigma\| GPa" in header
+    assert r"a \| b" in first and "0.5" in first
+    assert second.replace(" ", "") == "|||2|"  # NaN and None print empty
+    # already escaped text is not escaped twice
+    assert md_table(pd.DataFrame({"a": [r"x \| y"]})).splitlines()[2].count("\\|") == 1

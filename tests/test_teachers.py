@@ -93,9 +93,8 @@ def test_missing_package_message_names_extra(monkeypatch):
         load_teacher("gfn2", check=False)
 
 
-@pytest.mark.teacher
+@pytest.mark.teacher("so3lr")
 def test_so3lr_loads_checks_and_labels():
-    pytest.importorskip("so3krates_torch")
     t = load_teacher("so3lr")
     assert t.settings["compute_stress"] is True and t.version.startswith("so3krates-torch==")
     lab = t.compute(check_crystal())
@@ -104,10 +103,8 @@ def test_so3lr_loads_checks_and_labels():
     assert lab.energy / 16 < -100
 
 
-@pytest.mark.teacher
+@pytest.mark.teacher("gfn2", "chgnet_d3")
 @pytest.mark.slow
 def test_gfn2_and_chgnet_d3_check():
-    pytest.importorskip("tblite")
-    pytest.importorskip("dftd3")
     for name in ("gfn2", "chgnet_d3"):
         assert load_teacher(name).check_report["stress_checks"]

@@ -17,16 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kd_nnp.reports.aggregate import (
-    RATIOS,
-    Sweep,
-    SweepError,
-    crossover_table,
-    fig4_table,
-    load_sweep,
-    md_table,
-    table1,
-)
+from kd_nnp.reports.load import RATIOS, Sweep, SweepError, load_sweep
+from kd_nnp.reports.markdown import md_table
+from kd_nnp.reports.tables import crossover_table, fig4_table, table1
 
 KINDS = ("fig4", "table1", "fig6")
 MAX_MD_ROWS = 60

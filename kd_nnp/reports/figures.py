@@ -16,14 +16,9 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogFormatter, NullFormatter
 
-from kd_nnp.reports.aggregate import (
-    Sweep,
-    fig4_table,
-    fig6_rows,
-    fig6_selection,
-    history_frame,
-    table1,
-)
+from kd_nnp.reports.fig6 import fig6_rows, fig6_selection
+from kd_nnp.reports.load import Sweep
+from kd_nnp.reports.tables import fig4_table, history_frame, table1
 
 LABELS = {
     "vol_mae_pct": "volume MAE (%)",

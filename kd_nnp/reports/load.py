@@ -1,14 +1,10 @@
-"""Load a training sweep directory into tables: jobs, failures, Fig. 4 / Table 1 / crossovers.
+"""Find and load the job folders of a training sweep into one :class:`Sweep` (the jobs table).
 
 A sweep directory is what ``kd-nnp train -m ...`` writes: ``multirun.yaml`` and one folder
 per job (``<num>_<override_dirname>``). A job folder is any folder holding ``metrics.json``,
 ``config.yaml`` or ``.hydra/``; it is *finished* when ``metrics.json`` exists (written last
 by :func:`kd_nnp.training.train.run_training`), otherwise it is listed as failed/unfinished
 with the last lines of its ``*.log`` files as the reason.
-
-Statistics over seeds use every finite value (NaN = missing, e.g. a job without evaluation)
-and the sample standard deviation (``ddof=1``; NaN for a single value), as the paper's error
-bars over 5 trials.
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from kd_nnp.errors import KdNnpError
@@ -113,7 +108,6 @@ class Sweep:
         return self.metrics()[0][0]
 
 
-# ----------------------------------------------------------------------------- loading
 def _is_job_dir(path: Path) -> bool:
     return any((path / name).exists() for name in ("metrics.json", "config.yaml", ".hydra"))
 
@@ -393,179 +387,3 @@ def _baselines(rows: list[dict[str, Any]]) -> pd.DataFrame:
         r.update({k: g[k].mean() for k in EVAL_KEYS})  # NaN-skipping
         out.append(r)
     return pd.DataFrame(out, columns=cols)
-
-
-# ----------------------------------------------------------------------------- tables
-def _setting_cols(sweep: Sweep) -> list[str]:
-    return ["setting", "loss_kind", *RATIOS, *sweep.dims]
-
-
-def _sorted_settings(df: pd.DataFrame) -> pd.DataFrame:
-    keys = [c for c in (*RATIOS, "setting") if c in df]
-    return df.sort_values(keys, kind="stable").reset_index(drop=True)
-
-
-def _stats(values: pd.Series) -> tuple[float, float, int]:
-    v = pd.to_numeric(values, errors="coerce").astype(float)
-    v = v[np.isfinite(v)]
-    if not len(v):
-        return math.nan, math.nan, 0
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan, int(len(v))
-
-
-def fig4_table(sweep: Sweep, metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """Per (loss setting, n_train): mean, std and count over seeds of each metric."""
-    metrics = metrics or sweep.metrics()[0]
-    scols = _setting_cols(sweep)
-    cols = [*scols, "n_train", "n_jobs", "seeds"]
-    for m in metrics:
-        cols += [f"{m}_mean", f"{m}_std", f"{m}_n"]
-    cols += ["n_failures_sum"]
-    if not len(sweep.jobs):
-        return pd.DataFrame(columns=cols)
-    out = []
-    jobs = sweep.jobs.copy()
-    for _, g in jobs.groupby([*scols, "n_train"], sort=False, dropna=False):
-        first = g.iloc[0]
-        r: dict[str, Any] = {c: first[c] for c in scols}
-        r["n_train"] = first["n_train"]
-        r["n_jobs"] = len(g)
-        r["seeds"] = ";".join(f"{s:g}" for s in sorted(g["seed"].dropna().unique()))
-        for m in metrics:
-            r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_n"] = _stats(g[m])
-        nf = pd.to_numeric(g["n_failures"], errors="coerce")
-        r["n_failures_sum"] = float(nf.sum()) if nf.notna().any() else math.nan
-        out.append(r)
-    df = pd.DataFrame(out, columns=cols)
-    keys = [c for c in (*RATIOS, *sweep.dims, "n_train") if c in df]
-    return df.sort_values(keys, kind="stable").reset_index(drop=True)
-
-
-def table1(sweep: Sweep, metric: str | None = None) -> pd.DataFrame:
-    """Per loss setting: the lowest seed-mean ``metric`` over n_train and where it occurs."""
-    metric = metric or sweep.primary_metric()
-    scols = _setting_cols(sweep)
-    cols = [*scols, "metric", "best_mean", "best_std", "best_n", "best_n_train", "n_train_values"]
-    f4 = fig4_table(sweep, (metric,))
-    if not len(f4):
-        return pd.DataFrame(columns=cols)
-    out = []
-    for _, g in f4.groupby(scols, sort=False, dropna=False):
-        first = g.iloc[0]
-        r: dict[str, Any] = {c: first[c] for c in scols}
-        r["metric"] = metric
-        means = g[f"{metric}_mean"].astype(float)
-        finite = g[np.isfinite(means)]
-        if len(finite):
-            best = finite.loc[finite[f"{metric}_mean"].astype(float).idxmin()]
-            r["best_mean"] = float(best[f"{metric}_mean"])
-            r["best_std"] = float(best[f"{metric}_std"])
-            r["best_n"] = int(best[f"{metric}_n"])
-            r["best_n_train"] = float(best["n_train"])
-        else:
-            r.update(best_mean=math.nan, best_std=math.nan, best_n=0, best_n_train=math.nan)
-        r["n_train_values"] = ";".join(f"{n:g}" for n in sorted(g["n_train"].dropna().unique()))
-        out.append(r)
-    return _sorted_settings(pd.DataFrame(out, columns=cols))
-
-
-def crossover_table(sweep: Sweep) -> pd.DataFrame:
-    """One row per finished job: ratios, n_train, seed and the val/train crossover epochs."""
-    cols = [
-        "job",
-        *RATIOS,
-        *sweep.dims,
-        "n_train",
-        "seed",
-        "crossover_epoch",
-        "crossover_epoch_train",
-    ]
-    if not len(sweep.jobs):
-        return pd.DataFrame(columns=cols)
-    df = sweep.jobs[cols].copy()
-    keys = [c for c in (*RATIOS, *sweep.dims, "n_train", "seed") if c in df]
-    return df.sort_values(keys, kind="stable").reset_index(drop=True)
-
-
-def history_frame(sweep: Sweep, job: str) -> pd.DataFrame:
-    """A job's per-epoch history (split, epoch, mae_*) as a DataFrame sorted by epoch."""
-    rows = sweep.histories.get(job) or []
-    df = pd.DataFrame(rows)
-    if not len(df):
-        return pd.DataFrame(columns=["split", "epoch", *CURVE_KEYS])
-    if "split" not in df:
-        df["split"] = "val"
-    return df.sort_values(["split", "epoch"], kind="stable").reset_index(drop=True)
-
-
-def fig6_selection(
-    sweep: Sweep, r_hf: float | None = None, n_train: float | None = None
-) -> pd.DataFrame:
-    """One job per row of Fig. 6 (all ratios but r_hf, plus extra dims), for its loss curves.
-
-    Within a row: the job with r_hf = ``r_hf`` (default: the one closest to 1 on a log scale),
-    then n_train = ``n_train`` (default: the largest), then the lowest seed.
-    """
-    cols = ["row", *[c for c in sweep.jobs.columns if c != "row"]]
-    if not len(sweep.jobs):
-        return pd.DataFrame(columns=cols)
-    jobs = sweep.jobs.copy()
-    jobs["row"] = [_row_label(r, sweep.dims) for _, r in jobs.iterrows()]
-    picked = []
-    for _, g in jobs.groupby("row", sort=False):
-        g = g.copy()
-        if r_hf is not None and (np.isclose(g["r_hf"], r_hf)).any():
-            g = g[np.isclose(g["r_hf"], r_hf)]
-        else:
-            dist = np.abs(np.log10(np.clip(g["r_hf"].astype(float).fillna(0), 1e-12, None)))
-            g = g[dist == dist.min()]
-        if n_train is not None and (np.isclose(g["n_train"], n_train)).any():
-            g = g[np.isclose(g["n_train"], n_train)]
-        else:
-            g = g[g["n_train"] == g["n_train"].max()] if g["n_train"].notna().any() else g
-        picked.append(g.sort_values("seed", kind="stable").iloc[0])
-    df = pd.DataFrame(picked)
-    keys = [c for c in (*RATIOS, *sweep.dims) if c in df]
-    return df.sort_values(keys, kind="stable").reset_index(drop=True)[cols]
-
-
-def _row_label(row: pd.Series, dims: list[str]) -> str:
-    """Fig. 6 row label: the setting without r_hf (the rows are r_he values in the paper)."""
-    parts = [
-        f"{RATIO_LABELS[k]}={row[k]:g}"
-        for k in RATIOS
-        if k != "r_hf" and np.isfinite(row[k]) and row[k] != 0
-    ]
-    parts += [f"{k}={row[k]}" for k in dims]
-    return ", ".join(parts) or "all ratios 0"
-
-
-def fig6_rows(sweep: Sweep) -> pd.DataFrame:
-    """The jobs with a ``row`` column (Fig. 6 row label), for the per-row metric-vs-N panels."""
-    jobs = sweep.jobs.copy()
-    jobs["row"] = [_row_label(r, sweep.dims) for _, r in jobs.iterrows()] if len(jobs) else []
-    return jobs
-
-
-# ----------------------------------------------------------------------------- markdown
-def md_table(df: pd.DataFrame, cols: list[str] | None = None, floatfmt: str = "{:.4g}") -> str:
-    """A GitHub markdown table; NaN prints as an empty cell."""
-    cols = [c for c in (cols or list(df.columns)) if c in df]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        cells = []
-        for c in cols:
-            v = r[c]
-            if isinstance(v, float | np.floating):
-                if not np.isfinite(v):
-                    cells.append("")
-                elif float(v).is_integer() and abs(v) < 1e15:
-                    cells.append(str(int(v)))
-                else:
-                    cells.append(floatfmt.format(v))
-            elif v is None:
-                cells.append("")
-            else:
-                cells.append(str(v).replace("|", "\\|"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -1,5 +1,6 @@
 """``make bench``'s runner (experiments/bench/run_all.py): the quick training section runs
-end to end in subprocesses and reports chgnet's and kd_nnp's step-0 losses as equal."""
+end to end in subprocesses and reports chgnet's and kd_nnp's step-0 losses as equal.
+Slow: ~2 min per test on 2 busy cores; `make test-full` runs them."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 RUN_ALL = REPO / "experiments" / "bench" / "run_all.py"
+
+pytestmark = pytest.mark.slow
 
 
 def _run_quick(tmp_path, section: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
