@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_nnp.training.student import apply_freeze_policy, load_chgnet
+from kd_nnp.teachers.calculators import load_chgnet
+from kd_nnp.training.student import apply_freeze_policy
 
 # chgnet 0.3.0's readout MLP: Linear(64,64) SiLU Linear(64,64) SiLU Linear(64,64) SiLU Dropout Linear(64,1)
 MLP_PARAMS = [

@@ -552,7 +552,7 @@ class FramesDataModule(L.LightningDataModule):
 
     def _pretrained_energies(self, samples: Sequence[Sample]) -> list[float]:
         """Total energies of the pretrained student on these frames (cached per graph)."""
-        from kd_nnp.training.student import load_chgnet
+        from kd_nnp.teachers.calculators import load_chgnet
 
         cache_file = (
             Path(self.graph_cache_dir) if self.graph_cache_dir else cache_dir() / "graphs"
