@@ -240,3 +240,85 @@ def test_label_cli_killed_and_resumed(store: FrameStore, tmp_path: Path):
     assert len(computed) == 12 and set(computed) == keys, "a frame was computed twice or lost"
     # exactly one row per frame in the label set
     assert len(list(store.labels("slow")._db().select())) == 12
+
+
+def _label_args(store: FrameStore, log: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "kd_nnp.cli",
+        "label",
+        f"store={store.root}",
+        "teacher=custom",
+        "teacher.name=test_teachers_label:slow_emt",
+        "teacher.check=false",
+        f"+teacher.log={log}",
+        *extra,
+        "name=twice",
+        "progress=false",
+    ]
+
+
+def _env() -> dict[str, str]:
+    return dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(TESTS)]), OMP_NUM_THREADS="1"
+    )
+
+
+def test_two_concurrent_label_runs_label_each_frame_once(store: FrameStore, tmp_path: Path):
+    """D2: two `kd-nnp label` runs on the same label set at once must not both label every
+    frame (they used to: 2x rows, 2x compute, both rc 0). The second is refused while the
+    first holds the label set."""
+    log = tmp_path / "computed.log"
+    args = _label_args(store, log, "+teacher.delay=1.0")
+    procs = [
+        subprocess.Popen(
+            args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    rcs = sorted(p.returncode for p in procs)
+    text = "".join(o + e for o, e in outs)
+    computed = log.read_text().split()
+    assert len(computed) == 12 and len(set(computed)) == 12, "a frame was labelled twice"
+    assert len(list(store.labels("twice")._db().select())) == 12
+    assert rcs == [0, 1], text[-3000:]  # 12 s of labelling: the runs overlap
+    assert "is being labelled by another process" in text
+
+
+def test_label_help_lists_only_label_settings():
+    """D18: `kd-nnp label --help` listed the training groups (trainer, loss, ...)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "kd_nnp.cli", "label", "--help"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for group in ("trainer:", "loss:", "callbacks:", "experiment:", "student:"):
+        assert group not in text, f"{group} listed in `label --help`"
+    for teacher in sorted(p.stem for p in (REPO_ROOT / "conf" / "teacher").glob("*.yaml")):
+        assert teacher in text
+    assert "store: ???" in text and "retry_failed" in text and "teacher.name=" in text
+
+
+def test_label_user_errors_are_one_line_and_create_nothing(tmp_path: Path, store, capsys):
+    """D18: a mistyped store created STORE/logs/; teacher=custom without a name said '???'."""
+    from kd_nnp.cli import main as kd_main
+
+    missing = tmp_path / "stroe"
+    assert kd_main(["label", f"store={missing}", "teacher=custom"]) == 1
+    assert "not a kd_nnp frames store" in capsys.readouterr().err
+    assert not missing.exists()
+    assert kd_main(["label", f"store={store.root}", "teacher=custom"]) == 1
+    err = capsys.readouterr().err
+    assert "teacher.name=package.module:factory" in err and "???" not in err
+    assert store.label_names() == []

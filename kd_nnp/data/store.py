@@ -24,7 +24,10 @@ Each frame row carries the key-value pairs ``frame_id`` (unique, stable), ``grou
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -328,6 +331,30 @@ class LabelSet:
         from ase.db import connect
 
         return connect(str(self.path), type="db", append=True)
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold the label set for one writer (``labels/<name>.lock``, an OS file lock that
+        dies with its process: a killed run never leaves the set locked). A second writer
+        is refused at once with :class:`StoreError` naming the holder's pid."""
+        lock_path = self.path.with_suffix(".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                raise StoreError(
+                    f"label set {self.name!r} ({self.path}) is being labelled by another "
+                    f"process (pid {holder}); wait for it to finish (or stop it), or give one "
+                    "run more workers (workers=N)"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     @property
     def provenance(self) -> dict[str, Any]:
