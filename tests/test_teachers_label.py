@@ -35,10 +35,16 @@ class SlowEMT(Calculator):
     implemented_properties = ["energy", "forces", "stress"]
 
     def __init__(
-        self, delay: float = 0.0, log: str = "", scale: float = 1.0, bad_above: float = 0.0
+        self,
+        delay: float = 0.0,
+        log: str = "",
+        scale: float = 1.0,
+        bad_above: float = 0.0,
+        fail_flag: str = "",
     ) -> None:
         super().__init__()
         self.delay, self.log, self.scale, self.bad_above = delay, log, scale, bad_above
+        self.fail_flag = fail_flag  # bad_above applies only while this file exists
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -47,6 +53,8 @@ class SlowEMT(Calculator):
         e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress()
         time.sleep(self.delay)
         vol = a.get_volume() / len(a)
+        if self.fail_flag and not os.path.exists(self.fail_flag):
+            vol = 0.0
         if self.bad_above and vol > self.bad_above * 1.05:
             raise RuntimeError("teacher exploded on an expanded cell")
         if self.bad_above and vol > self.bad_above:
@@ -62,9 +70,13 @@ class SlowEMT(Calculator):
 
 
 def slow_emt(
-    delay: float = 0.0, log: str = "", scale: float = 1.0, bad_above: float = 0.0
+    delay: float = 0.0,
+    log: str = "",
+    scale: float = 1.0,
+    bad_above: float = 0.0,
+    fail_flag: str = "",
 ) -> SlowEMT:
-    return SlowEMT(delay, log, scale, bad_above)
+    return SlowEMT(delay, log, scale, bad_above, fail_flag)
 
 
 @pytest.fixture
@@ -322,3 +334,33 @@ def test_label_user_errors_are_one_line_and_create_nothing(tmp_path: Path, store
     err = capsys.readouterr().err
     assert "teacher.name=package.module:factory" in err and "???" not in err
     assert store.label_names() == []
+
+
+def test_retry_failed_supersedes_failures_and_ase_reads_labels(store: FrameStore, tmp_path: Path):
+    """D12: after a successful retry_failed the failure rows stayed, and
+    ase.io.read('labels/X.db@:') returned Atoms without labels."""
+    import ase.io
+
+    flag = tmp_path / "fail_now"
+    flag.write_text("")
+    vols = sorted(f.atoms.get_volume() / len(f.atoms) for f in store.iter_frames())
+    settings = {"bad_above": vols[-4], "fail_flag": str(flag)}
+    kw = dict(settings=settings, name="retry", progress=False, check=False)
+    rep = label_store(store.root, "test_teachers_label:slow_emt", **kw)
+    assert (rep.n_ok, rep.n_failed) == (9, 3)
+    ls = store.labels("retry")
+    assert len(ls.failures()) == 3
+    path = ls.path
+    atoms = ase.io.read(f"{path}@:")
+    assert len(atoms) == 9  # only labelled frames; failures are kept aside
+    flag.unlink()  # the teacher's trouble is fixed
+    rep = label_store(store.root, "test_teachers_label:slow_emt", retry_failed=True, **kw)
+    assert (rep.n_todo, rep.n_ok, rep.n_failed) == (3, 3, 0)
+    assert ls.failures() == {} and set(ls.status().values()) == {"ok"}
+    atoms = ase.io.read(f"{path}@:")
+    assert len(atoms) == 12
+    for a in atoms:  # every row read by ASE carries the teacher's labels
+        assert np.isfinite(a.get_potential_energy())
+        assert a.get_forces().shape == (len(a), 3) and a.get_stress().shape == (6,)
+    ids = {r.frame_id for r in ls._db().select()}
+    assert ids == set(store.frame_ids())
