@@ -364,3 +364,22 @@ def test_retry_failed_supersedes_failures_and_ase_reads_labels(store: FrameStore
         assert a.get_forces().shape == (len(a), 3) and a.get_stress().shape == (6,)
     ids = {r.frame_id for r in ls._db().select()}
     assert ids == set(store.frame_ids())
+
+
+def test_labelling_names_frames_outside_the_organic_scope(tmp_path: Path, caplog):
+    """D17: labelling a frame with elements outside H,C,N,O,P,S,F,Cl,Br,I said nothing."""
+    import logging
+
+    from kd_nnp.data.store import Frame
+
+    fs = FrameStore(tmp_path / "st", create=True)
+    frames = pyxtal_frames("test", codes=["UREAXX02"])
+    odd = frames[0].atoms.copy()
+    odd.numbers[0] = 29  # Cu
+    fs.add_frames(frames + [Frame("odd/cu", odd, "odd", "test")])
+    with caplog.at_level(logging.WARNING, logger="kd_nnp.teachers.label"):
+        rep = label_store(fs.root, "test_teachers:emt", check=False, progress=False)
+    assert rep.n_ok == 2
+    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("odd/cu (Cu)" in m and "outside the organic scope" in m for m in msgs), msgs
+    assert not any(frames[0].frame_id in m for m in msgs)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections import Counter
 from pathlib import Path
@@ -83,6 +84,10 @@ def store_info(path: str | Path) -> str:
     import sqlite3
 
     fs = FrameStore(path)
+    if not fs.frames_path.exists():
+        return "\n".join(
+            [f"store {fs.root}: 0 frames"] + [f"  labels {n}" for n in fs.label_names()]
+        )
     con = sqlite3.connect(f"file:{fs.frames_path}?mode=ro", uri=True)
     try:
         rows = con.execute(
@@ -184,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     set_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
     except (KdNnpError, ValueError, FileNotFoundError) as exc:

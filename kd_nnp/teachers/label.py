@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kd_nnp.data.classify import ScopeWatch
 from kd_nnp.data.store import Frame, FrameStore, Labels, LabelSet
 from kd_nnp.errors import KdNnpError
 from kd_nnp.utils.provenance import environment_record, stable_hash
@@ -184,6 +185,7 @@ def _label_locked(
             labels.write(buffer)
             buffer.clear()
 
+    scope = ScopeWatch()
     old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     t0 = time.perf_counter()
     try:
@@ -201,12 +203,15 @@ def _label_locked(
                 frame, lab = res.value
                 buffer.append((frame, lab, None, res.seconds))
             else:
-                buffer.append((fs.get(res.key), None, res.error, res.seconds))
+                frame = fs.get(res.key)
+                buffer.append((frame, None, res.error, res.seconds))
+            scope.check(frame.frame_id, frame.atoms)
             if len(buffer) >= flush_every:
                 flush()
     finally:
         flush()
         signal.signal(signal.SIGTERM, old_handler)
+        scope.warn(log, f"label set {name!r} of {store}")
         report.seconds = time.perf_counter() - t0
         new = labels.status()
         done = set(todo)
