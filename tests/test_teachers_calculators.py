@@ -26,6 +26,8 @@ def test_student_labels_come_from_the_run_folder(tmp_path):
     assert method_label("student:runs/B/checkpoints/last.ckpt") == "student(B)"
     assert method_label("student:out/run3/model.pt") == "student(model)"
     assert method_label("student:runs/A/student.pt=soft-only") == "soft-only"
+    # '=' inside a checkpoint name is part of the path, not a label
+    assert method_label("student:ck/epoch=3-step=90.ckpt") == "student(epoch=3-step=90)"
     labels = unique_labels(["chgnet", "student:A/student.pt", "student:B/student.pt"])
     assert labels == {
         "chgnet": "CHGNet",

@@ -333,6 +333,11 @@ def test_label_user_errors_are_one_line_and_create_nothing(tmp_path: Path, store
     assert kd_main(["label", f"store={store.root}", "teacher=custom"]) == 1
     err = capsys.readouterr().err
     assert "teacher.name=package.module:factory" in err and "???" not in err
+    # a mistyped teacher: one line, nothing written into the store
+    before = sorted(p.name for p in (store.root / "labels").iterdir())
+    assert kd_main(["label", f"store={store.root}", "teacher=custom", "teacher.name=chgnett"]) == 1
+    assert "unknown teacher 'chgnett'" in capsys.readouterr().err
+    assert sorted(p.name for p in (store.root / "labels").iterdir()) == before
     assert store.label_names() == []
 
 

@@ -348,7 +348,8 @@ def _student_parts(rest: str) -> tuple[str, str | None]:
         raise CalculatorSpecError("calculator spec 'student:PATH' needs a path")
     if "=" in rest and not Path(rest).expanduser().is_file():
         path, _, label = rest.rpartition("=")
-        if path and label and "/" not in label:
+        # 'runs/x/student.pt=soft' names it; 'ckpts/epoch=3-step=90.ckpt' is a path
+        if path and label and (Path(path).expanduser().is_file() or not set("/.") & set(label)):
             return path, label
     return rest, None
 

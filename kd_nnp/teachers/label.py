@@ -122,11 +122,13 @@ def label_store(
 
     One writer per label set: a second run on the same set while one runs is refused
     (:meth:`~kd_nnp.data.store.LabelSet.writer_lock`), so no frame is labelled twice."""
+    from kd_nnp.teachers.calculators import check_spec
     from kd_nnp.utils.threads import set_threads
 
     set_threads(threads)
     settings = dict(settings or {})
     fs = FrameStore(store)
+    check_spec(f"teacher:{teacher}")  # a bad name fails before anything is written
     name = name or label_set_name(teacher)
     labels: LabelSet = fs.labels(name, create=True)
     with labels.writer_lock():
