@@ -117,7 +117,7 @@ def small_crystals() -> dict:
 
 @pytest.fixture(scope="session")
 def chgnet_model():
-    from kd_nnp.training.student import load_chgnet
+    from kd_nnp.teachers.calculators import load_chgnet
 
     return load_chgnet("0.3.0").eval()
 

@@ -10,7 +10,6 @@ import pytest
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator, all_changes
 
-from kd_nnp.evaluation.calculators import make_calculator, method_label
 from kd_nnp.evaluation.relax import (
     compare_structures,
     paired_volume_distance,
@@ -25,6 +24,7 @@ from kd_nnp.evaluation.structures import (
     load_dataset,
     pyxtal_reference_cells,
 )
+from kd_nnp.teachers.calculators import make_calculator, method_label
 
 VOLUME_FACTOR = 1.05
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_nnp.training.student import apply_freeze_policy, load_chgnet
+from kd_nnp.teachers.calculators import load_chgnet
+from kd_nnp.training.student import apply_freeze_policy
 
 # chgnet 0.3.0's readout MLP: Linear(64,64) SiLU Linear(64,64) SiLU Linear(64,64) SiLU Dropout Linear(64,1)
 MLP_PARAMS = [
@@ -73,3 +74,23 @@ def test_training_step_leaves_frozen_tensors_bit_identical(model, small_crystals
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if k.startswith("mlp.")}
     assert changed  # the MLP did move
+
+
+def test_one_loader_for_model_files_and_checkpoints(model, tmp_path):
+    """load_chgnet reads what `kd-nnp export` writes and a training checkpoint; export
+    turns a checkpoint into a model file that loads back with the same weights."""
+    from kd_nnp.training.export import main as export_main
+
+    with torch.no_grad():
+        model.mlp.layers[0].bias.add_(0.5)  # a trained student differs from pretrained
+    ckpt = tmp_path / "last.ckpt"
+    state = {f"student.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"chgnet_model_args": model.model_args, "state_dict": state}, ckpt)
+    out = tmp_path / "run" / "student.pt"
+    assert export_main([str(ckpt), str(out)]) == 0
+    ref = model.state_dict()
+    for path in (ckpt, out):
+        loaded = load_chgnet(path=path)
+        assert next(loaded.parameters()).dtype == torch.float32
+        got = loaded.state_dict()
+        assert all(torch.equal(got[k], ref[k]) for k in ref), path

@@ -9,8 +9,9 @@ from ase.calculators.emt import EMT
 from ase.units import GPa
 
 from kd_nnp.data.store import Labels
+from kd_nnp.teachers.base import CalculatorSpecError, TeacherCheckError, TeacherImportError
 from kd_nnp.teachers.check import check_crystal
-from kd_nnp.teachers.registry import TeacherCheckError, TeacherImportError, load_teacher
+from kd_nnp.teachers.registry import load_teacher
 
 
 class Broken(Calculator):
@@ -77,7 +78,7 @@ def test_broken_teachers_refused(kind, match):
 
 
 def test_registry_errors():
-    with pytest.raises(KeyError, match="unknown teacher 'nope'"):
+    with pytest.raises(CalculatorSpecError, match="unknown teacher 'nope'"):
         load_teacher("nope")
     with pytest.raises(TeacherImportError, match="cannot import"):
         load_teacher("not_a_module_xyz:factory")

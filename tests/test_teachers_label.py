@@ -35,10 +35,16 @@ class SlowEMT(Calculator):
     implemented_properties = ["energy", "forces", "stress"]
 
     def __init__(
-        self, delay: float = 0.0, log: str = "", scale: float = 1.0, bad_above: float = 0.0
+        self,
+        delay: float = 0.0,
+        log: str = "",
+        scale: float = 1.0,
+        bad_above: float = 0.0,
+        fail_flag: str = "",
     ) -> None:
         super().__init__()
         self.delay, self.log, self.scale, self.bad_above = delay, log, scale, bad_above
+        self.fail_flag = fail_flag  # bad_above applies only while this file exists
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -47,6 +53,8 @@ class SlowEMT(Calculator):
         e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress()
         time.sleep(self.delay)
         vol = a.get_volume() / len(a)
+        if self.fail_flag and not os.path.exists(self.fail_flag):
+            vol = 0.0
         if self.bad_above and vol > self.bad_above * 1.05:
             raise RuntimeError("teacher exploded on an expanded cell")
         if self.bad_above and vol > self.bad_above:
@@ -62,9 +70,13 @@ class SlowEMT(Calculator):
 
 
 def slow_emt(
-    delay: float = 0.0, log: str = "", scale: float = 1.0, bad_above: float = 0.0
+    delay: float = 0.0,
+    log: str = "",
+    scale: float = 1.0,
+    bad_above: float = 0.0,
+    fail_flag: str = "",
 ) -> SlowEMT:
-    return SlowEMT(delay, log, scale, bad_above)
+    return SlowEMT(delay, log, scale, bad_above, fail_flag)
 
 
 @pytest.fixture
@@ -240,3 +252,139 @@ def test_label_cli_killed_and_resumed(store: FrameStore, tmp_path: Path):
     assert len(computed) == 12 and set(computed) == keys, "a frame was computed twice or lost"
     # exactly one row per frame in the label set
     assert len(list(store.labels("slow")._db().select())) == 12
+
+
+def _label_args(store: FrameStore, log: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "kd_nnp.cli",
+        "label",
+        f"store={store.root}",
+        "teacher=custom",
+        "teacher.name=test_teachers_label:slow_emt",
+        "teacher.check=false",
+        f"+teacher.log={log}",
+        *extra,
+        "name=twice",
+        "progress=false",
+    ]
+
+
+def _env() -> dict[str, str]:
+    return dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(TESTS)]), OMP_NUM_THREADS="1"
+    )
+
+
+def test_two_concurrent_label_runs_label_each_frame_once(store: FrameStore, tmp_path: Path):
+    """D2: two `kd-nnp label` runs on the same label set at once must not both label every
+    frame (they used to: 2x rows, 2x compute, both rc 0). The second is refused while the
+    first holds the label set."""
+    log = tmp_path / "computed.log"
+    args = _label_args(store, log, "+teacher.delay=1.0")
+    procs = [
+        subprocess.Popen(
+            args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    rcs = sorted(p.returncode for p in procs)
+    text = "".join(o + e for o, e in outs)
+    computed = log.read_text().split()
+    assert len(computed) == 12 and len(set(computed)) == 12, "a frame was labelled twice"
+    assert len(list(store.labels("twice")._db().select())) == 12
+    assert rcs == [0, 1], text[-3000:]  # 12 s of labelling: the runs overlap
+    assert "is being labelled by another process" in text
+
+
+def test_label_help_lists_only_label_settings():
+    """D18: `kd-nnp label --help` listed the training groups (trainer, loss, ...)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "kd_nnp.cli", "label", "--help"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for group in ("trainer:", "loss:", "callbacks:", "experiment:", "student:"):
+        assert group not in text, f"{group} listed in `label --help`"
+    for teacher in sorted(p.stem for p in (REPO_ROOT / "conf" / "teacher").glob("*.yaml")):
+        assert teacher in text
+    assert "store: ???" in text and "retry_failed" in text and "teacher.name=" in text
+
+
+def test_label_user_errors_are_one_line_and_create_nothing(tmp_path: Path, store, capsys):
+    """D18: a mistyped store created STORE/logs/; teacher=custom without a name said '???'."""
+    from kd_nnp.cli import main as kd_main
+
+    missing = tmp_path / "stroe"
+    assert kd_main(["label", f"store={missing}", "teacher=custom"]) == 1
+    assert "not a kd_nnp frames store" in capsys.readouterr().err
+    assert not missing.exists()
+    assert kd_main(["label", f"store={store.root}", "teacher=custom"]) == 1
+    err = capsys.readouterr().err
+    assert "teacher.name=package.module:factory" in err and "???" not in err
+    # a mistyped teacher: one line, nothing written into the store
+    before = sorted(p.name for p in (store.root / "labels").iterdir())
+    assert kd_main(["label", f"store={store.root}", "teacher=custom", "teacher.name=chgnett"]) == 1
+    assert "unknown teacher 'chgnett'" in capsys.readouterr().err
+    assert sorted(p.name for p in (store.root / "labels").iterdir()) == before
+    assert store.label_names() == []
+
+
+def test_retry_failed_supersedes_failures_and_ase_reads_labels(store: FrameStore, tmp_path: Path):
+    """D12: after a successful retry_failed the failure rows stayed, and
+    ase.io.read('labels/X.db@:') returned Atoms without labels."""
+    import ase.io
+
+    flag = tmp_path / "fail_now"
+    flag.write_text("")
+    vols = sorted(f.atoms.get_volume() / len(f.atoms) for f in store.iter_frames())
+    settings = {"bad_above": vols[-4], "fail_flag": str(flag)}
+    kw = dict(settings=settings, name="retry", progress=False, check=False)
+    rep = label_store(store.root, "test_teachers_label:slow_emt", **kw)
+    assert (rep.n_ok, rep.n_failed) == (9, 3)
+    ls = store.labels("retry")
+    assert len(ls.failures()) == 3
+    path = ls.path
+    atoms = ase.io.read(f"{path}@:")
+    assert len(atoms) == 9  # only labelled frames; failures are kept aside
+    flag.unlink()  # the teacher's trouble is fixed
+    rep = label_store(store.root, "test_teachers_label:slow_emt", retry_failed=True, **kw)
+    assert (rep.n_todo, rep.n_ok, rep.n_failed) == (3, 3, 0)
+    assert ls.failures() == {} and set(ls.status().values()) == {"ok"}
+    atoms = ase.io.read(f"{path}@:")
+    assert len(atoms) == 12
+    for a in atoms:  # every row read by ASE carries the teacher's labels
+        assert np.isfinite(a.get_potential_energy())
+        assert a.get_forces().shape == (len(a), 3) and a.get_stress().shape == (6,)
+    ids = {r.frame_id for r in ls._db().select()}
+    assert ids == set(store.frame_ids())
+
+
+def test_labelling_names_frames_outside_the_organic_scope(tmp_path: Path, caplog):
+    """D17: labelling a frame with elements outside H,C,N,O,P,S,F,Cl,Br,I said nothing."""
+    import logging
+
+    from kd_nnp.data.store import Frame
+
+    fs = FrameStore(tmp_path / "st", create=True)
+    frames = pyxtal_frames("test", codes=["UREAXX02"])
+    odd = frames[0].atoms.copy()
+    odd.numbers[0] = 29  # Cu
+    fs.add_frames(frames + [Frame("odd/cu", odd, "odd", "test")])
+    with caplog.at_level(logging.WARNING, logger="kd_nnp.teachers.label"):
+        rep = label_store(fs.root, "test_teachers:emt", check=False, progress=False)
+    assert rep.n_ok == 2
+    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("odd/cu (Cu)" in m and "outside the organic scope" in m for m in msgs), msgs
+    assert not any(frames[0].frame_id in m for m in msgs)

@@ -124,7 +124,7 @@ def _chgnet_ase_calc() -> Any:
 
 def child_ase(cfg: dict[str, Any]) -> dict[str, Any]:
     """The sequential loop, once per calculator in ``cfg["calcs"]`` (chgnet's first)."""
-    from kd_nnp.evaluation.calculators import InferenceCHGNetCalculator
+    from kd_nnp.teachers.calculators import InferenceCHGNetCalculator
 
     crystals = _crystals(cfg["codes"])
     loops = {}
@@ -146,7 +146,7 @@ def child_ase(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def child_calc(cfg: dict[str, Any]) -> dict[str, Any]:
     """Single points, interleaved: kd_nnp's inference calculator vs chgnet's."""
-    from kd_nnp.evaluation.calculators import InferenceCHGNetCalculator
+    from kd_nnp.teachers.calculators import InferenceCHGNetCalculator
 
     calcs = {"chgnet": _chgnet_ase_calc(), "kd_nnp": InferenceCHGNetCalculator()}
     rng = np.random.default_rng(0)

@@ -55,3 +55,45 @@ def parse_classes(spec: str | Iterable[str]) -> tuple[str, ...]:
     if bad or not items:
         raise ValueError(f"unknown frame class(es) {bad or items}; choose from {list(CLASSES)}")
     return tuple(items)
+
+
+def outside_scope(atoms: Any) -> list[str]:
+    """Elements of ``atoms`` (or a symbol list) outside kd_nnp's organic scope, sorted."""
+    return sorted(set(_counts(atoms)) - ORGANIC_ELEMENTS)
+
+
+class ScopeWatch:
+    """Notes frames with elements outside the organic scope while they stream past, and
+    warns once, naming them: kd_nnp distils for organic molecular crystals, and a frame with
+    e.g. Fe or Na is probably a mistake (or needs a teacher that covers it)."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, list[str]] = {}
+
+    def check(self, frame_id: str, atoms: Any) -> None:
+        extra = outside_scope(atoms)
+        if extra:
+            self.found[frame_id] = extra
+
+    def watch(self, frames: Iterable[Any]) -> Iterable[Any]:
+        for fr in frames:
+            self.check(fr.frame_id, fr.atoms)
+            yield fr
+
+    def message(self, where: str, show: int = 5) -> str | None:
+        if not self.found:
+            return None
+        items = list(self.found.items())
+        listed = "; ".join(f"{fid} ({', '.join(els)})" for fid, els in items[:show])
+        more = f"; and {len(items) - show} more" if len(items) > show else ""
+        elements = sorted({e for els in self.found.values() for e in els})
+        return (
+            f"{where}: {len(items)} frame(s) have elements outside the organic scope "
+            f"{{{', '.join(sorted(ORGANIC_ELEMENTS))}}}: {listed}{more} (elements: "
+            f"{', '.join(elements)}); kd_nnp targets organic molecular crystals"
+        )
+
+    def warn(self, log: Any, where: str) -> None:
+        msg = self.message(where)
+        if msg:
+            log.warning(msg)

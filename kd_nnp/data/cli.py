@@ -2,7 +2,7 @@
 
     kd-nnp data pyxtal --db test --out stores/pyxtal [--codes UREAXX02 FORMAM] [--max-atoms 100]
     kd-nnp data perturb --from stores/pyxtal --out stores/perturbed --n-strain 8 --n-rattle 4 \\
-        --seed 0 [--prerelax-teacher so3lr]
+        --seed 0 [--volume-range=-0.08,0.2] [--prerelax-teacher so3lr]
     kd-nnp data files ../shared/data/x23_vdwdf2 --out stores/x23 --source-name x23
     kd-nnp data mptrj --json MPtrj_2022.9_full.json --out stores/mptrj --include organic,complex
     kd-nnp data mptrj --download --out stores/mptrj        # figshare, online only
@@ -13,11 +13,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from kd_nnp.data.store import FrameStore, StoreError
+from kd_nnp.data.sources.perturb import PerturbSettings
+from kd_nnp.data.store import FrameStore
+from kd_nnp.errors import KdNnpError
+from kd_nnp.utils.settings import add_options, from_args
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,25 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("perturb", help="strained / rattled / MD frames from a store's crystals")
     q.add_argument("--from", dest="src", required=True, type=Path)
     q.add_argument("--out", required=True, type=Path)
-    q.add_argument("--n-strain", type=int, default=8)
-    q.add_argument("--n-rattle", type=int, default=4)
-    q.add_argument("--seed", type=int, default=0)
+    add_options(q, PerturbSettings)
     q.add_argument(
-        "--volume-range",
-        type=float,
-        nargs=2,
-        default=(-0.08, 0.20),
-        metavar=("LO", "HI"),
-        help="relative volume change range",
+        "--prerelax-teacher",
+        default=None,
+        help="teacher (name or module:factory) that pre-relaxes parents and drives MD",
     )
-    q.add_argument("--shear", type=float, default=0.03, help="anisotropic strain amplitude")
-    q.add_argument("--rattle-std", type=float, default=0.04, help="rattle (A)")
-    q.add_argument("--mode", choices=["molecular", "affine"], default="molecular")
-    q.add_argument("--no-parent", action="store_true", help="do not keep the parent frame")
-    q.add_argument("--prerelax-teacher", default=None, help="teacher for fixed-cell pre-relax")
-    q.add_argument("--prerelax-steps", type=int, default=50)
-    q.add_argument("--prerelax-fmax", type=float, default=0.1)
-    q.add_argument("--n-md", type=int, default=0, help="MD snapshots (needs the teacher)")
     q.add_argument("--codes", nargs="*", default=None, help="only these parents")
     q.add_argument("--limit", type=int, default=None)
 
@@ -92,6 +84,10 @@ def store_info(path: str | Path) -> str:
     import sqlite3
 
     fs = FrameStore(path)
+    if not fs.frames_path.exists():
+        return "\n".join(
+            [f"store {fs.root}: 0 frames"] + [f"  labels {n}" for n in fs.label_names()]
+        )
     con = sqlite3.connect(f"file:{fs.frames_path}?mode=ro", uri=True)
     try:
         rows = con.execute(
@@ -154,24 +150,26 @@ def _run(args: argparse.Namespace) -> int:
     elif args.cmd == "perturb":
         from kd_nnp.data.sources.perturb import build_perturb_store
 
+        calculator = None
+        if args.prerelax_teacher is not None:
+            from kd_nnp.teachers.calculators import check_spec
+
+            name = args.prerelax_teacher
+            check_spec(f"teacher:{name}")  # fail now, not after reading the store
+
+            def calculator() -> Any:  # built only when a parent is left to do
+                from kd_nnp.teachers.registry import load_teacher
+
+                return load_teacher(name).calculator
+
         n_par, n_fr = build_perturb_store(
             str(args.src),
             str(args.out),
-            teacher=args.prerelax_teacher,
+            from_args(PerturbSettings, args),
+            calculator=calculator,
+            calculator_name=args.prerelax_teacher,
             codes=args.codes,
             limit=args.limit,
-            n_strain=args.n_strain,
-            n_rattle=args.n_rattle,
-            seed=args.seed,
-            volume_range=tuple(args.volume_range),
-            shear=args.shear,
-            rattle_std=args.rattle_std,
-            mode=args.mode,
-            include_parent=not args.no_parent,
-            n_md=args.n_md,
-            prerelax=args.prerelax_teacher is not None,
-            prerelax_steps=args.prerelax_steps,
-            prerelax_fmax=args.prerelax_fmax,
         )
         print(f"perturb: {n_par} parents processed, {n_fr} frames written to {args.out}")
     elif args.cmd == "cod":
@@ -191,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     set_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
-    except (StoreError, ValueError, FileNotFoundError) as exc:
+    except (KdNnpError, ValueError, FileNotFoundError) as exc:
         print(f"kd-nnp data {args.cmd}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -24,7 +24,10 @@ Each frame row carries the key-value pairs ``frame_id`` (unique, stable), ``grou
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -315,10 +318,15 @@ class LabelSet:
     """Soft labels of one teacher for frames of a store (``labels/<name>.db``).
 
     Rows hold the frame's atoms with the teacher's results as a SinglePointCalculator, so
-    ``ase.io.read('labels/so3lr.db@:')`` is a complete teacher-labelled dataset. Keys:
-    ``frame_id``, ``status`` ('ok' or 'failed'), ``error`` (failed rows), ``seconds``.
+    ``ase.io.read('labels/so3lr.db@:')`` is a complete teacher-labelled dataset: every row
+    has energy, forces and stress. Keys: ``frame_id``, ``status`` ('ok'), ``seconds``.
+    Frames the teacher failed on are kept aside in the SQLite table ``kd_nnp_failures``
+    (frame_id, error, seconds) of the same file, which ASE does not read; a later success
+    (``retry_failed``) deletes the failure in the same transaction.
     Provenance (teacher name, version, settings, hash) lives in the database metadata.
     """
+
+    FAILURES_TABLE = "kd_nnp_failures"
 
     def __init__(self, path: Path, name: str) -> None:
         self.path = Path(path)
@@ -328,6 +336,30 @@ class LabelSet:
         from ase.db import connect
 
         return connect(str(self.path), type="db", append=True)
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold the label set for one writer (``labels/<name>.lock``, an OS file lock that
+        dies with its process: a killed run never leaves the set locked). A second writer
+        is refused at once with :class:`StoreError` naming the holder's pid."""
+        lock_path = self.path.with_suffix(".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                raise StoreError(
+                    f"label set {self.name!r} ({self.path}) is being labelled by another "
+                    f"process (pid {holder}); wait for it to finish (or stop it), or give one "
+                    "run more workers (workers=N)"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -344,6 +376,19 @@ class LabelSet:
             )
         self._db().metadata = prov
 
+    def _failure_rows(self) -> list[tuple[str, str]]:
+        if not self.path.exists():
+            return []
+        con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        try:
+            return con.execute(
+                f"SELECT frame_id, error FROM {self.FAILURES_TABLE} ORDER BY rowid"
+            ).fetchall()
+        except sqlite3.OperationalError:  # no failure yet
+            return []
+        finally:
+            con.close()
+
     def status(self) -> dict[str, str]:
         """frame_id -> 'ok' | 'failed' for every frame already processed."""
         if not self.path.exists():
@@ -355,24 +400,33 @@ class LabelSet:
                 "ON a.id = b.id WHERE a.key='frame_id' AND b.key='status' ORDER BY a.id"
             ).fetchall()
         except sqlite3.OperationalError:
-            return {}
+            rows = []
         finally:
             con.close()
         out: dict[str, str] = {}
         for fid, st in rows:
             if out.get(fid) != "ok":  # an ok row wins over an earlier failure
                 out[fid] = st
+        for fid, _ in self._failure_rows():
+            out.setdefault(fid, "failed")
         return out
 
     def write(self, results: Iterable[tuple[Frame, Labels | None, str | None, float]]) -> int:
         """Write (frame, labels, error, seconds) tuples in one transaction.
 
-        ``labels=None`` with an ``error`` records a failure (no label is written).
-        Labels with non-finite numbers are turned into failures here.
+        ``labels=None`` with an ``error`` records a failure (aside, in
+        :attr:`FAILURES_TABLE`; no row ASE would read without labels). Labels with
+        non-finite numbers are turned into failures here. A success deletes the frame's
+        earlier failure.
         """
         db = self._db()
         n = 0
         with db:
+            con = db.connection
+            con.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.FAILURES_TABLE} "
+                "(frame_id TEXT PRIMARY KEY, error TEXT, seconds REAL)"
+            )
             for frame, labels, error, seconds in results:
                 atoms = frame.atoms.copy()
                 if labels is not None and error is None:
@@ -380,14 +434,24 @@ class LabelSet:
                         labels.validate(len(atoms), f"teacher {self.name} on {frame.frame_id}")
                     except StoreError as exc:
                         labels, error = None, str(exc)
-                kvp: dict[str, Any] = {"frame_id": frame.frame_id, "seconds": float(seconds)}
                 if labels is None or error is not None:
-                    kvp.update(status="failed", error=(error or "no labels")[:2000])
-                    atoms.calc = None
+                    con.execute(
+                        f"INSERT OR REPLACE INTO {self.FAILURES_TABLE} VALUES (?, ?, ?)",
+                        (frame.frame_id, (error or "no labels")[:2000], float(seconds)),
+                    )
                 else:
-                    kvp["status"] = "ok"
                     labels.attach(atoms)
-                db.write(atoms, key_value_pairs=kvp)
+                    db.write(
+                        atoms,
+                        key_value_pairs={
+                            "frame_id": frame.frame_id,
+                            "status": "ok",
+                            "seconds": float(seconds),
+                        },
+                    )
+                    con.execute(
+                        f"DELETE FROM {self.FAILURES_TABLE} WHERE frame_id = ?", (frame.frame_id,)
+                    )
                 n += 1
         return n
 
@@ -404,10 +468,6 @@ class LabelSet:
         return out
 
     def failures(self) -> dict[str, str]:
+        """frame_id -> error of frames that failed and have no label since."""
         ok = {k for k, v in self.status().items() if v == "ok"}
-        out = {}
-        if self.path.exists():
-            for row in self._db().select(status="failed"):
-                if row.frame_id not in ok:
-                    out[row.frame_id] = row.get("error", "")
-        return out
+        return {fid: err for fid, err in self._failure_rows() if fid not in ok}

@@ -33,7 +33,6 @@ import pandas as pd
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
-from kd_nnp.evaluation.calculators import method_label
 from kd_nnp.evaluation.relax import (
     _atoms_from_dict,
     _atoms_to_dict,
@@ -45,6 +44,7 @@ from kd_nnp.evaluation.relax import (
     relax_structure,
 )
 from kd_nnp.evaluation.structures import read_cif
+from kd_nnp.teachers.calculators import method_label
 from kd_nnp.utils.parallel import run_tasks
 from kd_nnp.utils.paths import shared_data_dir
 from kd_nnp.utils.provenance import environment_record

@@ -27,7 +27,6 @@ import pandas as pd
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
-from kd_nnp.evaluation.calculators import make_calculator, method_label
 from kd_nnp.evaluation.structures import (
     Crystal,
     connectivity_change,
@@ -35,6 +34,7 @@ from kd_nnp.evaluation.structures import (
     load_dataset,
     pyxtal_reference_cells,
 )
+from kd_nnp.teachers.calculators import make_calculator, method_label
 from kd_nnp.utils.parallel import run_tasks
 from kd_nnp.utils.provenance import environment_record
 

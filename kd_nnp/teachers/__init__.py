@@ -1,5 +1,2 @@
-"""Teachers: any ASE calculator, loaded by name (registry), checked, and used to label stores."""
-
-from kd_nnp.teachers.registry import Teacher, TeacherCheckError, TeacherImportError, load_teacher
-
-__all__ = ["Teacher", "TeacherCheckError", "TeacherImportError", "load_teacher"]
+"""Teachers: any ASE calculator, built from a spec (calculators), checked, and used to label
+stores."""

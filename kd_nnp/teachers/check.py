@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
+from kd_nnp.teachers.base import TeacherCheckError
+
 CHECK_CRYSTAL = ("test", "UREAXX02")  # urea, 16 atoms, X-ray cell: large forces and stress
 
 
@@ -49,10 +51,8 @@ def check_teacher(
 
     Tolerances are (absolute, relative): forces eV/A, stress eV/A^3. They leave room for
     float32 models (SO3LR's energy of ~-2600 eV has a resolution of ~3e-4 eV).
-    Raises :class:`~kd_nnp.teachers.registry.TeacherCheckError` with the reason.
+    Raises :class:`~kd_nnp.teachers.base.TeacherCheckError` with the reason.
     """
-    from kd_nnp.teachers.registry import TeacherCheckError
-
     t0 = time.perf_counter()
     atoms = check_crystal() if atoms is None else atoms
     name = getattr(teacher, "name", "?")

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kd_nnp.data.classify import ScopeWatch
 from kd_nnp.data.store import Frame, FrameStore, Labels, LabelSet
+from kd_nnp.errors import KdNnpError
 from kd_nnp.utils.provenance import environment_record, stable_hash
 
 log = logging.getLogger(__name__)
@@ -116,17 +118,44 @@ def label_store(
     flush_every: int = 1,
     progress: bool = True,
 ) -> LabelReport:
-    """Label every not-yet-labelled frame of ``store`` with ``teacher`` (see module doc)."""
-    from kd_nnp.teachers.registry import load_teacher
-    from kd_nnp.utils.parallel import run_tasks
+    """Label every not-yet-labelled frame of ``store`` with ``teacher`` (see module doc).
+
+    One writer per label set: a second run on the same set while one runs is refused
+    (:meth:`~kd_nnp.data.store.LabelSet.writer_lock`), so no frame is labelled twice."""
+    from kd_nnp.teachers.calculators import check_spec
     from kd_nnp.utils.threads import set_threads
 
     set_threads(threads)
     settings = dict(settings or {})
     fs = FrameStore(store)
+    check_spec(f"teacher:{teacher}")  # a bad name fails before anything is written
     name = name or label_set_name(teacher)
-    t = load_teacher(teacher, check=check, **settings)
     labels: LabelSet = fs.labels(name, create=True)
+    with labels.writer_lock():
+        return _label_locked(
+            fs, labels, teacher, settings, workers, threads, retry_failed, limit, check,
+            flush_every, progress,
+        )  # fmt: skip
+
+
+def _label_locked(
+    fs: FrameStore,
+    labels: LabelSet,
+    teacher: str,
+    settings: dict[str, Any],
+    workers: int,
+    threads: int,
+    retry_failed: bool,
+    limit: int | None,
+    check: bool,
+    flush_every: int,
+    progress: bool,
+) -> LabelReport:
+    from kd_nnp.teachers.registry import load_teacher
+    from kd_nnp.utils.parallel import run_tasks
+
+    name, store = labels.name, fs.root
+    t = load_teacher(teacher, check=check, **settings)
     prov = t.provenance()
     old = labels.provenance
     if old.get("check") and not prov.get("check"):
@@ -158,6 +187,7 @@ def label_store(
             labels.write(buffer)
             buffer.clear()
 
+    scope = ScopeWatch()
     old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     t0 = time.perf_counter()
     try:
@@ -175,12 +205,15 @@ def label_store(
                 frame, lab = res.value
                 buffer.append((frame, lab, None, res.seconds))
             else:
-                buffer.append((fs.get(res.key), None, res.error, res.seconds))
+                frame = fs.get(res.key)
+                buffer.append((frame, None, res.error, res.seconds))
+            scope.check(frame.frame_id, frame.atoms)
             if len(buffer) >= flush_every:
                 flush()
     finally:
         flush()
         signal.signal(signal.SIGTERM, old_handler)
+        scope.warn(log, f"label set {name!r} of {store}")
         report.seconds = time.perf_counter() - t0
         new = labels.status()
         done = set(todo)
@@ -190,9 +223,28 @@ def label_store(
     return report
 
 
-def _task(cfg: Any) -> LabelReport:
+_ERROR: list[KdNnpError] = []
+
+
+def _task(cfg: Any) -> LabelReport | None:
+    """The Hydra task; a user error is kept for :func:`main` to raise after Hydra returns
+    (Hydra would print its traceback and exit), so the dispatcher prints one line."""
+    try:
+        return _label_from_config(cfg)
+    except KdNnpError as err:
+        _ERROR.append(err)
+        return None
+
+
+def _label_from_config(cfg: Any) -> LabelReport:
     from omegaconf import OmegaConf
 
+    if OmegaConf.is_missing(cfg.teacher, "name"):
+        raise KdNnpError(
+            "teacher=custom needs the calculator's factory: add "
+            "teacher.name=package.module:factory (a function returning an ASE calculator; "
+            "extra settings as +teacher.KEY=VALUE)"
+        )
     tcfg = OmegaConf.to_container(cfg.teacher, resolve=True)
     assert isinstance(tcfg, dict)
     tname = tcfg.pop("name")
@@ -215,8 +267,23 @@ def _task(cfg: Any) -> LabelReport:
     return report
 
 
+def _check_store_argument(argv: list[str]) -> None:
+    """Refuse a mistyped ``store=`` before Hydra creates its run folder ``STORE/logs``."""
+    if any(a in ("-h", "--help", "--hydra-help", "-c", "--cfg", "--info") for a in argv):
+        return
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if eq and key.lstrip("+") == "store" and "," not in value and "$" not in value:
+            FrameStore(value)  # raises StoreError naming the path
+
+
 def main(argv: list[str] | None = None) -> int:
     from kd_nnp.utils.hydra_cli import run_hydra
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run_hydra("label", _task, argv)
+    _check_store_argument(argv)
+    _ERROR.clear()
+    rc = run_hydra("label", _task, argv)
+    if _ERROR:
+        raise _ERROR[0]
+    return rc

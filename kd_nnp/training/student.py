@@ -13,28 +13,18 @@ Policies (exact trainable sets are asserted in tests/test_student.py):
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 from chgnet.model import CHGNet
+
+from kd_nnp.teachers.calculators import load_chgnet
 
 FREEZE_POLICIES: dict[str, tuple[str, ...] | None] = {
     "mlp": ("mlp.",),
     "readout": ("mlp.", "readout_norm."),
     "all": None,  # all but composition_model
 }
-
-
-def load_chgnet(model_name: str = "0.3.0", path: str | Path | None = None) -> CHGNet:
-    """Pretrained CHGNet (weights shipped in the chgnet wheel) or a model file."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if path is not None:
-            model = CHGNet.from_file(str(path))
-        else:
-            model = CHGNet.load(model_name=model_name, use_device="cpu", verbose=False)
-    return model.to(torch.float32)
 
 
 def apply_freeze_policy(model: torch.nn.Module, policy: str) -> list[str]:

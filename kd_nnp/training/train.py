@@ -97,7 +97,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ckpt_cb = trainer.checkpoint_callback
     best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
     if best and cfg.get("export_best", True):
-        from kd_nnp.training.export import student_from_checkpoint
+        from kd_nnp.teachers.calculators import student_from_checkpoint
 
         student = student_from_checkpoint(best)
     else:

@@ -10,6 +10,7 @@ the stem is a number such as a COD id, which ASE's database cannot hold as a str
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError
 SUFFIXES = {".extxyz", ".xyz", ".traj", ".db", ".cif"}
 # Molecular crystals hold ~0.05-0.15 atoms/A^3; one molecule in a 25 A box ~0.0002.
 GAS_MAX_DENSITY = 0.02
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -205,7 +209,20 @@ def iter_files(
 def build_files_store(
     paths: Iterable[str | Path], out: str | Path, *, source_name: str = "files"
 ) -> ReadReport:
+    """Write the frames of ``paths`` into store ``out``. Raises :class:`StoreError` when no
+    frame is kept (saying why), and warns about frames outside the organic scope."""
+    from kd_nnp.data.classify import ScopeWatch
+
+    paths = list(paths)
     report = ReadReport()
+    scope = ScopeWatch()
     store = FrameStore(out, create=True, description="frames from files")
-    store.add_frames(iter_files(paths, source_name=source_name, report=report))
+    store.add_frames(scope.watch(iter_files(paths, source_name=source_name, report=report)))
+    scope.warn(log, f"files {', '.join(map(str, paths))}")
+    if report.n_kept == 0:
+        why = "; ".join(f"{f} [{i}]: {w}" for f, i, w in report.skipped[:3]) or "no frames"
+        raise StoreError(
+            f"no frame written to {out}: read {report.n_read} frame(s) from "
+            f"{', '.join(map(str, paths))}, kept none ({why})"
+        )
     return report

@@ -225,6 +225,13 @@ def build_mptrj_store(
     reader = iter_mptrj_extxyz if src.suffix in {".extxyz", ".xyz"} else iter_mptrj_json
     store = FrameStore(out, create=True, description=f"MPtrj frames from {src.name}")
     stats["written"] = store.add_frames(reader(src, include=include, limit=limit, stats=stats))
+    if not stats["selected"]:
+        read = ", ".join(f"{stats[k]} {k}" for k in CLASSES if stats[k]) or "no frames"
+        raise StoreError(
+            f"no frame written to {out}: {src} holds {read}, none of the selected "
+            f"class(es) {', '.join(include)}; choose classes with --include (e.g. "
+            "--include organic,complex or --include inorganic)"
+        )
     return stats
 
 

@@ -24,30 +24,63 @@ Frame ids: ``<parent_id>/parent``, ``<parent_id>/strain<k>``, ``<parent_id>/ratt
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from ase import Atoms
 
 from kd_nnp.data.store import Frame, FrameStore, StoreError
+from kd_nnp.errors import KdNnpError, SettingsError
+from kd_nnp.utils.settings import as_dict, from_mapping
+
+log = logging.getLogger(__name__)
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
 
 
 @dataclass(frozen=True)
 class PerturbSettings:
-    n_strain: int = 8
-    n_rattle: int = 4
-    volume_range: tuple[float, float] = (-0.08, 0.20)
-    shear: float = 0.03
-    rattle_std: float = 0.04
-    mode: str = "molecular"
-    include_parent: bool = True
-    n_md: int = 0
-    md_steps_between: int = 10
-    md_temperature: float = 300.0
-    md_timestep_fs: float = 0.5
-    seed: int = 0
+    """How each parent crystal is perturbed (one definition for the Python API, the
+    ``kd-nnp data perturb`` options and the recipe a store remembers)."""
+
+    n_strain: int = field(default=8, metadata=_h("unrattled strained copies per parent"))
+    n_rattle: int = field(default=4, metadata=_h("strained + rattled copies per parent"))
+    volume_range: tuple[float, float] = field(
+        default=(-0.08, 0.20), metadata=_h("relative volume change range LO,HI")
+    )
+    shear: float = field(default=0.03, metadata=_h("anisotropic strain amplitude"))
+    rattle_std: float = field(default=0.04, metadata=_h("rattle standard deviation (A)"))
+    mode: str = field(default="molecular", metadata=_h("strain mode: molecular | affine"))
+    include_parent: bool = field(default=True, metadata=_h("keep the parent frame"))
+    n_md: int = field(default=0, metadata=_h("MD snapshots per parent (needs a calculator)"))
+    md_steps_between: int = field(default=10, metadata=_h("MD steps between snapshots"))
+    md_temperature: float = field(default=300.0, metadata=_h("MD temperature (K)"))
+    md_timestep_fs: float = field(default=0.5, metadata=_h("MD time step (fs)"))
+    prerelax_steps: int = field(
+        default=50,
+        metadata=_h("fixed-cell FIRE steps with the calculator before perturbing (0: none)"),
+    )
+    prerelax_fmax: float = field(default=0.1, metadata=_h("pre-relaxation force limit (eV/A)"))
+    seed: int = field(default=0, metadata=_h("random seed (per parent: seed + parent id)"))
+
+    def check(self) -> None:
+        lo, hi = self.volume_range
+        if len(self.volume_range) != 2 or not -0.5 < lo <= hi < 1.0:
+            raise SettingsError(
+                f"volume_range {self.volume_range} must be LO,HI with -0.5 < LO <= HI < 1"
+            )
+        if self.mode not in ("molecular", "affine"):
+            raise SettingsError(f"strain mode must be 'molecular' or 'affine', not {self.mode!r}")
+        for name in ("n_strain", "n_rattle", "n_md", "prerelax_steps"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------- molecules
@@ -205,9 +238,8 @@ def perturb_one(
     info: dict[str, Any] | None = None,
 ) -> list[Frame]:
     s = settings
+    s.check()
     lo, hi = s.volume_range
-    if not -0.5 < lo <= hi < 1.0:
-        raise ValueError(f"volume_range {s.volume_range} must satisfy -0.5 < lo <= hi < 1")
     rng = _rng(s.seed, parent_id)
     base = dict(info or {})
     base["parent_id"] = parent_id
@@ -255,40 +287,22 @@ def perturb_one(
 
 def make_perturbations(
     parents: Sequence[Frame] | Sequence[tuple[str, Atoms]],
+    settings: PerturbSettings | None = None,
     *,
-    n_strain: int = 8,
-    n_rattle: int = 4,
-    seed: int = 0,
-    volume_range: tuple[float, float] = (-0.08, 0.20),
-    shear: float = 0.03,
-    rattle_std: float = 0.04,
-    mode: str = "molecular",
-    include_parent: bool = True,
-    n_md: int = 0,
     md_calc: Any = None,
     prerelax_calc: Any = None,
-    prerelax_steps: int = 50,
-    prerelax_fmax: float = 0.1,
     source: str = "perturb",
-    **md_settings: Any,
+    **overrides: Any,
 ) -> list[Frame]:
     """Perturbed frames of each parent (``Frame``s or ``(id, atoms)`` pairs).
 
-    With ``prerelax_calc`` each parent is first relaxed at fixed cell (positions only) and
-    the perturbations are built around the relaxed geometry.
+    ``settings`` (default :class:`PerturbSettings`) with any field overridden by keyword
+    (``n_strain=4, seed=1``). With ``prerelax_calc`` each parent is first relaxed at fixed
+    cell (positions only, ``prerelax_steps``) and perturbed around the relaxed geometry.
     """
-    settings = PerturbSettings(
-        n_strain=n_strain,
-        n_rattle=n_rattle,
-        volume_range=tuple(volume_range),  # type: ignore[arg-type]
-        shear=shear,
-        rattle_std=rattle_std,
-        mode=mode,
-        include_parent=include_parent,
-        n_md=n_md,
-        seed=seed,
-        **md_settings,
-    )
+    s = settings or PerturbSettings()
+    if overrides:
+        s = from_mapping(PerturbSettings, {**as_dict(s), **overrides}, where="perturbation")
     out: list[Frame] = []
     for p in parents:
         if isinstance(p, Frame):
@@ -298,30 +312,67 @@ def make_perturbations(
             group, info = pid, {}
         info = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
         info.pop("parent_id", None)
-        if prerelax_calc is not None:
-            atoms, rec = prerelax(atoms, prerelax_calc, prerelax_steps, prerelax_fmax)
+        if prerelax_calc is not None and s.prerelax_steps > 0:
+            atoms, rec = prerelax(atoms, prerelax_calc, s.prerelax_steps, s.prerelax_fmax)
             info.update(rec)
-        out += perturb_one(pid, atoms, group, settings, source=source, md_calc=md_calc, info=info)
+        out += perturb_one(pid, atoms, group, s, source=source, md_calc=md_calc, info=info)
     return out
+
+
+RECIPE_FILE = "perturb.json"
+
+
+def _check_recipe(dest: FrameStore, recipe: dict[str, Any]) -> None:
+    """A store holds one perturbation recipe: the same one resumes, another is refused."""
+    path = dest.root / RECIPE_FILE
+    if not path.is_file():
+        if len(dest):
+            raise KdNnpError(
+                f"{dest.root} already holds {len(dest)} frames that `kd-nnp data perturb` did "
+                "not write with a recorded recipe; write perturbations to a new --out store"
+            )
+        path.write_text(json.dumps(recipe, indent=2))
+        return
+    old = json.loads(path.read_text())
+    if old != recipe:
+        keys = sorted(set(old) | set(recipe))
+        diff = [
+            f"{k}: {old.get(k)!r} -> {recipe.get(k)!r}" for k in keys if old.get(k) != recipe.get(k)
+        ]
+        flat_old, flat_new = old.get("settings", {}), recipe.get("settings", {})
+        diff = [d for d in diff if not d.startswith("settings:")] + [
+            f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}"
+            for k in sorted(set(flat_old) | set(flat_new))
+            if flat_old.get(k) != flat_new.get(k)
+        ]
+        raise KdNnpError(
+            f"{dest.root} was built with another perturbation recipe ({'; '.join(diff)}); "
+            f"rerun with the recorded settings ({path}) to resume, or write to a new --out store"
+        )
 
 
 def build_perturb_store(
     src: str,
     out: str,
+    settings: PerturbSettings | None = None,
     *,
-    teacher: str | None = None,
-    teacher_settings: dict | None = None,
+    calculator: Any = None,
+    calculator_name: str | None = None,
     codes: Sequence[str] | None = None,
     limit: int | None = None,
-    **kwargs: Any,
 ) -> tuple[int, int]:
     """Perturb every frame of store ``src`` into store ``out`` (resumable per parent).
 
-    ``teacher`` (registry name) is used to pre-relax parents and drive MD. Returns
-    ``(parents processed, frames written)``.
+    ``calculator`` (an ASE calculator, or a callable that builds one, called only when a
+    parent is left to do) pre-relaxes parents and drives MD; ``calculator_name`` names it in
+    the recipe ``out/perturb.json``. A store keeps one recipe: a rerun with the same
+    settings resumes, other settings are refused. Returns ``(parents processed, frames
+    written)``.
     """
+    s = settings or PerturbSettings()
+    if s.n_md and calculator is None:
+        raise SettingsError("n_md > 0 needs a calculator (--prerelax-teacher) for the MD")
     source = FrameStore(src)
-    dest = FrameStore(out, create=True, description=f"perturbations of {src}")
     ids = source.frame_ids()
     if codes:
         wanted = set(codes)
@@ -330,24 +381,38 @@ def build_perturb_store(
             raise StoreError(f"{src}: none of {sorted(wanted)} are frame ids of this store")
     if limit is not None:
         ids = ids[:limit]
-    settings = {k: kwargs[k] for k in ("n_strain", "n_rattle", "n_md") if k in kwargs}
-    s = PerturbSettings(**settings, include_parent=kwargs.get("include_parent", True))
-    calc = None
+    dest = FrameStore(out, create=True, description=f"perturbations of {src}")
+    recipe = {
+        "source_store": str(source.root.resolve()),
+        "calculator": calculator_name if calculator is not None else None,
+        "settings": as_dict(s),
+    }
+    _check_recipe(dest, recipe)
     done = set(dest.frame_ids())
-    n_parents = n_written = 0
-    for frame in source.iter_frames(ids):
-        if all(i in done for i in expected_ids(frame.frame_id, s)):
-            continue
-        if calc is None and teacher is not None:
-            from kd_nnp.teachers.registry import load_teacher
-
-            calc = load_teacher(teacher, **(teacher_settings or {})).calculator
-        frames = make_perturbations(
-            [frame],
-            prerelax_calc=calc if kwargs.get("prerelax", True) else None,
-            md_calc=calc,
-            **{k: v for k, v in kwargs.items() if k != "prerelax"},
+    todo = [i for i in ids if not all(e in done for e in expected_ids(i, s))]
+    if len(todo) < len(ids):
+        log.info(
+            "perturb: %d of %d parents already done in %s", len(ids) - len(todo), len(ids), out
         )
+    calc = calculator
+    n_parents = n_written = 0
+    t0 = time.perf_counter()
+    for k, frame in enumerate(source.iter_frames(todo), 1):
+        if callable(calc) and not hasattr(calc, "get_property"):
+            calc = calc()
+        t1 = time.perf_counter()
+        frames = make_perturbations([frame], s, prerelax_calc=calc, md_calc=calc)
         n_written += dest.add_frames(frames)
         n_parents += 1
+        pre = frames[0].info.get("prerelax_steps") if frames else None
+        log.info(
+            "perturb %d/%d %s: %d frames%s in %.1f s (elapsed %.0f s)",
+            k,
+            len(todo),
+            frame.frame_id,
+            len(frames),
+            "" if pre is None else f", pre-relaxed in {pre} steps",
+            time.perf_counter() - t1,
+            time.perf_counter() - t0,
+        )
     return n_parents, n_written

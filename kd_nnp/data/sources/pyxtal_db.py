@@ -130,8 +130,20 @@ def build_pyxtal_store(
     limit: int | None = None,
 ) -> tuple[int, list[tuple[str, str]]]:
     """Write the crystals into store ``out``; returns (frames kept, skipped (code, reason))."""
+    import logging
+
+    from kd_nnp.data.classify import ScopeWatch
+
     skipped: list[tuple[str, str]] = []
     frames = pyxtal_frames(db, codes, max_atoms, limit, skipped=skipped)
+    if not frames:
+        why = "; ".join(f"{c}: {w}" for c, w in skipped[:3]) or "no crystal matched"
+        raise StoreError(
+            f"no frame written to {out}: pyxtal {db}.db gave no usable crystal "
+            f"(codes={list(codes) if codes else 'all'}, max_atoms={max_atoms}; {why})"
+        )
+    scope = ScopeWatch()
     store = FrameStore(out, create=True, description=f"pyxtal {db}.db crystals")
-    store.add_frames(frames)
+    store.add_frames(scope.watch(frames))
+    scope.warn(logging.getLogger(__name__), f"pyxtal {db}.db")
     return len(frames), skipped

@@ -29,8 +29,8 @@ def _init_build_worker(model_name: str, path: str | None, root: str, backbone_ke
     global _WORKER_CACHE
     from pathlib import Path
 
+    from kd_nnp.teachers.calculators import load_chgnet
     from kd_nnp.training.cache.features import FeatureCache
-    from kd_nnp.training.student import load_chgnet
     from kd_nnp.utils.memory import keep_freed_memory
 
     keep_freed_memory()  # fewer page faults in the Jacobian builds (kd_nnp/utils/memory.py)

@@ -24,7 +24,7 @@ def pretrained_energies(
 ) -> list[float]:
     """Total energies (eV) of the pretrained student on ``samples`` (each with ``graph_key``,
     ``graph_path``, ``n_atoms``), cached per graph key beside the graph cache."""
-    from kd_nnp.training.student import load_chgnet
+    from kd_nnp.teachers.calculators import load_chgnet
 
     cache_file = (
         Path(graph_cache) if graph_cache else cache_dir() / "graphs"

@@ -1,0 +1,457 @@
+"""One registry: a spec string -> an ASE calculator, and the one CHGNet loader.
+
+Every stage that needs a calculator (pre-relaxing in ``kd-nnp data perturb``, labelling,
+the relaxation / elastic benchmarks, exporting) builds it here, so worker processes can be
+given a string. Specs:
+
+- ``chgnet``: pretrained CHGNet 0.3.0 through :class:`InferenceCHGNetCalculator` (1 thread
+  per process, no second-order autograd graph);
+- ``student:PATH`` or ``student:PATH=LABEL``: a CHGNet model file
+  (``torch.save({"model": model.as_dict()})``, what ``kd-nnp export`` and every training run
+  write) or a kd_nnp Lightning checkpoint; ``=LABEL`` names it in benchmark tables;
+- ``teacher:NAME``: a built-in teacher (:data:`TEACHERS`: ``so3lr``, ``gfn2``, ``chgnet_d3``,
+  ``chgnet``) or ``teacher:module:factory``, with its default settings;
+- ``module:factory`` (or ``module:factory:arg``): ``importlib.import_module(module).factory()``
+  must return an ASE calculator (a single string argument may follow).
+
+:func:`check_spec` validates a spec cheaply (the file exists, the name is known, the module
+imports) so a parent process fails before starting workers; :func:`make_calculator` raises
+:class:`~kd_nnp.teachers.base.CalculatorSpecError` (a :class:`~kd_nnp.errors.KdNnpError`)
+for a spec that names nothing. :func:`method_label` / :func:`unique_labels` give the labels
+benchmarks use; two specs with one label are refused.
+
+:func:`load_chgnet` is the only place a CHGNet is loaded (pretrained weights shipped in the
+chgnet wheel, a model file, or a training checkpoint).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.calculator import Calculator, all_changes
+
+from kd_nnp.errors import KdNnpError
+from kd_nnp.teachers.base import (
+    PIP_EXTRA,
+    CalculatorSpecError,
+    StudentFileError,
+    TeacherImportError,
+)
+
+SPEC_GRAMMAR = "chgnet, student:PATH[=LABEL], teacher:NAME or module:factory[:arg]"
+
+
+# ------------------------------------------------------------------ CHGNet loading
+def student_from_checkpoint(ckpt_path: str | Path) -> Any:
+    """Rebuild the CHGNet student from a kd_nnp Lightning checkpoint."""
+    import torch
+
+    blob = _torch_load(Path(ckpt_path))
+    if not (isinstance(blob, dict) and "chgnet_model_args" in blob):
+        raise StudentFileError(
+            f"{ckpt_path}: not a kd_nnp training checkpoint (no chgnet_model_args)"
+        )
+    from chgnet.model import CHGNet
+
+    state = {
+        k[len("student.") :]: v for k, v in blob["state_dict"].items() if k.startswith("student.")
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CHGNet(**blob["chgnet_model_args"])
+    model.load_state_dict(state)
+    return model.to(torch.float32)
+
+
+def _torch_load(path: Path) -> Any:
+    import torch
+
+    if not path.is_file():
+        raise StudentFileError(f"CHGNet model file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise StudentFileError(
+            f"{path}: not a readable CHGNet model file ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def load_chgnet(model_name: str = "0.3.0", path: str | Path | None = None) -> Any:
+    """CHGNet in float32 on the CPU: the pretrained ``model_name`` (weights shipped in the
+    chgnet wheel), or ``path``: a model file (``CHGNet.from_file`` format, what
+    ``kd-nnp export`` writes) or a kd_nnp Lightning checkpoint."""
+    import torch
+    from chgnet.model import CHGNet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if path is None:
+            model = CHGNet.load(model_name=model_name, use_device="cpu", verbose=False)
+        else:
+            p = Path(path).expanduser()
+            blob = _torch_load(p)
+            if isinstance(blob, dict) and "chgnet_model_args" in blob:
+                return student_from_checkpoint(p)
+            if not (isinstance(blob, dict) and "model" in blob):
+                raise StudentFileError(
+                    f"{p}: neither a CHGNet model file (no 'model' entry) nor a kd_nnp checkpoint"
+                )
+            model = CHGNet.from_dict(blob["model"])
+    return model.to(torch.float32)
+
+
+class InferenceCHGNetCalculator(Calculator):
+    """CHGNet energy, forces and stress for inference only.
+
+    chgnet's ``CHGNetCalculator`` runs ``CHGNet.forward`` which differentiates the energy
+    with ``create_graph=True`` (so that a training loss can differentiate the forces again)
+    and also predicts magnetic moments and crystal features. For relaxation none of that is
+    needed: here the energy is computed once and forces and strain derivative come from one
+    first-order ``torch.autograd.grad`` call. Results equal ``CHGNetCalculator``'s to float
+    precision (tested).
+    """
+
+    implemented_properties = ("energy", "free_energy", "forces", "stress")
+
+    def __init__(self, model: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if model is None:
+            model = load_chgnet()
+        self.model = model.to("cpu").eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.graph_converter.set_isolated_atom_response("ignore")
+
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: list[str] | None = None,
+        system_changes: list[str] = all_changes,
+    ) -> None:
+        import torch
+        from chgnet.model.model import BatchedGraph
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        super().calculate(atoms, properties, system_changes)
+        model = self.model
+        structure = AseAtomsAdaptor.get_structure(self.atoms)
+        graph = model.graph_converter(structure)
+        comp_energy = 0.0
+        if model.composition_model is not None:
+            comp_energy = float(model.composition_model([graph]).detach().reshape(-1)[0])
+        bg = BatchedGraph.from_graphs(
+            [graph],
+            bond_basis_expansion=model.bond_basis_expansion,
+            angle_basis_expansion=model.angle_basis_expansion,
+            compute_stress=True,
+        )
+        pred = model._compute(bg, compute_force=False, compute_stress=False)
+        n_atoms = len(structure)
+        # _compute returns energy per atom for an intensive model (CHGNet 0.3.0 is intensive)
+        energy = pred["e"].sum() * (n_atoms if model.is_intensive else 1)
+        d_pos, d_strain = torch.autograd.grad(energy, [bg.atom_positions[0], bg.strains[0]])
+        volume = float(bg.volumes[0])
+        e_total = float(energy) + comp_energy * (n_atoms if model.is_intensive else 1)
+        stress = d_strain.detach().numpy() / volume  # eV/A^3, ASE sign convention
+        self.results = {
+            "energy": e_total,
+            "free_energy": e_total,
+            "forces": -d_pos.detach().numpy().astype(np.float64),
+            "stress": _full_to_voigt(0.5 * (stress + stress.T)),
+        }
+
+
+def _full_to_voigt(s: np.ndarray) -> np.ndarray:
+    return np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], dtype=np.float64)
+
+
+def _full_to_voigt(s: np.ndarray) -> np.ndarray:
+    return np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], dtype=np.float64)
+
+
+def gpa(stress_ev_a3: np.ndarray) -> np.ndarray:
+    """Convert an ASE stress (eV/A^3) to GPa."""
+    return np.asarray(stress_ev_a3) / units.GPa
+
+
+# ------------------------------------------------------------------ built-in teachers
+def _require(module: str, teacher: str, dist: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise TeacherImportError(
+            f"teacher {teacher!r} needs the package {dist!r} ({exc}); install it with "
+            f"`{PIP_EXTRA}` or `pip install {dist}`"
+        ) from exc
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def make_so3lr(compute_stress: bool = True, device: str = "cpu", **kw: Any) -> Any:
+    mod = _require("so3krates_torch.calculator.so3", "so3lr", "so3krates-torch")
+    if not compute_stress:
+        raise KdNnpError("so3lr: kd_nnp needs stress; compute_stress must be True")
+    return mod.SO3LRCalculator(compute_stress=True, device=device, **kw)
+
+
+def make_gfn2(method: str = "GFN2-xTB", verbosity: int = 0, **kw: Any) -> Any:
+    mod = _require("tblite.ase", "gfn2", "tblite")
+    return mod.TBLite(method=method, verbosity=verbosity, **kw)
+
+
+def _chgnet_calculator(model_name: str, device: str) -> Calculator:
+    _require("chgnet", "chgnet", "chgnet")
+    model = load_chgnet(model_name)
+    if device == "cpu":
+        return InferenceCHGNetCalculator(model)
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    return CHGNetCalculator(model=model.to(device), use_device=device)
+
+
+def make_chgnet(model_name: str = "0.3.0", device: str = "cpu") -> Any:
+    return _chgnet_calculator(model_name, device)
+
+
+def make_chgnet_d3(
+    model_name: str = "0.3.0", device: str = "cpu", method: str = "PBE", damping: str = "d3bj"
+) -> Any:
+    from ase.calculators.mixing import SumCalculator
+
+    d3 = _require("dftd3.ase", "chgnet_d3", "dftd3")
+    return SumCalculator(
+        [_chgnet_calculator(model_name, device), d3.DFTD3(method=method, damping=damping)]
+    )
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    factory: Callable[..., Any]
+    dists: tuple[str, ...]
+    modules: tuple[str, ...]  # importable modules it needs (checked cheaply by check_spec)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    doc: str = ""
+
+
+TEACHERS: dict[str, TeacherSpec] = {
+    "so3lr": TeacherSpec(
+        make_so3lr,
+        ("so3krates-torch",),
+        ("so3krates_torch",),
+        {"compute_stress": True},
+        "SO3LR (so3krates-torch), recommended default",
+    ),
+    "gfn2": TeacherSpec(
+        make_gfn2, ("tblite",), ("tblite",), {"method": "GFN2-xTB"}, "GFN2-xTB (tblite)"
+    ),
+    "chgnet_d3": TeacherSpec(
+        make_chgnet_d3,
+        ("chgnet", "dftd3"),
+        ("chgnet", "dftd3"),
+        {"model_name": "0.3.0", "method": "PBE", "damping": "d3bj"},
+        "CHGNet 0.3.0 + DFT-D3(BJ)",
+    ),
+    "chgnet": TeacherSpec(
+        make_chgnet, ("chgnet",), ("chgnet",), {"model_name": "0.3.0"}, "CHGNet 0.3.0"
+    ),
+}
+
+
+def _signature_defaults(factory: Callable[..., Any]) -> dict[str, Any]:
+    """Keyword defaults of ``factory`` (so equal teachers get equal provenance hashes)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and isinstance(p.default, (str, int, float, bool, type(None)))
+    }
+
+
+def _import_factory(
+    module_name: str, attr: str, what: str, error: type[KdNnpError] = CalculatorSpecError
+) -> tuple[Any, Callable[..., Any]]:
+    if not module_name or not attr:
+        raise CalculatorSpecError(f"{what}: expected 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise error(f"{what}: cannot import {module_name!r} ({exc})") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise error(f"{what}: {module_name} has no callable {attr!r}")
+    return module, factory
+
+
+def resolve_teacher(
+    name: str, settings: Mapping[str, Any] | None = None
+) -> tuple[Callable[..., Any], dict[str, Any], str]:
+    """``(factory, settings with defaults, version)`` of a teacher name or ``module:factory``."""
+    settings = dict(settings or {})
+    if name in TEACHERS:
+        spec = TEACHERS[name]
+        merged = {**_signature_defaults(spec.factory), **spec.defaults, **settings}
+        version = "+".join(f"{d}=={_version(d)}" for d in spec.dists)
+        return spec.factory, merged, version
+    if ":" in name:
+        mod_name, _, attr = name.partition(":")
+        module, factory = _import_factory(mod_name, attr, f"teacher {name!r}", TeacherImportError)
+        top = mod_name.split(".")[0]
+        version = getattr(module, "__version__", None) or _version(top)
+        return factory, {**_signature_defaults(factory), **settings}, f"{top}=={version}"
+    if name in ("", "???", "None"):
+        raise CalculatorSpecError(
+            "no teacher named: set one, e.g. `teacher=so3lr`, or for any ASE calculator "
+            "`teacher=custom teacher.name=package.module:factory`"
+        )
+    raise CalculatorSpecError(
+        f"unknown teacher {name!r}; built-in: {sorted(TEACHERS)}, or 'package.module:factory'"
+    )
+
+
+def _check_calculator(calc: Any, what: str) -> Any:
+    if calc is None or not hasattr(calc, "get_property"):
+        raise CalculatorSpecError(
+            f"{what}: the factory returned {type(calc).__name__}, not an ASE calculator"
+        )
+    return calc
+
+
+def build_teacher_calculator(name: str, settings: Mapping[str, Any] | None = None) -> Any:
+    """The ASE calculator of teacher ``name`` (built-in or ``module:factory``)."""
+    factory, merged, _ = resolve_teacher(name, settings)
+    return _check_calculator(factory(**merged), f"teacher {name!r}")
+
+
+# ------------------------------------------------------------------ specs
+def _student_parts(rest: str) -> tuple[str, str | None]:
+    """``PATH[=LABEL]`` -> (path, label or None). A path that exists is taken whole."""
+    if not rest:
+        raise CalculatorSpecError("calculator spec 'student:PATH' needs a path")
+    if "=" in rest and not Path(rest).expanduser().is_file():
+        path, _, label = rest.rpartition("=")
+        # 'runs/x/student.pt=soft' names it; 'ckpts/epoch=3-step=90.ckpt' is a path
+        if path and label and (Path(path).expanduser().is_file() or not set("/.") & set(label)):
+            return path, label
+    return rest, None
+
+
+def make_calculator(spec: str) -> Calculator:
+    """Build the ASE calculator named by ``spec`` (see the module docstring)."""
+    spec = str(spec)
+    kind, _, rest = spec.partition(":")
+    if kind == "chgnet" and not rest:
+        return InferenceCHGNetCalculator()
+    if kind == "student":
+        path, _ = _student_parts(rest)
+        return InferenceCHGNetCalculator(model=load_chgnet(path=path))
+    if kind == "teacher":
+        if not rest:
+            raise CalculatorSpecError("calculator spec 'teacher:NAME' needs a teacher name")
+        return build_teacher_calculator(rest)
+    if rest:  # module:factory[:arg]
+        factory_name, _, arg = rest.partition(":")
+        _, factory = _import_factory(kind, factory_name, f"calculator spec {spec!r}")
+        calc = factory(arg) if arg else factory()
+        return _check_calculator(calc, f"calculator spec {spec!r}")
+    raise CalculatorSpecError(f"unknown calculator spec {spec!r}: use {SPEC_GRAMMAR}")
+
+
+def check_spec(spec: str) -> None:
+    """Validate ``spec`` cheaply, without building anything heavy: the student file exists,
+    the teacher name is known and its packages are installed, the module imports and has the
+    factory. Raises :class:`~kd_nnp.teachers.base.CalculatorSpecError` (or
+    :class:`~kd_nnp.teachers.base.TeacherImportError`) saying what is wrong."""
+    import importlib.util
+
+    spec = str(spec)
+    kind, _, rest = spec.partition(":")
+    if kind == "chgnet" and not rest:
+        if importlib.util.find_spec("chgnet") is None:
+            raise TeacherImportError("calculator 'chgnet' needs the package chgnet")
+        return
+    if kind == "student":
+        path, _ = _student_parts(rest)
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise StudentFileError(f"calculator spec {spec!r}: no model file at {p}")
+        return
+    if kind == "teacher":
+        if not rest:
+            raise CalculatorSpecError("calculator spec 'teacher:NAME' needs a teacher name")
+        if rest in TEACHERS:
+            for mod, dist in zip(TEACHERS[rest].modules, TEACHERS[rest].dists):
+                if importlib.util.find_spec(mod) is None:
+                    raise TeacherImportError(
+                        f"teacher {rest!r} needs the package {dist!r}; install it with "
+                        f"`{PIP_EXTRA}` or `pip install {dist}`"
+                    )
+            return
+        resolve_teacher(rest)  # module:factory imports; an unknown name raises
+        return
+    if rest:
+        _import_factory(kind, rest.partition(":")[0], f"calculator spec {spec!r}")
+        return
+    raise CalculatorSpecError(f"unknown calculator spec {spec!r}: use {SPEC_GRAMMAR}")
+
+
+def method_label(spec: str) -> str:
+    """Label of a spec in tables: ``CHGNet``, ``teacher(so3lr)``, the ``LABEL`` of
+    ``student:PATH=LABEL``, else ``student(<file stem>)`` -- or ``student(<run folder>)``
+    for the ``student.pt`` / ``last.ckpt`` every training run writes (the file name says
+    nothing there)."""
+    spec = str(spec)
+    kind, _, rest = spec.partition(":")
+    if kind == "chgnet" and not rest:
+        return "CHGNet"
+    if kind == "student":
+        path, label = _student_parts(rest)
+        if label:
+            return label
+        p = Path(path)
+        if p.stem in ("student", "last"):
+            run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+            return f"student({run.name or p.stem})"
+        return f"student({p.stem})"
+    if kind == "teacher":
+        return f"teacher({rest})"
+    if rest:
+        return f"{kind.rsplit('.', 1)[-1]}.{rest.replace(':', '-')}"
+    return spec
+
+
+def unique_labels(specs: Iterable[str]) -> dict[str, str]:
+    """``{spec: method_label(spec)}`` for ``specs``; two different specs with one label
+    raise :class:`~kd_nnp.errors.KdNnpError` naming both (results would merge)."""
+    out: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for spec in map(str, specs):
+        if spec in out:
+            continue
+        label = method_label(spec)
+        if label in owner:
+            raise KdNnpError(
+                f"calculators {owner[label]!r} and {spec!r} both get the label {label!r}; "
+                "name them, e.g. 'student:PATH=LABEL'"
+            )
+        owner[label] = spec
+        out[spec] = label
+    return out
