@@ -20,6 +20,7 @@ from kd_nnp.evaluation.elastic import (
     run_elastic_benchmark,
     shared_structures,
 )
+from kd_nnp.evaluation.settings import ElasticSettings
 from kd_nnp.evaluation.structures import load_dataset
 from kd_nnp.utils.paths import shared_data_dir
 
@@ -165,7 +166,7 @@ def test_elastic_benchmark_table2(tmp_path):
         compounds=["urea", "pyrazine"],
         workers=1,
         progress=False,
-        strains=(0.01,),
+        settings=ElasticSettings(strains=(0.01,)),
     )
     assert len(df) == 2 and (df["status"] == "ok").all()
     refs = load_reference_tensors(SHARED / "elastic" / "stiffness_tensors_rev.csv")
