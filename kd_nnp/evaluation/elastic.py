@@ -226,7 +226,7 @@ def shared_structures(
 # ------------------------------------------------------------------ worker
 def _elastic_task(item: dict[str, Any]) -> dict[str, Any]:
     exp = atoms_from_dict(item["atoms"])
-    calc = get_calc(item["spec"])
+    calc = get_calc(item["spec"], item.get("fingerprint"))
     p = ElasticSettings(**{**item["settings"], "strains": tuple(item["settings"]["strains"])})
     t0 = time.perf_counter()
     relaxed, info = relax_structure(exp, calc, p.relax())

@@ -49,7 +49,7 @@ def _relax_task(item: dict[str, Any]) -> dict[str, Any]:
     # FrechetCellFilter's matrix log: scipy warns at ~1e-13 relative error on every step
     warnings.filterwarnings("ignore", message="logm result may be inaccurate")
     exp = atoms_from_dict(item["atoms"])
-    calc = get_calc(item["spec"])
+    calc = get_calc(item["spec"], item.get("fingerprint"))
     settings = RelaxSettings(**item["settings"])
     pred, info = relax_structure(exp, calc, settings)
     rec: dict[str, Any] = {"status": "ok", **info, **compare_structures(exp, pred)}

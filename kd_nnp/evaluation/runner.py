@@ -52,11 +52,13 @@ def label_calculators(calculators: Mapping[str, str] | Sequence[str]) -> dict[st
 _CALCS: dict[str, Calculator] = {}
 
 
-def get_calc(spec: str) -> Calculator:
-    """The calculator of ``spec``, built once per process."""
-    if spec not in _CALCS:
-        _CALCS[spec] = make_calculator(spec)
-    return _CALCS[spec]
+def get_calc(spec: str, fingerprint: str | None = None) -> Calculator:
+    """The calculator of ``spec``, built once per process and :func:`spec_fingerprint` (a
+    student file rewritten at the same path is loaded again)."""
+    key = fingerprint or spec_fingerprint(spec)
+    if key not in _CALCS:
+        _CALCS[key] = make_calculator(spec)
+    return _CALCS[key]
 
 
 def check_calculators(calculators: Mapping[str, str], *, keep: bool) -> None:
@@ -64,7 +66,7 @@ def check_calculators(calculators: Mapping[str, str], *, keep: bool) -> None:
     :class:`KdNnpError` naming it. ``keep`` keeps them for jobs run in this process."""
     for label, spec in calculators.items():
         try:
-            calc = get_calc(spec) if keep else make_calculator(spec)
+            calc = get_calc(spec, spec_fingerprint(spec)) if keep else make_calculator(spec)
         except KdNnpError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure to build is the user's spec
@@ -181,6 +183,7 @@ def run_jobs(
                 continue
             item = {
                 "spec": spec,
+                "fingerprint": fingerprints[label],
                 "atoms": atoms_to_dict(s.atoms),
                 "settings": settings,
                 **(payload or {}),
