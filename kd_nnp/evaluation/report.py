@@ -121,8 +121,14 @@ def write_report(
     return paths
 
 
+PARITY_COLUMNS = 3
+
+
 def parity_plot(df: pd.DataFrame, xcol: str, ycol: str, label: str, path: Path) -> None:
-    """Predicted vs experimental, one panel per method, side by side."""
+    """Predicted vs experimental, one panel per method in a grid of at most
+    ``PARITY_COLUMNS`` columns; axis limits padded to hold every point; crystals with a
+    ``failure`` (not converged, broken molecules, blown-up volume) drawn as red crosses and
+    counted in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,21 +136,39 @@ def parity_plot(df: pd.DataFrame, xcol: str, ycol: str, label: str, path: Path) 
 
     methods = list(dict.fromkeys(df["method"])) if len(df) else []
     n = max(len(methods), 1)
-    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.5), squeeze=False)
-    if len(df):
-        vals = pd.concat([df[xcol], df[ycol]]).astype(float)
-        lo, hi = np.nanmin(vals), np.nanmax(vals)
-        pad = 0.05 * (hi - lo + 1e-9)
+    ncols = min(n, PARITY_COLUMNS)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.6 * nrows), squeeze=False)
+    vals = pd.concat([df[xcol], df[ycol]]).astype(float) if len(df) else pd.Series(dtype=float)
+    vals = vals[np.isfinite(vals)]
+    if len(vals):
+        lo, hi = float(vals.min()), float(vals.max())
+        pad = 0.06 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1.0)
         lo, hi = lo - pad, hi + pad
     else:
         lo, hi = 0.0, 1.0
-    for ax, method in zip(axes[0], methods or ["(no data)"]):
+    flat = axes.ravel()
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    for ax, method in zip(flat, methods or ["(no data)"], strict=False):
         g = df[df["method"] == method] if methods else df
         if len(g):
+            failed = (
+                g["failure"].fillna("").astype(str) != ""
+                if "failure" in g
+                else pd.Series(False, index=g.index)
+            )
             x, y = g[xcol].astype(float), g[ycol].astype(float)
-            ax.scatter(x, y, s=14, alpha=0.8)
+            good = ~failed
+            ax.scatter(x[good], y[good], s=14, alpha=0.8, marker="o", label=f"ok ({good.sum()})")
+            if failed.any():
+                ax.scatter(
+                    x[failed], y[failed], s=30, marker="x", color="red",
+                    label=f"failed ({failed.sum()})",
+                )  # fmt: skip
             mae = np.mean(np.abs(y / x - 1.0)) * 100
             ax.set_title(f"{method}\nn={len(g)}  MAPE={mae:.1f}%", fontsize=9)
+            ax.legend(fontsize=7, loc="upper left")
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
