@@ -168,7 +168,7 @@ def parity_plot(df: pd.DataFrame, xcol: str, ycol: str, label: str, path: Path) 
                 )  # fmt: skip
             mae = np.mean(np.abs(y / x - 1.0)) * 100
             ax.set_title(f"{method}\nn={len(g)}  MAPE={mae:.1f}%", fontsize=9)
-            ax.legend(fontsize=7, loc="upper left")
+            ax.legend(fontsize=7, loc="lower right")
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
