@@ -20,7 +20,13 @@ from kd_nnp.cli import main
 from kd_nnp.evaluation.structures import load_dataset
 
 TESTS = Path(__file__).resolve().parent
-SCALED = "test_eval_relax:scaled_calc"
+SCALED = "test_eval_cli:scaled_calc"  # its own spec: calculators are cached per spec
+
+
+def scaled_calc():
+    from test_eval_relax import ScaledCrystalCalc
+
+    return ScaledCrystalCalc()
 
 
 def _relax(out: Path, *calcs: str, dataset: str = "pyxtal:test", extra: tuple = ()) -> int:
@@ -34,7 +40,7 @@ def _relax(out: Path, *calcs: str, dataset: str = "pyxtal:test", extra: tuple = 
 def _pkg(root: Path, name: str) -> None:
     (root / name).mkdir(parents=True)
     (root / name / "__init__.py").write_text("")
-    (root / name / "calcs.py").write_text("from test_eval_relax import scaled_calc  # noqa\n")
+    (root / name / "calcs.py").write_text("from test_eval_cli import scaled_calc  # noqa\n")
 
 
 def test_two_specs_with_one_label_are_an_error(tmp_path, monkeypatch, capsys):
