@@ -168,8 +168,10 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
     from kd_nnp.evaluation.relax import run_relax_benchmark
+    from kd_nnp.evaluation.settings import RelaxSettings
     from kd_nnp.teachers.label import label_store
     from kd_nnp.training.train import run_training
+    from kd_nnp.utils.settings import from_mapping
     from kd_nnp.utils.threads import set_threads
 
     set_threads(cfg.get("threads"))
@@ -217,7 +219,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     print(f"[4/5] relaxation benchmark on {len(eval_set)} held-out crystals")
-    r = cfg.demo.relax
+    relax = from_mapping(RelaxSettings, cfg.demo.relax, where="demo.relax")
     df = run_relax_benchmark(
         eval_set,
         {
@@ -226,15 +228,13 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
             "student (distilled)": f"student:{student}",
         },
         out / "relax",
+        relax,
         workers=int(cfg.demo.workers),
-        fmax=float(r.fmax),
-        max_steps=int(r.max_steps),
-        stress_tol_gpa=float(r.stress_tol_gpa),
         references=False,
     )
     times["relax"] = time.perf_counter() - t
 
-    from kd_nnp.evaluation.relax import paired_volume_distance, summarize
+    from kd_nnp.evaluation.stats import paired_volume_distance, summarize
 
     summary = summarize(df)
     teacher_label = f"teacher ({cfg.demo.teacher})"

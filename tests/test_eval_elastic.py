@@ -20,6 +20,7 @@ from kd_nnp.evaluation.elastic import (
     run_elastic_benchmark,
     shared_structures,
 )
+from kd_nnp.evaluation.settings import ElasticSettings
 from kd_nnp.evaluation.structures import load_dataset
 from kd_nnp.utils.paths import shared_data_dir
 
@@ -165,7 +166,7 @@ def test_elastic_benchmark_table2(tmp_path):
         compounds=["urea", "pyrazine"],
         workers=1,
         progress=False,
-        strains=(0.01,),
+        settings=ElasticSettings(strains=(0.01,)),
     )
     assert len(df) == 2 and (df["status"] == "ok").all()
     refs = load_reference_tensors(SHARED / "elastic" / "stiffness_tensors_rev.csv")
@@ -246,3 +247,33 @@ def test_runaway_relaxation_is_skipped_and_listed(tmp_path):
     assert r["status"] == "skipped" and "volume runaway" in r["error"]
     assert r["steps"] < 200  # stopped early, not after 2000 steps
     assert "volume runaway" in (tmp_path / "elastic.md").read_text()
+
+
+def test_retrained_student_moduli_are_recomputed(tmp_path):
+    """A student retrained at the same path (new weights, same file name) gets new moduli; the
+    same file with the same settings is reused. (Elastic reused any (method, id) on disk.)"""
+    import torch
+    from chgnet.model import CHGNet
+
+    atoms = load_dataset("pyxtal:test", codes=["FORMAM"])[0].atoms
+    student = tmp_path / "run" / "student.pt"
+    student.parent.mkdir()
+    model = CHGNet.load(model_name="0.3.0", use_device="cpu", verbose=False)
+    torch.save({"model": model.as_dict()}, student)
+    settings = ElasticSettings(strains=(0.01,), fmax=0.5, ion_fmax=0.5, max_steps=5)
+    kw = dict(structures=[("formam", atoms)], workers=1, progress=False)
+    out = tmp_path / "elastic"
+    calcs = {"student": f"student:{student}"}
+    first = run_elastic_benchmark(calcs, out, settings, **kw).iloc[0]
+    assert first["status"] == "ok"
+    with torch.no_grad():  # "retrain": other weights at the same path
+        for p in model.mlp.parameters():
+            p.mul_(1.02)
+    torch.save({"model": model.as_dict()}, student)
+    second = run_elastic_benchmark(calcs, out, settings, **kw).iloc[0]
+    assert second["status"] == "ok" and second["E_RH"] != pytest.approx(first["E_RH"])
+    lines = (out / "elastic.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    third = run_elastic_benchmark(calcs, out, settings, **kw).iloc[0]  # same file: reused
+    assert third["E_RH"] == second["E_RH"]
+    assert len((out / "elastic.jsonl").read_text().splitlines()) == 2

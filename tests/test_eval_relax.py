@@ -10,15 +10,12 @@ import pytest
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator, all_changes
 
-from kd_nnp.evaluation.relax import (
-    compare_structures,
-    paired_volume_distance,
-    read_results,
-    relax_structure,
-    run_relax_benchmark,
-    summarize,
-)
+from kd_nnp.evaluation.protocol import compare_structures, relax_structure
+from kd_nnp.evaluation.relax import run_relax_benchmark
 from kd_nnp.evaluation.rmsd15 import rmsd15
+from kd_nnp.evaluation.runner import read_results
+from kd_nnp.evaluation.settings import RelaxSettings
+from kd_nnp.evaluation.stats import paired_volume_distance, summarize
 from kd_nnp.evaluation.structures import (
     connectivity_change,
     load_dataset,
@@ -140,7 +137,7 @@ def test_inference_calculator_matches_chgnet(formam, tmp_path):
     a = formam.copy()
     a.rattle(0.03, seed=3)
     a.set_cell(a.cell * 1.01, scale_atoms=True)
-    ref = make_calculator("chgnet-ase")
+    ref = make_calculator("chgnet.model.dynamics:CHGNetCalculator")
     model = CHGNet.load(model_name="0.3.0", use_device="cpu", verbose=False)
     path = tmp_path / "student.pt"
     torch.save({"model": model.as_dict()}, path)
@@ -155,7 +152,9 @@ def test_inference_calculator_matches_chgnet(formam, tmp_path):
 
 # ------------------------------------------------------------------ relaxation
 def test_relax_reaches_stress_threshold_known_answer(formam):
-    relaxed, info = relax_structure(formam, ScaledCrystalCalc(), fmax=0.01, stress_tol_gpa=0.005)
+    relaxed, info = relax_structure(
+        formam, ScaledCrystalCalc(), RelaxSettings(fmax=0.01, stress_tol_gpa=0.005)
+    )
     assert info["converged"], info
     assert info["stress_max_gpa"] < 0.005
     cmp = compare_structures(formam, relaxed)
@@ -166,7 +165,7 @@ def test_relax_reaches_stress_threshold_known_answer(formam):
 def test_relax_with_chgnet_meets_stress_tol(formam):
     """CHGNet on formamide: default protocol converges with residual stress < tol; the ASE
     default exp_cell_factor (= N atoms) is documented to leave more stress behind."""
-    relaxed, info = relax_structure(formam, make_calculator("chgnet"), max_steps=400)
+    relaxed, info = relax_structure(formam, make_calculator("chgnet"), RelaxSettings(max_steps=400))
     assert info["converged"], info
     assert info["stress_max_gpa"] < 0.01
     assert info["fmax_final"] < 0.03
@@ -174,7 +173,7 @@ def test_relax_with_chgnet_meets_stress_tol(formam):
 
 
 def test_not_converged_is_reported(formam):
-    _, info = relax_structure(formam, make_calculator("chgnet"), max_steps=3)
+    _, info = relax_structure(formam, make_calculator("chgnet"), RelaxSettings(max_steps=3))
     assert not info["converged"] and info["steps"] == 3
 
 
@@ -195,7 +194,7 @@ def test_connectivity_flags(formam):
 # ------------------------------------------------------------------ the runner
 def test_benchmark_known_answer_resume_and_report(tmp_path):
     out = tmp_path / "run"
-    kw = dict(limit=2, max_atoms=40, workers=1, progress=False, fmax=0.01)
+    kw = dict(limit=2, max_atoms=40, workers=1, progress=False, settings=RelaxSettings(fmax=0.01))
     df = run_relax_benchmark("pyxtal:test", {"scaled": "test_eval_relax:scaled_calc"}, out, **kw)
     mine = df[df["method"] == "scaled"]
     assert len(mine) == 2 and (mine["status"] == "ok").all()
@@ -241,7 +240,7 @@ def test_failures_are_counted_not_dropped(tmp_path):
         workers=2,
         progress=False,
         references=False,
-        fmax=0.01,
+        settings=RelaxSettings(fmax=0.01),
     )
     assert len(df) == 2
     summ = summarize(df).set_index("method")
@@ -272,7 +271,8 @@ def test_cli_relax(tmp_path, capsys):
 
 def test_student_results_are_not_reused_after_retraining(tmp_path):
     """A retrained student at the same path must be relaxed again (content fingerprint)."""
-    from kd_nnp.evaluation.relax import _is_done, spec_fingerprint
+    from kd_nnp.evaluation.runner import is_done
+    from kd_nnp.teachers.calculators import spec_fingerprint
 
     student = tmp_path / "student.pt"
     student.write_bytes(b"weights v1")
@@ -284,15 +284,15 @@ def test_student_results_are_not_reused_after_retraining(tmp_path):
         "spec_fingerprint": fp1,
         "settings": params,
     }
-    assert _is_done(rec, {"student": fp1}, params)
+    assert is_done(rec, {"student": fp1}, params)
     student.write_bytes(b"weights v2")
     fp2 = spec_fingerprint(f"student:{student}")
-    assert fp2 != fp1 and not _is_done(rec, {"student": fp2}, params)
+    assert fp2 != fp1 and not is_done(rec, {"student": fp2}, params)
     # other settings, or a record of another calculator, are not reused either
-    assert not _is_done(rec, {"student": fp1}, {"fmax": 0.05})
+    assert not is_done(rec, {"student": fp1}, {"fmax": 0.05})
     assert spec_fingerprint("chgnet") == "chgnet"
     old = {"method": "CHGNet", "spec": "chgnet", "settings": params}  # written before fingerprints
-    assert _is_done(old, {"CHGNet": "chgnet"}, params)
+    assert is_done(old, {"CHGNet": "chgnet"}, params)
 
 
 def test_paired_volume_distance_to_teacher():

@@ -141,7 +141,7 @@ def test_n_train_above_pool_is_a_clear_error(labelled_store):
 
 
 def test_evaluate_refuses_bad_settings(tmp_path):
-    from kd_nnp.training.post_eval import codes_from_split, evaluate_student
+    from kd_nnp.evaluation.job import codes_from_split, evaluate_student
 
     student = tmp_path / "student.pt"
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['fmx'\]"):
@@ -238,7 +238,7 @@ def test_elastic_comparison_table2_layout_and_cached_baselines(shared_data, tmp_
     from test_eval_elastic import C_KNOWN
 
     from kd_nnp.evaluation.elastic import load_reference_tensors, moduli_from_stiffness
-    from kd_nnp.training.post_eval import elastic_comparison
+    from kd_nnp.evaluation.job import elastic_comparison
 
     kw = dict(
         baselines={"linear": "test_eval_elastic:linear_calc"},

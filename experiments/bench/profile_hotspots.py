@@ -66,7 +66,7 @@ def profile_training(workdir: Path, epochs: int, top: int) -> None:
 
 def profile_relax(code: str, top: int) -> None:
     from kd_nnp.data.sources.pyxtal_db import pyxtal_crystals
-    from kd_nnp.evaluation.relax import relax_structure
+    from kd_nnp.evaluation.protocol import relax_structure
     from kd_nnp.teachers.calculators import InferenceCHGNetCalculator
 
     ((_, atoms),) = pyxtal_crystals("test", codes=[code])

@@ -1,4 +1,8 @@
-"""``kd-nnp evaluate relax|elastic``: the benchmarks from the command line."""
+"""``kd-nnp evaluate relax|elastic|table2``: the benchmarks from the command line.
+
+Every protocol option is generated from the settings dataclasses of
+:mod:`kd_nnp.evaluation.settings` (help text included): nothing here spells them again.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,25 @@ import logging
 import sys
 from pathlib import Path
 
+from kd_nnp.evaluation.settings import (
+    ElasticJobSettings,
+    ElasticSettings,
+    EvalJobSettings,
+    RelaxSettings,
+)
+from kd_nnp.utils.settings import add_options, from_args
 from kd_nnp.utils.threads import set_threads
+
+# the crystal selection of `evaluate relax` (fields of the per-job evaluate block)
+_RELAX_SELECTION = ("dataset", "limit", "max_atoms", "codes", "workers", "references")
+# the structure selection of `evaluate elastic|table2`
+_ELASTIC_SELECTION = ("shared_dir", "compounds", "all_files", "max_atoms", "workers")
+
+
+def _exclude(cls: type, keep: tuple[str, ...]) -> tuple[str, ...]:
+    import dataclasses
+
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in keep)
 
 
 def _relax_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,42 +40,42 @@ def _relax_parser(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="calculator spec (repeatable): chgnet, student:PATH, teacher:NAME, module:factory",
     )
-    p.add_argument(
-        "--dataset",
-        default="pyxtal:test",
-        help="pyxtal:test (default), pyxtal:mech, a CIF folder or cifs:DIR",
+    add_options(
+        p,
+        EvalJobSettings,
+        exclude=_exclude(EvalJobSettings, _RELAX_SELECTION),
+        defaults={"workers": 2, "references": True},
     )
-    p.add_argument("--limit", type=int, default=None, help="first N crystals (after filters)")
-    p.add_argument("--max-atoms", type=int, default=None, help="skip crystals with more atoms")
-    p.add_argument("--codes", default=None, help="comma-separated crystal ids / CSD codes")
-    p.add_argument("--workers", type=int, default=2, help="worker processes (1 thread each)")
+    add_options(p, RelaxSettings)
     p.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
-    p.add_argument("--fmax", type=float, default=0.03, help="force threshold, eV/A")
-    p.add_argument("--max-steps", type=int, default=2000, help="max LBFGS steps in total")
-    p.add_argument(
-        "--stress-tol",
-        type=float,
-        default=0.01,
-        help="residual stress threshold max|sigma_ij|, GPa",
-    )
-    p.add_argument(
-        "--exp-cell-factor",
-        type=float,
-        default=None,
-        help="FrechetCellFilter exp_cell_factor (default: min(1, tol*V/fmax))",
-    )
-    p.add_argument("--no-rmsd", action="store_true", help="skip RMSD15")
-    p.add_argument(
-        "--no-references",
-        action="store_true",
-        help="do not add test.db's stored DFTB/ANI/GULP/CHARMM cells",
-    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--report-only",
         action="store_true",
         help="only rebuild tables/plots from OUT/relax.jsonl (no new relaxations)",
     )
+
+
+def _add_elastic_options(p: argparse.ArgumentParser, *, workers: int) -> None:
+    add_options(
+        p,
+        ElasticJobSettings,
+        exclude=_exclude(ElasticJobSettings, _ELASTIC_SELECTION),
+        defaults={"workers": workers},
+    )
+    add_options(p, ElasticSettings)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _elastic_job(args: argparse.Namespace) -> ElasticJobSettings:
+    sel = {k: getattr(args, k) for k in _ELASTIC_SELECTION}
+    return ElasticJobSettings.from_config(
+        {**sel, **{k: v for k, v in vars(args).items() if k in _ELASTIC_PROTOCOL}},
+        where="command line",
+    )
+
+
+_ELASTIC_PROTOCOL = tuple(_exclude(ElasticSettings, ()))
 
 
 def _elastic_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,101 +89,106 @@ def _elastic_parser(sub: argparse._SubParsersAction) -> None:
         help="the 15 compounds in $KD_NNP_SHARED_DATA/elastic (or ../shared/data)",
     )
     p.add_argument("--limit", type=int, default=None, help="first N structures")
-    p.add_argument("--out", required=True, type=Path)
-    add_elastic_options(p, workers=2)
+    p.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
+    _add_elastic_options(p, workers=2)
 
 
-def add_elastic_options(p: argparse.ArgumentParser, *, workers: int) -> None:
-    """Options shared by ``kd-nnp evaluate elastic`` and ``python -m kd_nnp.evaluation.table2``
-    (read back with :func:`elastic_options`)."""
+TABLE2_HELP = """the paper's Table 2 for a distilled student: elastic moduli (Voigt / Reuss /
+Hill / RH averages of E, K, G; Poisson ratio; anisotropy) of the shared elastic set, MAE vs
+experiment, in the paper's column layout: the mean model, PFP (reference tensors),
+pretrained CHGNet, the teacher used here and the student(s). --sweep takes the student of the
+sweep's job with the lowest held-out volume MAE. Pretrained CHGNet and the teacher are
+computed once per settings in --baseline-root (shared with the sweep jobs' evaluate blocks);
+everything resumes after a kill. Needs the shared elastic data; exits 2 when absent."""
+
+
+def _table2_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("table2", help="the paper's Table 2 (elastic moduli) of a student",
+                       description=TABLE2_HELP)  # fmt: skip
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--student",
+        action="append",
+        help="student model file, or LABEL=PATH (repeatable)",
+    )
+    src.add_argument("--sweep", type=Path, help="sweep folder: use its best evaluated student")
+    p.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
+    p.add_argument("--teacher", default="so3lr", help="teacher column (kd_nnp teacher name)")
+    p.add_argument("--no-teacher", action="store_true", help="no teacher column")
+    p.add_argument("--no-chgnet", action="store_true", help="no pretrained CHGNet column")
     p.add_argument(
-        "--shared-dir",
+        "--baseline-root",
         type=Path,
-        default=None,
-        help="shared data folder (default: kd_nnp.utils.paths.shared_data_dir())",
+        default=Path("outputs/baselines"),
+        help="cache of baseline results shared with sweeps (default outputs/baselines)",
     )
-    p.add_argument(
-        "--all-files",
-        action="store_true",
-        help="shared data: every structure file of a compound, not only the first",
-    )
-    p.add_argument("--compounds", default=None, help="comma-separated compound names (shared)")
-    p.add_argument("--max-atoms", type=int, default=None)
-    p.add_argument("--strains", default="0.005,0.01", help="strain magnitudes (+/- each)")
-    p.add_argument("--workers", type=int, default=workers)
-    p.add_argument("--fmax", type=float, default=0.03)
-    p.add_argument(
-        "--ion-fmax",
-        type=float,
-        default=0.01,
-        help="force threshold of the fixed-cell ion relaxations at each strain",
-    )
-    p.add_argument("--max-steps", type=int, default=2000)
-    p.add_argument("--stress-tol", type=float, default=0.01)
-    p.add_argument("--quiet", action="store_true")
+    _add_elastic_options(p, workers=1)
 
 
-def elastic_options(args: argparse.Namespace) -> dict:
-    """Keyword arguments of the elastic benchmark from :func:`add_elastic_options`."""
-    return {
-        "shared_dir": args.shared_dir,
-        "all_files": args.all_files,
-        "compounds": [c for c in args.compounds.split(",") if c] if args.compounds else None,
-        "max_atoms": args.max_atoms,
-        "strains": [float(x) for x in args.strains.split(",") if x],
-        "workers": args.workers,
-        "fmax": args.fmax,
-        "ion_fmax": args.ion_fmax,
-        "max_steps": args.max_steps,
-        "stress_tol_gpa": args.stress_tol,
-        "progress": not args.quiet,
-    }
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kd-nnp evaluate", description=__doc__)
+    sub = p.add_subparsers(dest="bench", required=True)
+    _relax_parser(sub)
+    _elastic_parser(sub)
+    _table2_parser(sub)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kd-nnp evaluate", description=__doc__)
-    sub = parser.add_subparsers(dest="bench", required=True)
-    _relax_parser(sub)
-    _elastic_parser(sub)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     set_threads()
-    codes = [c for c in args.codes.split(",") if c] if getattr(args, "codes", None) else None
     if args.bench == "relax":
-        from kd_nnp.evaluation.relax import run_relax_benchmark, summarize
+        return _relax(args)
+    if args.bench == "table2":
+        from kd_nnp.evaluation.table2 import run_table2
 
-        df = run_relax_benchmark(
-            args.dataset,
-            list(args.calc),
-            args.out,
-            workers=args.workers,
-            fmax=args.fmax,
-            max_steps=args.max_steps,
-            stress_tol_gpa=args.stress_tol,
-            exp_cell_factor=args.exp_cell_factor,
-            limit=args.limit,
-            max_atoms=args.max_atoms,
-            codes=codes,
-            rmsd=not args.no_rmsd,
-            references=not args.no_references,
-            progress=not args.quiet,
-            run=not args.report_only,
-        )
-        _print_summary(summarize(df))
-        print(f"\nwrote {args.out}/table.md, table.csv, summary.csv, parity_*.png")
-        return 0
+        return run_table2(args, _elastic_job(args))
     from kd_nnp.evaluation.elastic import run_elastic_benchmark
 
+    job = _elastic_job(args)
     res = run_elastic_benchmark(
         list(args.calc),
         args.out,
+        job.protocol,
         structures=args.structures,
         shared=args.shared,
+        shared_dir=job.shared_dir,
+        all_files=job.all_files,
+        compounds=job.compounds,
         limit=args.limit,
-        **elastic_options(args),
+        max_atoms=job.max_atoms,
+        workers=job.workers,
+        progress=not args.quiet,
     )
     print((args.out / "elastic.md").read_text())
     return 0 if res is not None else 1
+
+
+def _relax(args: argparse.Namespace) -> int:
+    from kd_nnp.evaluation.relax import run_relax_benchmark
+    from kd_nnp.evaluation.stats import summarize
+
+    settings = from_args(RelaxSettings, args)
+    sel = from_args(EvalJobSettings, args)
+    df = run_relax_benchmark(
+        sel.dataset,
+        list(args.calc),
+        args.out,
+        settings,
+        workers=sel.workers,
+        limit=sel.limit,
+        max_atoms=sel.max_atoms,
+        codes=sel.codes,
+        references=sel.references,
+        progress=not args.quiet,
+        run=not args.report_only,
+    )
+    _print_summary(summarize(df))
+    for f, why in df.attrs.get("skipped", []):
+        print(f"skipped {f}: {why}")
+    print(f"\nwrote {args.out}/table.md, table.csv, summary.csv, parity_*.png")
+    return 0
 
 
 def _print_summary(summ: object) -> None:

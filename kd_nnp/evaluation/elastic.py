@@ -33,19 +33,18 @@ import pandas as pd
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
-from kd_nnp.evaluation.relax import (
-    _atoms_from_dict,
-    _atoms_to_dict,
-    _get_calc,
-    _md_table,
-    compare_structures,
-    open_append,
-    read_results,
-    relax_structure,
+from kd_nnp.evaluation.protocol import compare_structures, relax_structure
+from kd_nnp.evaluation.report import md_table
+from kd_nnp.evaluation.runner import (
+    Structure,
+    atoms_from_dict,
+    get_calc,
+    label_calculators,
+    latest,
+    run_jobs,
 )
+from kd_nnp.evaluation.settings import ElasticSettings
 from kd_nnp.evaluation.structures import read_cif
-from kd_nnp.teachers.calculators import method_label
-from kd_nnp.utils.parallel import run_tasks
 from kd_nnp.utils.paths import shared_data_dir
 from kd_nnp.utils.provenance import environment_record
 
@@ -226,13 +225,11 @@ def shared_structures(
 
 # ------------------------------------------------------------------ worker
 def _elastic_task(item: dict[str, Any]) -> dict[str, Any]:
-    exp = _atoms_from_dict(item["atoms"])
-    calc = _get_calc(item["spec"])
-    p = item["params"]
+    exp = atoms_from_dict(item["atoms"])
+    calc = get_calc(item["spec"], item.get("fingerprint"))
+    p = ElasticSettings(**{**item["settings"], "strains": tuple(item["settings"]["strains"])})
     t0 = time.perf_counter()
-    relaxed, info = relax_structure(
-        exp, calc, fmax=p["fmax"], max_steps=p["max_steps"], stress_tol_gpa=p["stress_tol_gpa"]
-    )
+    relaxed, info = relax_structure(exp, calc, p.relax())
     rec: dict[str, Any] = {"status": "ok", **info, **compare_structures(exp, relaxed)}
     rec["relax_wall_s"] = rec.pop("wall_s")
     bad = [
@@ -249,7 +246,7 @@ def _elastic_task(item: dict[str, Any]) -> dict[str, Any]:
         rec.update(status="skipped", error="relaxation failed: " + ", ".join(bad))
         rec["wall_s"] = time.perf_counter() - t0
         return rec
-    c, fit = fit_stiffness(relaxed, calc, p["strains"], ion_fmax=p["ion_fmax"])
+    c, fit = fit_stiffness(relaxed, calc, p.strains, ion_fmax=p.ion_fmax)
     rec.update(fit)
     rec["C"] = np.round(c, 5).tolist()
     try:
@@ -266,6 +263,7 @@ def _elastic_task(item: dict[str, Any]) -> dict[str, Any]:
 def run_elastic_benchmark(
     calculators: dict[str, str] | Sequence[str],
     out_dir: str | Path,
+    settings: ElasticSettings | None = None,
     *,
     structures: str | Path | Sequence[tuple[str, Atoms]] | None = None,
     shared: bool = False,
@@ -274,21 +272,18 @@ def run_elastic_benchmark(
     compounds: Sequence[str] | None = None,
     limit: int | None = None,
     max_atoms: int | None = None,
-    strains: Sequence[float] = (0.005, 0.01),
     workers: int = 2,
-    fmax: float = 0.03,
-    ion_fmax: float = 0.01,
-    max_steps: int = 2000,
-    stress_tol_gpa: float = 0.01,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Relax + stiffness for each (calculator, structure); with ``shared`` compare the
     moduli with experiment (Table 2 layout) and write ``elastic.md``/``.csv``/``.png``.
 
-    Results stream to ``out_dir/elastic.jsonl`` and resume like the relaxation benchmark.
+    Results stream to ``out_dir/elastic.jsonl`` and resume like the relaxation benchmark
+    (same runner: a record is reused only for the same calculator fingerprint and
+    ``settings``, so a student retrained at the same path is computed again).
     """
-    if not isinstance(calculators, dict):
-        calculators = {method_label(s): s for s in calculators}
+    settings = settings or ElasticSettings()
+    calculators = label_calculators(calculators)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ref_csv: Path | None = None
@@ -315,13 +310,7 @@ def run_elastic_benchmark(
         items = [it for it in items if len(it["atoms"]) <= max_atoms]
     if limit is not None:
         items = items[:limit]
-    params = {
-        "fmax": fmax,
-        "max_steps": max_steps,
-        "stress_tol_gpa": stress_tol_gpa,
-        "strains": list(strains),
-        "ion_fmax": ion_fmax,
-    }
+    params = settings.protocol()
     with (out / "run.json").open("a") as fh:
         fh.write(
             json.dumps(
@@ -337,40 +326,25 @@ def run_elastic_benchmark(
             )
             + "\n"
         )
-    path = out / RESULTS_FILE
-    existing = read_results(path)
-    done = {(r["method"], r["id"]) for r in existing}
     unique = {it["id"]: it for it in items}
-    tasks = []
-    for label, spec in calculators.items():
-        for sid, it in unique.items():
-            if (label, sid) not in done:
-                task = {"spec": spec, "atoms": _atoms_to_dict(it["atoms"]), "params": params}
-                tasks.append(((label, spec, sid, len(it["atoms"])), task))
-    tasks.sort(key=lambda t: -t[0][3])
-    with open_append(path) as fh:
-        for res in run_tasks(
-            _elastic_task, tasks, n_workers=workers, desc="elastic", progress=progress
-        ):
-            label, spec, sid, natoms = res.key
-            rec = {"method": label, "spec": spec, "id": sid, "natoms": natoms, "settings": params}
-            if res.ok:
-                rec.update(res.value)
-            else:
-                rec.update(status="error", error=res.error, wall_s=res.seconds)
-            fh.write(json.dumps(rec) + "\n")
-            fh.flush()
-            existing.append(rec)
+    records = run_jobs(
+        _elastic_task,
+        calculators,
+        [Structure(sid, it["atoms"], {}) for sid, it in unique.items()],
+        out / RESULTS_FILE,
+        params,
+        workers=workers,
+        progress=progress,
+        desc="elastic",
+    )
+    by_pair = latest(records)
     rows = []
     for it in items:  # one row per (method, compound-structure)
-        for r in existing:
-            if r["id"] == it["id"] and r["method"] in calculators:
-                rows.append(
-                    {
-                        **{k: v for k, v in r.items() if k not in ("settings",)},
-                        "compound": it["compound"],
-                    }
-                )
+        for label in calculators:
+            r = by_pair.get((label, it["id"]))
+            if r is not None:
+                row = {k: v for k, v in r.items() if k != "settings"}
+                rows.append({**row, "compound": it["compound"]})
     df = pd.DataFrame(rows)
     refs = load_reference_tensors(ref_csv) if ref_csv is not None else None
     write_elastic_report(df, refs, out, list(calculators))
@@ -475,7 +449,7 @@ def write_elastic_report(
         _parity_moduli(df, refs, out / "parity_E_RH.png")
     md += ["## Per structure", ""]
     if len(per):
-        md.append(_md_table(per, [(c, c) for c in keep]))
+        md.append(md_table(per, [(c, c) for c in keep]))
     fails = df[df.get("status", pd.Series(dtype=str)) != "ok"] if len(df) else df
     md += ["", f"failed runs: {len(fails)}"]
     md += [f"- {r.method} {r.id}: {str(r.error).splitlines()[0]}" for r in fails.itertuples()]

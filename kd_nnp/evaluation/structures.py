@@ -50,7 +50,9 @@ def read_cif(path: str | Path) -> Atoms:
             warnings.simplefilter("ignore")
             atoms = read(str(path), format="cif")
     except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"cannot read CIF {path}: {type(exc).__name__}: {exc}") from exc
+        # ASE's CIF reader raises StopIteration / AssertionError without a message
+        why = str(exc).strip() or "no crystal structure (a data block with cell and atoms) found"
+        raise ValueError(f"cannot read CIF {path}: {type(exc).__name__}: {why}") from exc
     if isinstance(atoms, list):
         atoms = atoms[0]
     if len(atoms) == 0 or not atoms.pbc.all():
@@ -64,9 +66,11 @@ def load_dataset(
     limit: int | None = None,
     max_atoms: int | None = None,
     codes: Sequence[str] | None = None,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> list[Crystal]:
     """Load the crystals of a dataset spec, filtered by ``codes`` and ``max_atoms``, then
-    cut to the first ``limit``."""
+    cut to the first ``limit``. A CIF that cannot be read raises, unless ``skipped`` is a
+    list: then ``(file, reason)`` is appended to it and the file left out."""
     wanted = {c.strip() for c in codes} if codes else None
     out: list[Crystal] = []
     if spec.startswith("pyxtal:"):
@@ -97,7 +101,13 @@ def load_dataset(
         for f in files:
             if wanted is not None and f.stem not in wanted:
                 continue
-            atoms = read_cif(f)
+            try:
+                atoms = read_cif(f)
+            except ValueError as exc:
+                if skipped is None:
+                    raise
+                skipped.append((str(f), str(exc).removeprefix(f"cannot read CIF {f}: ")))
+                continue
             if max_atoms is not None and len(atoms) > max_atoms:
                 continue
             out.append(Crystal(f.stem, atoms, str(f)))

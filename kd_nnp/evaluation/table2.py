@@ -1,4 +1,4 @@
-"""``python -m kd_nnp.evaluation.table2``: the paper's Table 2 for a distilled student.
+"""``kd-nnp evaluate table2``: the paper's Table 2 for a distilled student.
 
 Elastic moduli (Voigt / Reuss / Hill / RH averages of E, K, G; Poisson ratio; anisotropy) of
 the shared elastic set, MAE vs experiment, in the paper's column layout: the mean model (it
@@ -6,8 +6,8 @@ predicts the mean experimental value of the compounds evaluated: no structure-pr
 relation), PFP (the paper's teacher, from the reference tensors), pretrained CHGNet, the
 teacher used here and the student(s)::
 
-    python -m kd_nnp.evaluation.table2 --student outputs/runs/RUN/student.pt --out table2
-    python -m kd_nnp.evaluation.table2 --sweep outputs/paper_table2/DATE --out table2
+    kd-nnp evaluate table2 --student outputs/runs/RUN/student.pt --out table2
+    kd-nnp evaluate table2 --sweep outputs/paper_table2/DATE --out table2
 
 ``--sweep`` takes the student of the sweep's job with the lowest held-out volume MAE
 (``metrics.json: evaluation.summary.vol_mae_pct``, what the paper selected its model by).
@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from kd_nnp.evaluation.cli import add_elastic_options, elastic_options
-from kd_nnp.utils.threads import set_threads
-
-log = logging.getLogger(__name__)
+from kd_nnp.errors import KdNnpError
+from kd_nnp.evaluation.settings import ElasticJobSettings
 
 
 def best_student(sweep_dir: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -56,39 +53,10 @@ def best_student(sweep_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     return best[1], best[2]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m kd_nnp.evaluation.table2",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--student",
-        action="append",
-        help="student model file, or LABEL=PATH (repeatable)",
-    )
-    src.add_argument("--sweep", type=Path, help="sweep folder: use its best evaluated student")
-    p.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
-    p.add_argument("--teacher", default="so3lr", help="teacher column (kd_nnp teacher name)")
-    p.add_argument("--no-teacher", action="store_true", help="no teacher column")
-    p.add_argument("--no-chgnet", action="store_true", help="no pretrained CHGNet column")
-    p.add_argument(
-        "--baseline-root",
-        type=Path,
-        default=Path("outputs/baselines"),
-        help="cache of baseline results shared with sweeps (default outputs/baselines)",
-    )
-    add_elastic_options(p, workers=1)
-    return p
+def run_table2(args: argparse.Namespace, job: ElasticJobSettings) -> int:
+    """The ``table2`` verb (options: :func:`kd_nnp.evaluation.cli.parser`)."""
+    from kd_nnp.evaluation.job import elastic_comparison
 
-
-def main(argv: list[str] | None = None) -> int:
-    from kd_nnp.training.post_eval import elastic_comparison
-
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    set_threads()
     students: dict[str, str] = {}
     if args.sweep is not None:
         path, metrics = best_student(args.sweep)
@@ -102,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 label, path = "Knowledge distillation" if len(args.student) == 1 else "", item
             p = Path(path).expanduser()
             if not p.is_file():
-                raise SystemExit(f"student model file not found: {p}")
+                raise KdNnpError(f"student model file not found: {p}")
             students[label or f"student({p.parent.name}/{p.stem})"] = f"student:{p.resolve()}"
     baselines: dict[str, str] = {}
     if not args.no_chgnet:
@@ -112,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     res = elastic_comparison(
         students,
         args.out,
+        job,
         baselines=baselines,
         baseline_root=args.baseline_root,
-        **elastic_options(args),
+        progress=not args.quiet,
     )
     if "skipped" in res:
         print(f"table2: {res['skipped']}", file=sys.stderr)
@@ -123,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     print((args.out / "elastic.md").read_text())
     print(f"wrote {args.out}/elastic.md, elastic_mae.csv, table2.json, parity_E_RH.png")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kd_nnp.evaluation.table2 ARGS`` = ``kd-nnp evaluate table2 ARGS``."""
+    from kd_nnp.evaluation.cli import main as evaluate_main
+
+    return evaluate_main(["table2", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

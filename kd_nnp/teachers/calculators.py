@@ -438,6 +438,21 @@ def method_label(spec: str) -> str:
     return spec
 
 
+def spec_fingerprint(spec: str) -> str:
+    """What a calculator spec computes: for ``student:PATH[=LABEL]`` the spec plus the model
+    file's content hash, so a student retrained at the same path never reuses the old
+    student's results (benchmark records are keyed by it)."""
+    import hashlib
+
+    spec = str(spec)
+    kind, _, rest = spec.partition(":")
+    if kind == "student" and rest:
+        path = Path(_student_parts(rest)[0]).expanduser()
+        if path.is_file():
+            return f"{spec}#{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+    return spec
+
+
 def unique_labels(specs: Iterable[str]) -> dict[str, str]:
     """``{spec: method_label(spec)}`` for ``specs``; two different specs with one label
     raise :class:`~kd_nnp.errors.KdNnpError` naming both (results would merge)."""

@@ -125,7 +125,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "time_s": {"data": t_data, "fit": t_fit},
     }
     if cfg.get("evaluate"):
-        from kd_nnp.training.post_eval import evaluate_student
+        from kd_nnp.evaluation.job import evaluate_student
 
         metrics["evaluation"] = evaluate_student(cfg.evaluate, student_path, run_dir)
     for lg in loggers:

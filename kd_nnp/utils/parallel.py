@@ -7,6 +7,9 @@ Worker exceptions are returned as values, never raised, so one bad item cannot k
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -30,7 +33,27 @@ class TaskResult:
         return self.error is None
 
 
-def _init_worker(threads: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Make this worker process end when its parent dies, even by ``kill -9`` (which runs no
+    clean-up in the parent): Linux ``PR_SET_PDEATHSIG``; a parent already gone ends it now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _init_worker(
+    threads: int,
+    initializer: Callable[..., None] | None,
+    initargs: tuple,
+    parent_pid: int | None = None,
+) -> None:
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     set_threads(threads)
     if initializer is not None:
         initializer(*initargs)
@@ -67,7 +90,8 @@ def run_tasks(
     ``n_workers <= 1`` runs in this process (still with deliberate threads). Otherwise a
     ``spawn`` pool is used (safe with torch) whose workers each get ``threads_per_worker``
     threads and run ``initializer(*initargs)`` once (e.g. to load a model). ``fn`` and the
-    initializer must be importable top-level functions. A tqdm bar shows rate and ETA.
+    initializer must be importable top-level functions. Workers die with this process, even
+    when it is killed with SIGKILL (:func:`die_with_parent`). A tqdm bar shows rate and ETA.
     """
     from tqdm.auto import tqdm
 
@@ -85,7 +109,7 @@ def run_tasks(
         with ctx.Pool(
             n_workers,
             initializer=_init_worker,
-            initargs=(threads_per_worker, initializer, initargs),
+            initargs=(threads_per_worker, initializer, initargs, os.getpid()),
             maxtasksperchild=None,
         ) as pool:
             for res in pool.imap_unordered(_call_star, [(fn, k, it) for k, it in items]):

@@ -1,7 +1,8 @@
 """Per-job evaluation of a trained student: the paper's measurements after each sweep point.
 
 ``run_training`` calls :func:`evaluate_student` when ``cfg.evaluate`` is set (the
-``conf/evaluate/`` group, used by ``conf/experiment/paper_*.yaml``) and stores the result
+``conf/evaluate/`` group, used by ``conf/experiment/paper_*.yaml``; its keys are
+:class:`kd_nnp.evaluation.settings.EvalJobSettings`) and stores the result
 under ``metrics["evaluation"]`` in the job's ``metrics.json``:
 
 - the student relaxes held-out experimental crystals (``dataset``, default ``pyxtal:test``;
@@ -28,71 +29,26 @@ The returned dict (NaN -> null)::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
 
+from kd_nnp.errors import SettingsError
+from kd_nnp.evaluation.settings import ElasticJobSettings, EvalJobSettings
 from kd_nnp.utils.provenance import stable_hash
 
 log = logging.getLogger(__name__)
 
 STUDENT_LABEL = "student"
-RELAX_KEYS = {
-    "dataset",
-    "codes",
-    "split_from",
-    "limit",
-    "max_atoms",
-    "workers",
-    "fmax",
-    "max_steps",
-    "stress_tol_gpa",
-    "exp_cell_factor",
-    "rmsd",
-    "references",
-    "baselines",
-    "baseline_root",
-    "baseline_dir",
-    "progress",
-    "elastic",
-}
-ELASTIC_KEYS = {
-    "shared_dir",
-    "compounds",
-    "all_files",
-    "max_atoms",
-    "strains",
-    "workers",
-    "fmax",
-    "ion_fmax",
-    "max_steps",
-    "stress_tol_gpa",
-    "baselines",
-    "baseline_dir",
-}
 PER_CRYSTAL_COLUMNS = ("id", "vol_err_pct", "density_err", "rmsd15", "failure", "converged")
 
 
 # ------------------------------------------------------------------ helpers
-def _plain(cfg: Any) -> Any:
-    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
-
-
-def _check_keys(cfg: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-
-
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     """DataFrame rows as JSON-able dicts (NaN -> None, numpy scalars -> Python)."""
     if not len(df):
@@ -110,24 +66,6 @@ def _nan_to_none(obj: Any) -> Any:
     return obj
 
 
-@contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Exclusive lock on ``folder/.lock`` (jobs of a sweep computing a shared cache)."""
-    from filelock import FileLock, Timeout
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("waiting for %s (another job is computing the shared baselines)", lock.lock_file)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def codes_from_split(path: str | Path) -> list[str]:
     """The held-out crystal ids of a demo-style split file ``{"eval": [...], "train": [...]}``."""
     p = Path(path).expanduser()
@@ -143,91 +81,65 @@ def codes_from_split(path: str | Path) -> list[str]:
     return codes
 
 
-def _check_cache_labels(path: Path, specs: Sequence[str]) -> None:
-    """Records in a shared baseline file are keyed by spec: refuse a file written otherwise."""
-    from kd_nnp.evaluation.relax import read_results
-
-    for rec in read_results(path):
-        if rec.get("method") != rec.get("spec"):
-            raise ValueError(
-                f"{path}: record for {rec.get('id')} has method {rec.get('method')!r} != spec "
-                f"{rec.get('spec')!r}; this folder is not a kd_nnp baseline cache"
-            )
-
-
 # ------------------------------------------------------------------ relaxation
-def evaluate_student(eval_cfg: DictConfig, student_path: Path, run_dir: Path) -> dict[str, Any]:
+def evaluate_student(
+    eval_cfg: Mapping[str, Any] | EvalJobSettings, student_path: Path, run_dir: Path
+) -> dict[str, Any]:
     """Relax held-out crystals with the student (and cached baselines); see module doc."""
-    from kd_nnp.evaluation.relax import (
-        RESULTS_FILE,
-        run_relax_benchmark,
-        summarize,
-        write_report,
-    )
+    from kd_nnp.evaluation.relax import RESULTS_FILE, run_relax_benchmark
+    from kd_nnp.evaluation.report import write_report
+    from kd_nnp.evaluation.runner import shared_cache
+    from kd_nnp.evaluation.stats import summarize
     from kd_nnp.evaluation.structures import load_dataset
 
-    cfg: dict[str, Any] = dict(_plain(eval_cfg) or {})
-    _check_keys(cfg, RELAX_KEYS, "evaluate")
-    dataset = str(cfg.get("dataset") or "pyxtal:test")
-    codes = cfg.get("codes")
-    split_from = cfg.get("split_from")
-    if codes and split_from:
-        raise ValueError("evaluate: give codes or split_from, not both")
-    if split_from:
-        codes = codes_from_split(split_from)
-    if isinstance(codes, str):
-        codes = [c for c in codes.split(",") if c]
-    codes = [str(c) for c in codes] if codes else None
-    crystals = load_dataset(
-        dataset, limit=cfg.get("limit"), max_atoms=cfg.get("max_atoms"), codes=codes
+    cfg = (
+        eval_cfg
+        if isinstance(eval_cfg, EvalJobSettings)
+        else EvalJobSettings.from_config(eval_cfg, where="evaluate")
     )
+    dataset = cfg.dataset
+    codes = list(cfg.codes) if cfg.codes else None
+    if cfg.split_from:
+        codes = codes_from_split(cfg.split_from)
+    crystals = load_dataset(dataset, limit=cfg.limit, max_atoms=cfg.max_atoms, codes=codes)
     if not crystals:
-        raise ValueError(
+        raise SettingsError(
             f"evaluate: no crystal of {dataset} left after the filters "
-            f"(codes={codes}, limit={cfg.get('limit')}, max_atoms={cfg.get('max_atoms')})"
+            f"(codes={codes}, limit={cfg.limit}, max_atoms={cfg.max_atoms})"
         )
     ids = [c.id for c in crystals]
-    params = {
-        "fmax": float(cfg.get("fmax", 0.03)),
-        "max_steps": int(cfg.get("max_steps", 2000)),
-        "stress_tol_gpa": float(cfg.get("stress_tol_gpa", 0.01)),
-        "exp_cell_factor": cfg.get("exp_cell_factor"),
-    }
-    rmsd = bool(cfg.get("rmsd", True))
-    references = bool(cfg.get("references", False))
-    workers = int(cfg.get("workers", 1))
-    progress = bool(cfg.get("progress", False))
-    baselines: dict[str, str] = {str(k): str(v) for k, v in (cfg.get("baselines") or {}).items()}
-    key = {"dataset": dataset, "crystals": ids, "params": params, "rmsd": rmsd}
-    baseline_root = Path(cfg.get("baseline_root") or "outputs/baselines").expanduser()
+    relax = cfg.relax
+    params = relax.protocol()
+    baselines: dict[str, str] = {str(k): str(v) for k, v in (cfg.baselines or {}).items()}
+    key = {"dataset": dataset, "crystals": ids, "params": params, "rmsd": relax.rmsd}
+    baseline_root = Path(cfg.baseline_root).expanduser()
     baseline_dir = Path(
-        cfg.get("baseline_dir") or baseline_root / f"relax-{stable_hash(key)}"
+        cfg.baseline_dir or baseline_root / f"relax-{stable_hash(key)}"
     ).expanduser()
     student_spec = f"student:{Path(student_path).resolve()}"
     eval_dir = Path(run_dir) / "eval"
-    common = dict(workers=workers, codes=ids, rmsd=rmsd, progress=progress, **params)
+    common = dict(workers=cfg.workers, codes=ids, progress=cfg.progress)
 
     frames = []
     df_s = run_relax_benchmark(
         dataset,
         {STUDENT_LABEL: student_spec},
         eval_dir,
+        relax,
         references=False,
         report=False,
         **common,
     )
     frames.append(df_s)
+    references = cfg.references
     if baselines or references:
         specs = sorted(set(baselines.values()))
-        with folder_lock(baseline_dir):
-            key_file = baseline_dir / "key.json"
-            if not key_file.exists():
-                key_file.write_text(json.dumps(key, indent=2, default=str))
-            _check_cache_labels(baseline_dir / RESULTS_FILE, specs)
+        with shared_cache(baseline_dir, key, RESULTS_FILE):
             df_b = run_relax_benchmark(
                 dataset,
                 {s: s for s in specs},
                 baseline_dir,
+                relax,
                 references=references,
                 report=True,
                 **common,
@@ -256,13 +168,13 @@ def evaluate_student(eval_cfg: DictConfig, student_path: Path, run_dir: Path) ->
         "crystals": ids,
         "settings": {
             **params,
-            "rmsd": rmsd,
+            "rmsd": relax.rmsd,
             "references": references,
-            "workers": workers,
+            "workers": cfg.workers,
             "codes": codes,
-            "split_from": str(split_from) if split_from else None,
-            "limit": cfg.get("limit"),
-            "max_atoms": cfg.get("max_atoms"),
+            "split_from": str(cfg.split_from) if cfg.split_from else None,
+            "limit": cfg.limit,
+            "max_atoms": cfg.max_atoms,
             "student_spec": student_spec,
             "baseline_specs": baselines,
             "baseline_dir": str(baseline_dir.resolve()),
@@ -272,17 +184,14 @@ def evaluate_student(eval_cfg: DictConfig, student_path: Path, run_dir: Path) ->
         "per_crystal": _records(per),
         "baselines": {m: r for m, r in rows.items() if m != STUDENT_LABEL},
     }
-    if cfg.get("elastic"):
-        ecfg = dict(cfg["elastic"])
-        _check_keys(ecfg, ELASTIC_KEYS, "evaluate.elastic")
-        eb = ecfg.pop("baselines", None)
+    if cfg.elastic is not None:
         result["elastic"] = elastic_comparison(
             {STUDENT_LABEL: student_spec},
             eval_dir / "elastic",
-            baselines={str(k): str(v) for k, v in (baselines if eb is None else eb).items()},
+            cfg.elastic,
+            baselines=baselines if cfg.elastic.baselines is None else cfg.elastic.baselines,
             baseline_root=baseline_root,
-            progress=progress,
-            **ecfg,
+            progress=cfg.progress,
         )
     return _nan_to_none(result)
 
@@ -294,37 +203,39 @@ TABLE2_FIXED_COLUMNS = ("Mean model", "PFP")
 def elastic_comparison(
     students: Mapping[str, str],
     out_dir: str | Path,
+    job: ElasticJobSettings | None = None,
     *,
     baselines: Mapping[str, str] | None = None,
     baseline_root: str | Path = "outputs/baselines",
-    baseline_dir: str | Path | None = None,
-    shared_dir: str | Path | None = None,
-    compounds: Sequence[str] | None = None,
-    all_files: bool = False,
-    max_atoms: int | None = None,
-    strains: Sequence[float] = (0.005, 0.01),
-    workers: int = 1,
-    fmax: float = 0.03,
-    ion_fmax: float = 0.01,
-    max_steps: int = 2000,
-    stress_tol_gpa: float = 0.01,
     progress: bool = False,
+    **settings: Any,
 ) -> dict[str, Any]:
     """The paper's Table 2: elastic-moduli MAE vs experiment of the ``students`` (``{label:
-    spec}``), the ``baselines`` (cached once per settings in ``baseline_root/elastic-<hash>``),
-    the mean model (predicts the mean experimental value) and PFP (the paper's teacher, from
-    the reference tensors). Writes ``out_dir/elastic.md`` (+ ``elastic_mae.csv``,
-    ``elastic.csv``, ``parity_E_RH.png``). Without the shared data (``shared_dir`` or
-    ``$KD_NNP_SHARED_DATA`` / ``../shared/data``) it returns ``{"skipped": reason}``."""
+    spec}``), the ``baselines`` (cached once per settings in ``baseline_root/elastic-<hash>``
+    or ``job.baseline_dir``), the mean model (predicts the mean experimental value) and PFP
+    (the paper's teacher, from the reference tensors). Writes ``out_dir/elastic.md`` (+
+    ``elastic_mae.csv``, ``elastic.csv``, ``parity_E_RH.png``). Without the shared data
+    (``job.shared_dir`` or ``$KD_NNP_SHARED_DATA`` / ``../shared/data``) it returns
+    ``{"skipped": reason}``. Instead of ``job``, ``settings`` may give the keys of the flat
+    ``evaluate.elastic`` block (``compounds=``, ``strains=``, ...)."""
     from kd_nnp.evaluation.elastic import (
         MODULI,
+        RESULTS_FILE,
         load_reference_tensors,
         mae_table,
         run_elastic_benchmark,
         write_elastic_report,
     )
+    from kd_nnp.evaluation.runner import shared_cache
     from kd_nnp.utils.paths import shared_data_dir
 
+    if job is not None and settings:
+        raise TypeError("elastic_comparison: give job or settings keywords, not both")
+    if job is None:
+        job = ElasticJobSettings.from_config(settings, where="elastic_comparison")
+    shared_dir, compounds, all_files, max_atoms = (
+        job.shared_dir, job.compounds, job.all_files, job.max_atoms
+    )  # fmt: skip
     sd = Path(shared_dir).expanduser() if shared_dir else shared_data_dir()
     if sd is None or not (sd / "elastic" / "elastic44_mapping.csv").is_file():
         reason = (
@@ -334,22 +245,15 @@ def elastic_comparison(
         log.warning("skipping the elastic comparison: %s", reason)
         return {"skipped": reason}
     compounds = [str(c) for c in compounds] if compounds else None
-    params = {
-        "strains": [float(s) for s in strains],
-        "fmax": float(fmax),
-        "ion_fmax": float(ion_fmax),
-        "max_steps": int(max_steps),
-        "stress_tol_gpa": float(stress_tol_gpa),
-    }
+    params = job.protocol.protocol()
     bench = dict(
         shared=True,
         shared_dir=sd,
         compounds=compounds,
         all_files=all_files,
         max_atoms=max_atoms,
-        workers=workers,
+        workers=job.workers,
         progress=progress,
-        **params,
     )
     baselines = dict(baselines or {})
     key = {
@@ -360,21 +264,21 @@ def elastic_comparison(
         "max_atoms": max_atoms,
         "params": params,
     }
-    bdir = Path(baseline_dir or Path(baseline_root) / f"elastic-{stable_hash(key)}").expanduser()
+    bdir = Path(
+        job.baseline_dir or Path(baseline_root) / f"elastic-{stable_hash(key)}"
+    ).expanduser()
     out = Path(out_dir)
     frames = []
     if baselines:
         specs = sorted(set(baselines.values()))
-        with folder_lock(bdir):
-            if not (bdir / "key.json").exists():
-                (bdir / "key.json").write_text(json.dumps(key, indent=2))
-            df_b = run_elastic_benchmark({s: s for s in specs}, bdir, **bench)
+        with shared_cache(bdir, key, RESULTS_FILE):
+            df_b = run_elastic_benchmark({s: s for s in specs}, bdir, job.protocol, **bench)
         for label, spec in baselines.items():
             g = df_b[df_b["method"] == spec].copy() if len(df_b) else df_b
             if len(g):
                 g["method"] = label
                 frames.append(g)
-    df_s = run_elastic_benchmark(dict(students), out, **bench)
+    df_s = run_elastic_benchmark(dict(students), out, job.protocol, **bench)
     frames.insert(0, df_s)
     df = pd.concat([f for f in frames if len(f)], ignore_index=True) if frames else pd.DataFrame()
     methods = [*baselines, *students]

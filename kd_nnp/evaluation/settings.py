@@ -1,0 +1,210 @@
+"""Evaluation settings, each spelled once (see :mod:`kd_nnp.utils.settings`).
+
+- :class:`RelaxSettings`: the relaxation protocol (``kd-nnp evaluate relax`` options,
+  ``conf/demo.yaml: demo.relax``, the flat relaxation keys of ``conf/evaluate/relax.yaml``);
+- :class:`ElasticSettings`: the elastic protocol (strains and thresholds);
+- :class:`ElasticJobSettings`: the ``evaluate.elastic`` block (which structures, workers,
+  baselines + an :class:`ElasticSettings`), also the options of ``evaluate elastic|table2``;
+- :class:`EvalJobSettings`: the per-job ``evaluate`` block a training run reads (which
+  crystals, workers, baselines + a :class:`RelaxSettings` + optional elastic block).
+
+The YAML blocks are flat (``evaluate.fmax``, ``evaluate.elastic.ion_fmax``):
+:meth:`EvalJobSettings.from_config` / :meth:`ElasticJobSettings.from_config` lift the protocol
+keys into the nested dataclass and refuse unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kd_nnp.errors import SettingsError
+from kd_nnp.utils.settings import as_dict, from_mapping, register_schema
+
+
+@dataclass(frozen=True)
+class RelaxSettings:
+    """How a crystal is relaxed (LBFGS on a FrechetCellFilter) and what is measured."""
+
+    fmax: float = field(default=0.03, metadata={"help": "force threshold, eV/A"})
+    max_steps: int = field(default=2000, metadata={"help": "max LBFGS steps in total"})
+    stress_tol_gpa: float = field(
+        default=0.01, metadata={"help": "residual stress threshold max|sigma_ij|, GPa"}
+    )
+    exp_cell_factor: float | None = field(
+        default=None,
+        metadata={
+            "help": "FrechetCellFilter exp_cell_factor (unset = 1: cell forces are V*sigma in "
+            "eV, not ASE's default N_atoms)"
+        },
+    )
+    rmsd: bool = field(default=True, metadata={"help": "RMSD15 overlay of 15-molecule clusters"})
+
+    def check(self) -> None:
+        if self.fmax <= 0 or self.max_steps < 1 or self.stress_tol_gpa <= 0:
+            raise SettingsError(
+                f"relaxation: fmax, stress_tol_gpa must be > 0 and max_steps >= 1 ({self})"
+            )
+        if self.exp_cell_factor is not None and self.exp_cell_factor <= 0:
+            raise SettingsError(f"relaxation: exp_cell_factor={self.exp_cell_factor} must be > 0")
+
+    def protocol(self) -> dict[str, Any]:
+        """What changes a relaxed structure: the key results on disk are reused under."""
+        return {
+            "fmax": self.fmax,
+            "max_steps": self.max_steps,
+            "stress_tol_gpa": self.stress_tol_gpa,
+            "exp_cell_factor": self.exp_cell_factor,
+        }
+
+
+@dataclass(frozen=True)
+class ElasticSettings:
+    """Relaxation + finite-strain stiffness fit of one structure."""
+
+    strains: tuple[float, ...] = field(
+        default=(0.005, 0.01), metadata={"help": "strain magnitudes (+/- each, normal and shear)"}
+    )
+    fmax: float = field(default=0.03, metadata={"help": "force threshold of the relaxation, eV/A"})
+    ion_fmax: float = field(
+        default=0.01,
+        metadata={"help": "force threshold of the fixed-cell ion relaxations at each strain"},
+    )
+    max_steps: int = field(default=2000, metadata={"help": "max LBFGS steps of the relaxation"})
+    stress_tol_gpa: float = field(
+        default=0.01, metadata={"help": "residual stress threshold of the relaxation, GPa"}
+    )
+
+    def check(self) -> None:
+        if not self.strains or any(s <= 0 for s in self.strains):
+            raise SettingsError(f"elastic: strains {self.strains} must be positive magnitudes")
+        if self.fmax <= 0 or self.ion_fmax <= 0 or self.stress_tol_gpa <= 0:
+            raise SettingsError(f"elastic: thresholds must be > 0 ({self})")
+
+    def protocol(self) -> dict[str, Any]:
+        return as_dict(self)
+
+    def relax(self) -> RelaxSettings:
+        """The relaxation before the strains."""
+        return RelaxSettings(
+            fmax=self.fmax, max_steps=self.max_steps, stress_tol_gpa=self.stress_tol_gpa
+        )
+
+
+@dataclass(frozen=True)
+class ElasticJobSettings:
+    """Which structures of the shared elastic set, how many workers, which baselines."""
+
+    shared_dir: str | None = field(
+        default=None,
+        metadata={"help": "shared data folder (unset: $KD_NNP_SHARED_DATA or ../shared/data)"},
+    )
+    compounds: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "comma-separated compound names (unset: all 15)"}
+    )
+    all_files: bool = field(
+        default=False,
+        metadata={"help": "every structure file of a compound, not only the first"},
+    )
+    max_atoms: int | None = field(default=None, metadata={"help": "skip larger structures"})
+    workers: int = field(default=1, metadata={"help": "worker processes (1 thread each)"})
+    baselines: dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "{label: calculator spec} (unset: the relaxation baselines)"},
+    )
+    baseline_dir: str | None = field(
+        default=None, metadata={"help": "baseline cache (unset: baseline_root/elastic-<hash>)"}
+    )
+    protocol: ElasticSettings = field(default_factory=ElasticSettings)
+
+    @classmethod
+    def from_config(
+        cls, values: Mapping[str, Any] | None, *, where: str = "evaluate.elastic"
+    ) -> ElasticJobSettings:
+        return _lift(cls, "protocol", ElasticSettings, values, where)
+
+
+@dataclass(frozen=True)
+class EvalJobSettings:
+    """The per-job ``evaluate`` block: relax held-out crystals with the trained student."""
+
+    dataset: str = field(
+        default="pyxtal:test",
+        metadata={"help": "pyxtal:test, pyxtal:mech, a CIF folder or cifs:DIR"},
+    )
+    split_from: str | None = field(
+        default=None,
+        metadata={"help": "a crystals.json ({'eval': [ids], ...}): relax its 'eval' ids"},
+    )
+    codes: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "comma-separated crystal ids / CSD codes"}
+    )
+    limit: int | None = field(default=None, metadata={"help": "first N crystals (after filters)"})
+    max_atoms: int | None = field(default=None, metadata={"help": "skip crystals with more atoms"})
+    workers: int = field(default=1, metadata={"help": "worker processes (1 thread each)"})
+    references: bool = field(
+        default=False,
+        metadata={"help": "add test.db's stored DFTB/ANI/GULP/CHARMM cells as reference rows"},
+    )
+    progress: bool = field(default=False, metadata={"help": "progress bar"})
+    baselines: dict[str, str] | None = field(
+        default=None, metadata={"help": "{label: calculator spec} relaxed once in a shared cache"}
+    )
+    baseline_root: str = field(
+        default="outputs/baselines", metadata={"help": "folder of the shared baseline caches"}
+    )
+    baseline_dir: str | None = field(
+        default=None, metadata={"help": "baseline cache (unset: baseline_root/relax-<hash>)"}
+    )
+    elastic: ElasticJobSettings | None = field(
+        default=None, metadata={"help": "the Table 2 block (conf/evaluate/table2.yaml)"}
+    )
+    relax: RelaxSettings = field(default_factory=RelaxSettings)
+
+    def check(self) -> None:
+        if self.codes and self.split_from:
+            raise SettingsError("evaluate: give codes or split_from, not both")
+
+    @classmethod
+    def from_config(
+        cls, values: Mapping[str, Any] | None, *, where: str = "evaluate"
+    ) -> EvalJobSettings:
+        plain = dict(_plain(values) or {})
+        if plain.get("elastic") is not None:
+            plain["elastic"] = ElasticJobSettings.from_config(
+                plain["elastic"], where=f"{where}.elastic"
+            )
+        return _lift(cls, "relax", RelaxSettings, plain, where)
+
+
+def _plain(values: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(values):
+        return OmegaConf.to_container(values, resolve=True)
+    return values
+
+
+def _lift(cls: type, nested: str, inner: type, values: Any, where: str) -> Any:
+    """``cls`` from a flat mapping: the keys of ``inner`` go into the field ``nested``."""
+    plain = dict(_plain(values) or {})
+    inner_names = {f.name for f in dataclasses.fields(inner)}
+    outer_names = {f.name for f in dataclasses.fields(cls)} - {nested}
+    unknown = sorted(set(plain) - inner_names - outer_names)
+    if unknown:
+        raise SettingsError(
+            f"{where}: unknown key(s) {unknown}; allowed: {sorted(inner_names | outer_names)}"
+        )
+    inner_obj = from_mapping(inner, {k: plain.pop(k) for k in list(plain) if k in inner_names},
+                             where=where)  # fmt: skip
+    nested_objs = {k: plain.pop(k) for k in list(plain) if dataclasses.is_dataclass(plain[k])}
+    obj = from_mapping(cls, plain, where=where)
+    return dataclasses.replace(obj, **{nested: inner_obj}, **nested_objs)
+
+
+register_schema("schema/evaluate", "relax_settings", RelaxSettings)
+register_schema("schema/evaluate", "elastic_settings", ElasticSettings)
+register_schema("schema/evaluate", "elastic_job", ElasticJobSettings)
+register_schema("schema/evaluate", "job", EvalJobSettings)
