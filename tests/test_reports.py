@@ -22,7 +22,7 @@ import pytest
 from kd_nnp.reports import fig6, load, tables
 from kd_nnp.reports.cli import auto_kinds
 from kd_nnp.reports.cli import main as report_main
-from kd_nnp.reports.markdown import md_table
+from kd_nnp.utils.markdown import md_table
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

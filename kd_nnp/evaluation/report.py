@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from kd_nnp.evaluation.stats import summarize
+from kd_nnp.utils import markdown
 
 _MD_SUMMARY = [
     ("method", "method"),
@@ -32,27 +33,9 @@ _MD_SUMMARY = [
 ]
 
 
-def _cell(v: object, floatfmt: str) -> str:
-    if isinstance(v, float | np.floating):
-        return "" if not np.isfinite(v) else format(float(v), floatfmt)
-    return str(v)
-
-
-def escape_md(text: str) -> str:
-    """A table cell of GitHub Markdown: ``|`` would end the cell, newlines the row."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def md_table(
-    df: pd.DataFrame, cols: Sequence[tuple[str, str]] | None = None, floatfmt: str = ".3g"
-) -> str:
-    """A GitHub Markdown table of ``df`` (``cols``: ``(column, header)``, missing ones left
-    out; all columns by default) with pipes in headers and cells escaped."""
-    cols = [(c, h) for c, h in (cols or [(c, str(c)) for c in df.columns]) if c in df]
-    table = pd.DataFrame(
-        {escape_md(h): [escape_md(_cell(v, floatfmt)) for v in df[c]] for c, h in cols}
-    )
-    return table.to_markdown(index=False, tablefmt="github", disable_numparse=True)
+def md_table(df: pd.DataFrame, cols: Sequence[tuple[str, str]] | None = None) -> str:
+    """The benchmark's Markdown tables: :func:`kd_nnp.utils.markdown.md_table`, 3 digits."""
+    return markdown.md_table(df, cols, "{:.3g}")
 
 
 def write_report(

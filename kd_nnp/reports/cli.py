@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from kd_nnp.reports.load import RATIOS, Sweep, SweepError, load_sweep
-from kd_nnp.reports.markdown import md_table
 from kd_nnp.reports.tables import crossover_table, fig4_table, table1
+from kd_nnp.utils.markdown import md_table
 
 KINDS = ("fig4", "table1", "fig6")
 MAX_MD_ROWS = 60
