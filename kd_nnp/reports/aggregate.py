@@ -191,7 +191,7 @@ def _crossovers(value: Any, history: list[dict[str, Any]]) -> tuple[float, float
     if value is not None:
         return _float(value), math.nan
     # not recorded: recompute from the history (the training callback's rule; imports lightning)
-    from kd_nnp.training.callbacks import find_crossover
+    from kd_nnp.training.crossover import find_crossover
 
     out = []
     for split in ("val", "train"):
