@@ -66,6 +66,9 @@ def test_d3_relaunch_with_other_inputs_is_refused(labelled_store, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     done = (run / "metrics.json").stat().st_mtime
     hydra_cfg = (run / ".hydra" / "config.yaml").read_text()
+    # D18: progress while the data is built (was: minutes of silence)
+    log_text = (run / "train.log").read_text()
+    assert "data: reading" in log_text and "data ready in" in log_text
     job_cfg = (run / "config.yaml").read_text()
 
     again = _cli(args, tmp_path)  # the same job: skipped
