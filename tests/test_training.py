@@ -261,9 +261,11 @@ def test_tiny_training_run_cli(labelled_store, tmp_path, chgnet_model):
     ref = chgnet_model.state_dict()
     changed = {k for k, v in student.state_dict().items() if not torch.equal(v, ref[k])}
     assert changed and all(k.startswith("mlp.") for k in changed)
-    # a second launch of the same job is skipped (resumable sweeps)
+    # a second launch of the same job is skipped (resumable sweeps; another config is refused:
+    # tests/test_train_relaunch.py)
     mtime = (run / "metrics.json").stat().st_mtime
-    r2 = _cli(["train", f"data.store={labelled_store}", "data.label_set=toy_teacher",
+    r2 = _cli(["train", *_tiny_data(labelled_store), "trainer.max_epochs=4", "loss=soft_only",
+               "loss.r_sf=0.2", "model.lr=0.003", f"paths.output_dir={tmp_path}",
                "hydra.run.dir=" + str(run)], tmp_path)  # fmt: skip
     assert r2.returncode == 0 and (run / "metrics.json").stat().st_mtime == mtime
 

@@ -184,8 +184,8 @@ def _crossovers(value: Any, history: list[dict[str, Any]]) -> tuple[float, float
         return _float(value.get("val")), _float(value.get("train"))
     if value is not None:
         return _float(value), math.nan
-    # not recorded: recompute from the history (the training callback's rule; imports lightning)
-    from kd_nnp.training.callbacks import find_crossover
+    # not recorded: recompute from the history (kd_nnp.training.crossover, the training callback's rule)
+    from kd_nnp.training.crossover import find_crossover
 
     out = []
     for split in ("val", "train"):

@@ -3,7 +3,9 @@
 The module appends one row per (split, epoch) to ``pl_module.epoch_metrics`` when it logs
 epoch MAEs (epoch 0 = before training, from an optional ``trainer.validate`` call; epoch k =
 after k training epochs). :class:`LossCrossover` turns that history into ``crossover.json``,
-``loss_history.csv`` and ``loss_curves.png`` in the run folder.
+``loss_history.csv`` and ``loss_curves.png`` in the run folder (the crossover rule and its
+tolerance: :mod:`kd_nnp.training.crossover`), and keeps the history in every checkpoint, so a
+run resumed from ``last.ckpt`` after a kill still has the epochs before the kill.
 """
 
 from __future__ import annotations
@@ -16,43 +18,24 @@ from typing import Any
 
 import lightning as L
 
+from kd_nnp.training.crossover import ATOL, RTOL, crossover_epochs, split_histories
+
 log = logging.getLogger(__name__)
 
-CURVE_KEYS = ("mae_hard_energy", "mae_soft_energy", "mae_hard_forces", "mae_soft_forces")
 
-
-def find_crossover(history: list[dict[str, Any]]) -> int | None:
-    """First epoch >= 1 where MAE_H,E > MAE_S,E (rows: {'epoch', 'mae_hard_energy', ...}).
-
-    Only counts as a crossover if hard was not already above soft at the earliest recorded
-    epoch (otherwise the curves never crossed: hard was worse from the start).
-    """
-    rows = sorted(
-        (r for r in history if "mae_hard_energy" in r and "mae_soft_energy" in r),
-        key=lambda r: r["epoch"],
-    )
-    if not rows:
-        return None
-    first = rows[0]
-    if first["mae_hard_energy"] > first["mae_soft_energy"]:
-        return None
-    for r in rows:
-        if r["epoch"] >= 1 and r["mae_hard_energy"] > r["mae_soft_energy"]:
-            return int(r["epoch"])
-    return None
-
-
-def plot_loss_curves(
+def loss_curves_figure(
     histories: dict[str, list[dict[str, Any]]],
-    path: Path,
     crossovers: dict[str, int | None] | None = None,
     title: str = "",
-) -> Path:
-    """Two panels (energy, forces): MAE of hard and soft targets vs epoch, like Fig. 6."""
+) -> Any:
+    """Two panels (energy, forces): MAE of hard and soft targets vs epoch, like Fig. 6.
+
+    Epoch ticks are integers; returns the matplotlib figure (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     colors = {"hard": "tab:blue", "soft": "tab:orange"}
@@ -75,6 +58,7 @@ def plot_loss_curves(
                         label=f"MAE {tgt[0].upper()},{qty[0].upper()} ({split})",
                     )
             ax.set_xlabel("epoch (0 = pretrained)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(f"MAE ({unit})")
             ax.set_yscale("log")
     for split, ep in (crossovers or {}).items():
@@ -97,46 +81,99 @@ def plot_loss_curves(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot_loss_curves(
+    histories: dict[str, list[dict[str, Any]]],
+    path: Path,
+    crossovers: dict[str, int | None] | None = None,
+    title: str = "",
+) -> Path:
+    """:func:`loss_curves_figure` saved to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_curves_figure(histories, crossovers, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-class LossCrossover(L.Callback):
-    """Record MAE_H,E / MAE_S,E (and forces) per epoch, find the crossover, draw the curves."""
+def curves_title(ratios: dict[str, float] | None, n_train: int | None = None) -> str:
+    """A short figure title: the non-zero loss ratios (all six if none is) and N_train."""
+    names = {
+        "r_he": "rHE",
+        "r_hf": "rHF",
+        "r_se": "rSE",
+        "r_sf": "rSF",
+        "r_hs": "rHS",
+        "r_ss": "rSS",
+    }
+    ratios = {k: float(v) for k, v in (ratios or {}).items()}
+    shown = {k: v for k, v in ratios.items() if v} or ratios
+    parts = [f"{names.get(k, k)}={v:g}" for k, v in shown.items()]
+    if n_train is not None:
+        parts.append(f"N_train={n_train}")
+    return "  ".join(parts)
 
-    def __init__(self, output_dir: str | None = None, plot: bool = True) -> None:
+
+HISTORY_KEY = "kd_nnp_epoch_metrics"
+
+
+class LossCrossover(L.Callback):
+    """Record MAE_H,E / MAE_S,E (and forces) per epoch, find the crossover, draw the curves.
+
+    Args:
+        output_dir: where the files go (default: the trainer's ``default_root_dir``).
+        plot: draw ``loss_curves.png``.
+        rtol, atol: the crossover tolerance (see :mod:`kd_nnp.training.crossover`): MAE_H,E
+            must exceed MAE_S,E by more than ``max(atol, rtol * MAE_S,E)`` (atol in eV/atom).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        plot: bool = True,
+        rtol: float = RTOL,
+        atol: float = ATOL,
+    ) -> None:
+        if rtol < 0 or atol < 0:
+            raise ValueError(f"crossover tolerances must be >= 0, got rtol={rtol}, atol={atol}")
         self.output_dir = Path(output_dir) if output_dir else None
         self.plot = plot
+        self.rtol, self.atol = float(rtol), float(atol)
         self.result: dict[str, Any] = {}
 
     def _dir(self, trainer: L.Trainer) -> Path:
         return self.output_dir or Path(trainer.default_root_dir)
 
     def histories(self, pl_module: L.LightningModule) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {}
-        for row in getattr(pl_module, "epoch_metrics", []):
-            out.setdefault(row["split"], []).append(row)
-        return out
+        return split_histories(list(getattr(pl_module, "epoch_metrics", [])))
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         hists = self.histories(pl_module)
-        cross = {split: find_crossover(h) for split, h in hists.items()}
+        rows = [r for h in hists.values() for r in h]
+        cross = crossover_epochs(rows, self.rtol, self.atol)
         out = self._dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
-        self.result = {"crossover_epoch": cross}
+        self.result = {
+            "crossover_epoch": cross,
+            "tolerance": {"rtol": self.rtol, "atol_ev_per_atom": self.atol},
+        }
         (out / "crossover.json").write_text(json.dumps(self.result, indent=2))
-        keys = sorted({k for h in hists.values() for r in h for k in r})
+        keys = sorted({k for r in rows for k in r})
         with open(out / "loss_history.csv", "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=keys)
             w.writeheader()
-            for h in hists.values():
-                for r in sorted(h, key=lambda r: r["epoch"]):
-                    w.writerow(r)
-        if self.plot and any(hists.values()):
-            ratios = getattr(pl_module, "loss_fn", None)
-            title = ", ".join(f"{k}={v:g}" for k, v in ratios.ratios.items()) if ratios else ""
+            for r in rows:
+                w.writerow(r)
+        if self.plot and rows:
+            loss_fn = getattr(pl_module, "loss_fn", None)
+            train = getattr(getattr(trainer, "datamodule", None), "train_samples", None)
+            title = curves_title(
+                getattr(loss_fn, "ratios", None), None if train is None else len(train)
+            )
             plot_loss_curves(hists, out / "loss_curves.png", cross, title)
         for split, ep in cross.items():
             for lg in trainer.loggers:
@@ -146,3 +183,21 @@ class LossCrossover(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.write(trainer, pl_module)
         log.info("crossover epochs: %s", self.result.get("crossover_epoch"))
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[HISTORY_KEY] = [dict(r) for r in getattr(pl_module, "epoch_metrics", [])]
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Resume: the checkpoint's rows (epochs before the kill) come back into the module's
+        history; rows the new process already has for the same (split, epoch) are replaced."""
+        saved = checkpoint.get(HISTORY_KEY)
+        if saved is None:
+            log.warning("checkpoint has no epoch history: curves start at the resumed epoch")
+            return
+        merged = {(r["split"], r["epoch"]): r for r in getattr(pl_module, "epoch_metrics", [])}
+        merged.update({(r["split"], r["epoch"]): dict(r) for r in saved})
+        pl_module.epoch_metrics = sorted(merged.values(), key=lambda r: (r["epoch"], r["split"]))

@@ -1,22 +1,30 @@
 """``kd-nnp train``: one distillation run (or a Hydra multirun sweep of them).
 
-Each run folder receives: ``config.yaml`` (resolved), ``provenance.json`` (package versions,
-git commit, host), ``data_summary.json`` (split, reference alignment), Lightning logs
-(CSV by default), ``checkpoints/``, ``student.pt`` (the exported CHGNet model file),
-``loss_curves.png`` / ``crossover.json`` and ``metrics.json`` (written last: its presence
-marks the job done, so a re-launched sweep skips it).
+Each run folder receives: ``config.yaml`` (the resolved config of the job's first launch) and
+``job.json`` (its hash), ``provenance.json`` (package versions, git commit, host),
+``data_summary.json`` (split, reference alignment), Lightning logs (CSV by default),
+``checkpoints/``, ``student.pt`` (the exported CHGNet model file), ``loss_curves.png`` /
+``crossover.json`` and ``metrics.json`` (written last: its presence marks the job done).
+
+Launching into a folder that already holds a job: the same job (same resolved config, see
+:func:`kd_nnp.utils.provenance.check_job_config`) is skipped when finished and resumed from
+``checkpoints/last.ckpt`` otherwise (the epoch history and ``logs/metrics.csv`` of the epochs
+before the kill are kept); another config is refused with the keys that differ.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kd_nnp.errors import KdNnpError
 from kd_nnp.utils.threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -41,16 +49,61 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train one student as configured; return the metrics written to ``metrics.json``."""
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _keep_csv_history(loggers: list[Any], resumed_epoch: int) -> list[tuple[Path, list[dict]]]:
+    """Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts: take the rows
+    of the epochs up to the checkpoint (``epoch <= resumed_epoch``) out of it first."""
+    kept = []
+    for lg in loggers:
+        if type(lg).__name__ != "CSVLogger":
+            continue
+        path = Path(lg.log_dir) / "metrics.csv"
+        if path.exists():
+            rows = [
+                r for r in _csv_rows(path) if not r.get("epoch") or int(r["epoch"]) <= resumed_epoch
+            ]
+            kept.append((path, rows))
+            shutil.copy(path, path.with_suffix(".csv.before-resume"))
+    return kept
+
+
+def _merge_csv_history(kept: list[tuple[Path, list[dict]]]) -> None:
+    for path, old in kept:
+        new = _csv_rows(path) if path.exists() else []
+        keys = list(dict.fromkeys(k for r in old + new for k in r))
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(old + new)
+        tmp.replace(path)
+        path.with_suffix(".csv.before-resume").unlink(missing_ok=True)
+
+
+def run_training(
+    cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Train one student as configured; return the metrics written to ``metrics.json``.
+
+    ``overrides`` (the job's command-line overrides) tell which keys a relaunch set on
+    purpose (see :func:`kd_nnp.utils.provenance.config_differences`).
+    """
     import lightning as L
+    import torch
     from hydra.utils import instantiate
 
     from kd_nnp.training.callbacks import LossCrossover
     from kd_nnp.training.export import export_student
-    from kd_nnp.utils.provenance import environment_record
+    from kd_nnp.utils.provenance import check_job_config, environment_record
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if check_job_config(run_dir, resolved, overrides) == "same":
+        log.info("%s holds this job already (same resolved config)", run_dir)
     done = run_dir / "metrics.json"
     if done.exists() and cfg.get("skip_if_done", True):
         log.info("%s exists: job already done, skipping", done)
@@ -58,21 +111,33 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     set_threads(cfg.get("threads"))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / "provenance.json").write_text(json.dumps(environment_record(), indent=2))
 
     t0 = time.perf_counter()
     module = instantiate(cfg.model)
     datamodule = instantiate(cfg.data)
+    log.info(
+        "data: reading %s, building graphs and fitting the energy reference ...", cfg.data.store
+    )
     datamodule.setup("fit")
+    log.info(
+        "data ready in %.1f s: %d training / %d validation frames",
+        time.perf_counter() - t0, len(datamodule.train_samples), len(datamodule.val_samples),
+    )  # fmt: skip
     module.loss_fn.check_available(datamodule.available())
+    module.check_memory(datamodule)
     if module.backend != "full":
         from kd_nnp.training.cache.attach import attach_feature_cache
 
+        t_cache = time.perf_counter()
+        log.info(
+            "feature cache (model.backend=%s): building the missing entries ...", module.backend
+        )
         attach_feature_cache(
             datamodule, module, workers=int(cfg.get("feature_workers", 1)),
             device=str(cfg.get("feature_device", "cpu")),
         )  # fmt: skip
+        log.info("feature cache ready in %.1f s", time.perf_counter() - t_cache)
     (run_dir / "data_summary.json").write_text(json.dumps(datamodule.summary, indent=2))
     t_data = time.perf_counter() - t0
 
@@ -84,19 +149,32 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     if cfg.trainer.get("inference_mode", True):
         raise ValueError("trainer.inference_mode must be false: forces need autograd in val/test")
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    kept_csv: list[tuple[Path, list[dict]]] = []
+    if last.exists():
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        log.info("resuming from %s (after epoch %d)", last, int(ckpt["epoch"]) + 1)
+        if crossover is None:
+            log.warning("no LossCrossover callback: the epoch history restarts at the resume")
+        kept_csv = _keep_csv_history(loggers, int(ckpt["epoch"]))
+        del ckpt
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    if cfg.get("validate_before_training", True) and datamodule.val_samples:
+    # epoch 0 (the pretrained model); a resumed run has it in the checkpoint's history
+    if cfg.get("validate_before_training", True) and datamodule.val_samples and not last.exists():
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    last = run_dir / "checkpoints" / "last.ckpt"
     t1 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
     t_fit = time.perf_counter() - t1
 
     ckpt_cb = trainer.checkpoint_callback
     best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
-    if best and cfg.get("export_best", True):
+    export_best = bool(cfg.get("export_best", False))
+    if export_best and not best:
+        raise KdNnpError("export_best=true but no checkpoint monitors a metric (callbacks)")
+    if export_best:
         from kd_nnp.teachers.calculators import student_from_checkpoint
 
         student = student_from_checkpoint(best)
@@ -107,7 +185,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "ratios": module.loss_fn.ratios,
         "student": module.student_cfg,
         "data": {k: v for k, v in datamodule.summary.items() if "groups" not in k},
-        "checkpoint": best or None,
+        "checkpoint": best if export_best else None,
+        "exported": "best" if export_best else "last",
     }
     student_path = export_student(student, run_dir / "student.pt", meta)
 
@@ -121,6 +200,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "crossover_epoch": (crossover.result if crossover else {}).get("crossover_epoch"),
         "history": module.epoch_metrics,
         "student": str(student_path),
+        "exported": "best" if export_best else "last",
         "best_checkpoint": best or None,
         "time_s": {"data": t_data, "fit": t_fit},
     }
@@ -130,6 +210,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         metrics["evaluation"] = evaluate_student(cfg.evaluate, student_path, run_dir)
     for lg in loggers:
         lg.finalize("success")
+    _merge_csv_history(kept_csv)
     if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
         import wandb
 
@@ -140,11 +221,42 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
+def _keep_first_hydra_files(run_dir: Path, subdir: str | None) -> None:
+    """Hydra rewrites ``.hydra/{config,hydra,overrides}.yaml`` at every launch, before the task
+    runs: keep the first launch's copy and put it back at later launches, so a refused (or
+    resumed) relaunch does not leave provenance that contradicts the results."""
+    if not subdir:
+        return
+    hydra_dir = run_dir / subdir
+    first = hydra_dir / "first_launch"
+    names = ("config.yaml", "hydra.yaml", "overrides.yaml")
+    if first.is_dir():
+        for name in names:
+            if (first / name).exists():
+                shutil.copy(first / name, hydra_dir / name)
+    elif not (run_dir / "config.yaml").exists():  # the job's first launch
+        first.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if (hydra_dir / name).exists():
+                shutil.copy(hydra_dir / name, first / name)
+
+
 def _task(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    metrics = run_training(cfg, run_dir)
+    from kd_nnp.errors import KdNnpError
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        _keep_first_hydra_files(run_dir, hc.output_subdir)
+        metrics = run_training(cfg, run_dir, overrides=list(hc.overrides.task))
+    except KdNnpError as err:  # into this job's train.log (kd-nnp report: failed.csv)
+        log.error("job failed: %s: %s", type(err).__name__, err)
+        raise
+    except Exception as err:
+        log.exception("job failed: %s: %s", type(err).__name__, err)
+        raise
     objective = metrics.get("final", {}).get(cfg.get("objective", "val/loss"))
     return float(objective) if objective is not None else None
 
