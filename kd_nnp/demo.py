@@ -277,9 +277,3 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     for png in sorted((out / "relax").glob("*.png")):
         print(f"  {'plot':<12} {png}")
     return result
-
-
-def main(argv: list[str]) -> int:
-    from kd_nnp.utils.hydra_cli import run_hydra
-
-    return run_hydra("demo", run_demo, argv)

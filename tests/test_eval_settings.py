@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
+from kd_nnp.cli.evaluate import parser
 from kd_nnp.errors import SettingsError
-from kd_nnp.evaluation.cli import parser
 from kd_nnp.evaluation.protocol import relax_structure
 from kd_nnp.evaluation.settings import (
     ElasticSettings,

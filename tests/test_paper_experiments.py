@@ -275,7 +275,11 @@ def test_elastic_comparison_table2_layout_and_cached_baselines(shared_data, tmp_
 
 
 def test_table2_entry_point_without_shared_data(tmp_path, capsys):
-    from kd_nnp.evaluation.table2 import best_student, main
+    from kd_nnp.cli.evaluate import main as evaluate_main
+    from kd_nnp.evaluation.table2 import best_student
+
+    def main(argv):
+        return evaluate_main(["table2", *argv])
 
     (tmp_path / "empty").mkdir()
     student = tmp_path / "student.pt"

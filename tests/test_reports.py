@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kd_nnp.cli.report import main as report_main
 from kd_nnp.reports import fig6, load, tables
-from kd_nnp.reports.cli import auto_kinds
-from kd_nnp.reports.cli import main as report_main
+from kd_nnp.reports.write import auto_kinds
 from kd_nnp.utils.markdown import md_table
 
 REPO = Path(__file__).resolve().parents[1]

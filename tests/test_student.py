@@ -79,7 +79,7 @@ def test_training_step_leaves_frozen_tensors_bit_identical(model, small_crystals
 def test_one_loader_for_model_files_and_checkpoints(model, tmp_path):
     """load_chgnet reads what `kd-nnp export` writes and a training checkpoint; export
     turns a checkpoint into a model file that loads back with the same weights."""
-    from kd_nnp.training.export import main as export_main
+    from kd_nnp.cli.export import main as export_main
 
     with torch.no_grad():
         model.mlp.layers[0].bias.add_(0.5)  # a trained student differs from pretrained

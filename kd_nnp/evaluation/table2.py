@@ -54,7 +54,7 @@ def best_student(sweep_dir: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def run_table2(args: argparse.Namespace, job: ElasticJobSettings) -> int:
-    """The ``table2`` verb (options: :func:`kd_nnp.evaluation.cli.parser`)."""
+    """The ``table2`` verb (options: :func:`kd_nnp.cli.evaluate.parser`)."""
     from kd_nnp.evaluation.job import elastic_comparison
 
     students: dict[str, str] = {}
@@ -92,14 +92,3 @@ def run_table2(args: argparse.Namespace, job: ElasticJobSettings) -> int:
     print((args.out / "elastic.md").read_text())
     print(f"wrote {args.out}/elastic.md, elastic_mae.csv, table2.json, parity_E_RH.png")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kd_nnp.evaluation.table2 ARGS`` = ``kd-nnp evaluate table2 ARGS``."""
-    from kd_nnp.evaluation.cli import main as evaluate_main
-
-    return evaluate_main(["table2", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

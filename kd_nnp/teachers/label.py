@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 
 from kd_nnp.data.classify import ScopeWatch
 from kd_nnp.data.store import Frame, FrameStore, Labels, LabelSet
-from kd_nnp.errors import KdNnpError
 from kd_nnp.utils.provenance import environment_record, stable_hash
 
 log = logging.getLogger(__name__)
@@ -221,69 +219,3 @@ def _label_locked(
         report.n_failed = sum(1 for i in done if new.get(i) == "failed")
         report.failures = {k: v for k, v in labels.failures().items() if k in done}
     return report
-
-
-_ERROR: list[KdNnpError] = []
-
-
-def _task(cfg: Any) -> LabelReport | None:
-    """The Hydra task; a user error is kept for :func:`main` to raise after Hydra returns
-    (Hydra would print its traceback and exit), so the dispatcher prints one line."""
-    try:
-        return _label_from_config(cfg)
-    except KdNnpError as err:
-        _ERROR.append(err)
-        return None
-
-
-def _label_from_config(cfg: Any) -> LabelReport:
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_missing(cfg.teacher, "name"):
-        raise KdNnpError(
-            "teacher=custom needs the calculator's factory: add "
-            "teacher.name=package.module:factory (a function returning an ASE calculator; "
-            "extra settings as +teacher.KEY=VALUE)"
-        )
-    tcfg = OmegaConf.to_container(cfg.teacher, resolve=True)
-    assert isinstance(tcfg, dict)
-    tname = tcfg.pop("name")
-    check = bool(tcfg.pop("check", True))
-    settings = {k: v for k, v in tcfg.items() if not str(k).startswith("_")}
-    report = label_store(
-        cfg.store,
-        tname,
-        settings=settings,
-        name=cfg.name,
-        workers=int(cfg.workers),
-        threads=int(cfg.threads),
-        retry_failed=bool(cfg.retry_failed),
-        limit=cfg.limit,
-        check=check,
-        flush_every=int(cfg.flush_every),
-        progress=bool(cfg.progress),
-    )
-    print(report.summary())
-    return report
-
-
-def _check_store_argument(argv: list[str]) -> None:
-    """Refuse a mistyped ``store=`` before Hydra creates its run folder ``STORE/logs``."""
-    if any(a in ("-h", "--help", "--hydra-help", "-c", "--cfg", "--info") for a in argv):
-        return
-    for a in argv:
-        key, eq, value = a.partition("=")
-        if eq and key.lstrip("+") == "store" and "," not in value and "$" not in value:
-            FrameStore(value)  # raises StoreError naming the path
-
-
-def main(argv: list[str] | None = None) -> int:
-    from kd_nnp.utils.hydra_cli import run_hydra
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _check_store_argument(argv)
-    _ERROR.clear()
-    rc = run_hydra("label", _task, argv)
-    if _ERROR:
-        raise _ERROR[0]
-    return rc

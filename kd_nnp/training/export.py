@@ -10,15 +10,12 @@ back: :func:`kd_nnp.teachers.calculators.load_chgnet`, or as an ASE calculator
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from chgnet.model import CHGNet
-
-from kd_nnp.teachers.calculators import student_from_checkpoint
 
 
 def export_student(model: CHGNet, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -29,14 +26,3 @@ def export_student(model: CHGNet, path: str | Path, metadata: dict[str, Any] | N
     torch.save({"model": model.as_dict(), "kd_nnp": metadata or {}}, tmp)
     os.replace(tmp, path)
     return path
-
-
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="kd-nnp export", description=__doc__)
-    ap.add_argument("checkpoint", help="kd_nnp Lightning checkpoint (.ckpt)")
-    ap.add_argument("out", help="output model file (loadable by CHGNet.from_file)")
-    args = ap.parse_args(argv)
-    model = student_from_checkpoint(args.checkpoint)
-    export_student(model, args.out, {"checkpoint": str(Path(args.checkpoint).resolve())})
-    print(f"wrote {args.out}")
-    return 0

@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +86,17 @@ def _merge_csv_history(kept: list[tuple[Path, list[dict]]]) -> None:
 
 
 def run_training(
-    cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str] | None = None,
+    evaluate: Callable[[Path, Path], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train one student as configured; return the metrics written to ``metrics.json``.
+
+    ``evaluate(student_path, run_dir)``: the per-job evaluation of a config with an
+    ``evaluate`` block (the ``kd-nnp train`` verb passes
+    :func:`kd_nnp.evaluation.job.evaluate_student`; training never imports a later stage);
+    its result goes to ``metrics.json`` under ``evaluation`` before the job counts as done.
 
     ``overrides`` (the job's command-line overrides) tell which keys a relaunch set on
     purpose (see :func:`kd_nnp.utils.provenance.config_differences`).
@@ -100,6 +109,8 @@ def run_training(
     from kd_nnp.training.export import export_student
     from kd_nnp.utils.provenance import check_job_config, environment_record
 
+    if cfg.get("evaluate") and evaluate is None:
+        raise ValueError("the config has an evaluate block: pass evaluate= (see kd_nnp.cli.train)")
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if check_job_config(run_dir, resolved, overrides) == "same":
@@ -204,10 +215,8 @@ def run_training(
         "best_checkpoint": best or None,
         "time_s": {"data": t_data, "fit": t_fit},
     }
-    if cfg.get("evaluate"):
-        from kd_nnp.evaluation.job import evaluate_student
-
-        metrics["evaluation"] = evaluate_student(cfg.evaluate, student_path, run_dir)
+    if evaluate is not None:
+        metrics["evaluation"] = evaluate(student_path, run_dir)
     for lg in loggers:
         lg.finalize("success")
     _merge_csv_history(kept_csv)
@@ -219,49 +228,3 @@ def run_training(
     tmp.write_text(json.dumps(metrics, indent=2, default=str))
     tmp.replace(done)
     return metrics
-
-
-def _keep_first_hydra_files(run_dir: Path, subdir: str | None) -> None:
-    """Hydra rewrites ``.hydra/{config,hydra,overrides}.yaml`` at every launch, before the task
-    runs: keep the first launch's copy and put it back at later launches, so a refused (or
-    resumed) relaunch does not leave provenance that contradicts the results."""
-    if not subdir:
-        return
-    hydra_dir = run_dir / subdir
-    first = hydra_dir / "first_launch"
-    names = ("config.yaml", "hydra.yaml", "overrides.yaml")
-    if first.is_dir():
-        for name in names:
-            if (first / name).exists():
-                shutil.copy(first / name, hydra_dir / name)
-    elif not (run_dir / "config.yaml").exists():  # the job's first launch
-        first.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            if (hydra_dir / name).exists():
-                shutil.copy(hydra_dir / name, first / name)
-
-
-def _task(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from kd_nnp.errors import KdNnpError
-
-    hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    try:
-        _keep_first_hydra_files(run_dir, hc.output_subdir)
-        metrics = run_training(cfg, run_dir, overrides=list(hc.overrides.task))
-    except KdNnpError as err:  # into this job's train.log (kd-nnp report: failed.csv)
-        log.error("job failed: %s: %s", type(err).__name__, err)
-        raise
-    except Exception as err:
-        log.exception("job failed: %s: %s", type(err).__name__, err)
-        raise
-    objective = metrics.get("final", {}).get(cfg.get("objective", "val/loss"))
-    return float(objective) if objective is not None else None
-
-
-def main(argv: list[str]) -> int:
-    from kd_nnp.utils.hydra_cli import run_hydra
-
-    return run_hydra("train", _task, argv)

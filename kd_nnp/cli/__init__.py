@@ -1,5 +1,10 @@
 """``kd-nnp VERB ...``: one verb per stage of the pipeline.
 
+Each verb is a thin module of this package (``kd_nnp/cli/<verb>.py``) that parses its
+arguments (argparse generated from the settings dataclasses, or Hydra) and calls its stage's
+functions; only verbs compose stages. User errors (:class:`kd_nnp.errors.KdNnpError`) are
+handled here once: one line on stderr, exit 1; usage errors exit 2.
+
 Verbs are resolved lazily so ``kd-nnp --help`` stays fast and optional packages are
 imported only by the verb that needs them. Each verb is a ``main(argv) -> int``.
 """
@@ -11,21 +16,27 @@ import sys
 
 VERBS: dict[str, tuple[str, str]] = {
     "data": (
-        "kd_nnp.data.cli:main",
+        "kd_nnp.cli.data:main",
         "build a frames store from a source (mptrj, files, pyxtal, perturb, cod)",
     ),
     "label": (
-        "kd_nnp.teachers.label:main",
+        "kd_nnp.cli.label:main",
         "label a store with a teacher (Hydra: store=... teacher=so3lr)",
     ),
     "train": (
-        "kd_nnp.training.train:main",
+        "kd_nnp.cli.train:main",
         "distil: train the student (Hydra: experiment=... loss.r_se=1)",
     ),
-    "export": ("kd_nnp.training.export:main", "export a checkpoint as a CHGNet model file"),
-    "evaluate": ("kd_nnp.evaluation.cli:main", "benchmarks: `evaluate relax`, `evaluate elastic`"),
-    "report": ("kd_nnp.reports.cli:main", "aggregate a sweep directory into tables and figures"),
-    "demo": ("kd_nnp.demo:main", "the main job: distil, relax, compare (Hydra: demo.quick=true)"),
+    "export": ("kd_nnp.cli.export:main", "export a checkpoint as a CHGNet model file"),
+    "evaluate": (
+        "kd_nnp.cli.evaluate:main",
+        "benchmarks: `evaluate relax`, `evaluate elastic`, `evaluate table2`",
+    ),
+    "report": ("kd_nnp.cli.report:main", "aggregate a sweep directory into tables and figures"),
+    "demo": (
+        "kd_nnp.cli.demo:main",
+        "the main job: distil, relax, compare (Hydra: demo.quick=true)",
+    ),
 }
 
 

@@ -1,0 +1,62 @@
+"""``kd-nnp label store=STORE teacher=so3lr``: a teacher's labels for a store (Hydra verb over
+:func:`kd_nnp.teachers.label.label_store`, config ``conf/label.yaml``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from kd_nnp.data.store import FrameStore
+from kd_nnp.errors import KdNnpError
+from kd_nnp.teachers.label import LabelReport, label_store
+
+
+def _task(cfg: Any) -> LabelReport:
+    """The Hydra task (a user error reaches the dispatcher through
+    :func:`kd_nnp.utils.hydra_cli.run_hydra`: one line, exit 1)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg.teacher, "name"):
+        raise KdNnpError(
+            "teacher=custom needs the calculator's factory: add "
+            "teacher.name=package.module:factory (a function returning an ASE calculator; "
+            "extra settings as +teacher.KEY=VALUE)"
+        )
+    tcfg = OmegaConf.to_container(cfg.teacher, resolve=True)
+    assert isinstance(tcfg, dict)
+    tname = tcfg.pop("name")
+    check = bool(tcfg.pop("check", True))
+    settings = {k: v for k, v in tcfg.items() if not str(k).startswith("_")}
+    report = label_store(
+        cfg.store,
+        tname,
+        settings=settings,
+        name=cfg.name,
+        workers=int(cfg.workers),
+        threads=int(cfg.threads),
+        retry_failed=bool(cfg.retry_failed),
+        limit=cfg.limit,
+        check=check,
+        flush_every=int(cfg.flush_every),
+        progress=bool(cfg.progress),
+    )
+    print(report.summary())
+    return report
+
+
+def _check_store_argument(argv: list[str]) -> None:
+    """Refuse a mistyped ``store=`` before Hydra creates its run folder ``STORE/logs``."""
+    if any(a in ("-h", "--help", "--hydra-help", "-c", "--cfg", "--info") for a in argv):
+        return
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if eq and key.lstrip("+") == "store" and "," not in value and "$" not in value:
+            FrameStore(value)  # raises StoreError naming the path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kd_nnp.utils.hydra_cli import run_hydra
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _check_store_argument(argv)
+    return run_hydra("label", _task, argv)
