@@ -38,7 +38,7 @@ demo:  ## the main job: distil the default teacher into CHGNet and benchmark it 
 	$(VENV)/bin/kd-nnp demo
 
 demo-quick:  ## a ~1-minute smoke version of the demo
-	$(VENV)/bin/kd-nnp demo demo.quick=true
+	$(VENV)/bin/kd-nnp demo demo=quick
 
 test:  ## fast test suite (< 15 min on 2 cores)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +175,6 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     from kd_nnp.utils.threads import set_threads
 
     set_threads(cfg.get("threads"))
-    if cfg.demo.quick:
-        with open_dict(cfg):
-            q = cfg.demo.quick_overrides
-            cfg.demo.crystals = OmegaConf.merge(cfg.demo.crystals, q.crystals)
-            cfg.demo.frames = OmegaConf.merge(cfg.demo.frames, q.frames)
-            cfg.demo.relax = OmegaConf.merge(cfg.demo.relax, q.relax)
-            cfg.trainer.max_epochs = q.max_epochs
     out = Path(cfg.demo.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}

@@ -35,7 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "report": ("kd_nnp.cli.report:main", "aggregate a sweep directory into tables and figures"),
     "demo": (
         "kd_nnp.cli.demo:main",
-        "the main job: distil, relax, compare (Hydra: demo.quick=true)",
+        "the main job: distil, relax, compare (Hydra: demo=quick)",
     ),
 }
 

@@ -1,4 +1,4 @@
-"""``kd-nnp demo``: the end-to-end job (:func:`kd_nnp.demo.run_demo`; Hydra: ``demo.quick=true``)."""
+"""``kd-nnp demo``: the end-to-end job (:func:`kd_nnp.demo.run_demo`; Hydra: ``demo=quick``)."""
 
 from __future__ import annotations
 

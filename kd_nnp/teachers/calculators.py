@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ase import Atoms, units
+from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from kd_nnp.errors import KdNnpError
 from kd_nnp.teachers.base import (
@@ -166,21 +167,8 @@ class InferenceCHGNetCalculator(Calculator):
             "energy": e_total,
             "free_energy": e_total,
             "forces": -d_pos.detach().numpy().astype(np.float64),
-            "stress": _full_to_voigt(0.5 * (stress + stress.T)),
+            "stress": full_3x3_to_voigt_6_stress(0.5 * (stress + stress.T)).astype(np.float64),
         }
-
-
-def _full_to_voigt(s: np.ndarray) -> np.ndarray:
-    return np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], dtype=np.float64)
-
-
-def _full_to_voigt(s: np.ndarray) -> np.ndarray:
-    return np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], dtype=np.float64)
-
-
-def gpa(stress_ev_a3: np.ndarray) -> np.ndarray:
-    """Convert an ASE stress (eV/A^3) to GPa."""
-    return np.asarray(stress_ev_a3) / units.GPa
 
 
 # ------------------------------------------------------------------ built-in teachers

@@ -1,4 +1,4 @@
-"""The main job's smoke variant: `kd-nnp demo demo.quick=true` end to end, offline, twice
+"""The main job's smoke variant: `kd-nnp demo demo=quick` end to end, offline, twice
 (the rerun reuses every cache). Slow: ~3 min on 2 busy cores; `make test-full` runs it."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ pytestmark = pytest.mark.slow
 @pytest.mark.teacher("so3lr")  # the demo's default teacher
 def test_quick_demo_runs_end_to_end(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    cmd = [sys.executable, "-m", "kd_nnp.cli", "demo", "demo.quick=true",
+    cmd = [sys.executable, "-m", "kd_nnp.cli", "demo", "demo=quick",
            f"paths.output_dir={tmp_path}"]  # fmt: skip
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    out = tmp_path / "demo"
+    out = tmp_path / "demo-quick"  # conf/demo/quick.yaml
     result = json.loads((out / "demo_result.json").read_text())
     methods = {row["method"] for row in result["summary"]}
     assert {"CHGNet (pretrained)", "teacher (so3lr)", "student (distilled)"} <= methods
