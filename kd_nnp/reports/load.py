@@ -19,16 +19,8 @@ from typing import Any
 import pandas as pd
 
 from kd_nnp.errors import KdNnpError
+from kd_nnp.training.loss import RATIO_LABELS, RATIOS
 
-RATIOS = ("r_he", "r_hf", "r_se", "r_sf", "r_hs", "r_ss")
-RATIO_LABELS = {
-    "r_he": "rHE",
-    "r_hf": "rHF",
-    "r_se": "rSE",
-    "r_sf": "rSF",
-    "r_hs": "rHS",
-    "r_ss": "rSS",
-}
 CURVE_KEYS = ("mae_hard_energy", "mae_soft_energy", "mae_hard_forces", "mae_soft_forces")
 FINAL_KEYS = tuple(f"{split}/{k}" for split in ("val", "train") for k in CURVE_KEYS) + (
     "val/mae_hard_stress",

@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 
 from kd_nnp.training.crossover import ATOL, RTOL, crossover_epochs, split_histories
+from kd_nnp.training.loss import RATIO_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +103,9 @@ def plot_loss_curves(
 
 def curves_title(ratios: dict[str, float] | None, n_train: int | None = None) -> str:
     """A short figure title: the non-zero loss ratios (all six if none is) and N_train."""
-    names = {
-        "r_he": "rHE",
-        "r_hf": "rHF",
-        "r_se": "rSE",
-        "r_sf": "rSF",
-        "r_hs": "rHS",
-        "r_ss": "rSS",
-    }
     ratios = {k: float(v) for k, v in (ratios or {}).items()}
     shown = {k: v for k, v in ratios.items() if v} or ratios
-    parts = [f"{names.get(k, k)}={v:g}" for k, v in shown.items()]
+    parts = [f"{RATIO_LABELS.get(k, k)}={v:g}" for k, v in shown.items()]
     if n_train is not None:
         parts.append(f"N_train={n_train}")
     return "  ".join(parts)

@@ -30,6 +30,9 @@ RATIO_NAMES = {
     ("soft", "forces"): "r_sf",
     ("soft", "stress"): "r_ss",
 }
+RATIOS = ("r_he", "r_hf", "r_se", "r_sf", "r_hs", "r_ss")
+# how tables and figure titles print them (the paper's rHE, rHF, ...)
+RATIO_LABELS = {r: "r" + r[2:].upper() for r in RATIOS}
 
 
 class LossConfigError(KdNnpError, ValueError):
