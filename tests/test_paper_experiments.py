@@ -45,7 +45,7 @@ def _ratios(cfg) -> tuple[float, float, float, float]:
 
 
 def _check_paper_preset(cfg) -> None:
-    assert cfg.model.lr == 0.01 and cfg.model.optimizer == "adam"
+    assert cfg.model.optimizer.lr == 0.01 and cfg.model.optimizer._target_ == "torch.optim.Adam"
     assert cfg.data.batch_size == 32 and cfg.student.freeze == "mlp"
     assert cfg.evaluate is not None and cfg.evaluate.dataset == "pyxtal:test"
     assert set(cfg.evaluate.baselines) == {"CHGNet (pretrained)", "teacher"}

@@ -35,14 +35,14 @@ def test_config_differences_rules():
     old = {"model": {"lr": 0.01}, "data": {"store": "a"}, "threads": 1, "gone": 3}
     same = {"model": {"lr": 0.01}, "data": {"store": "a"}, "threads": 2, "new": {"k": 5}}
     # runtime settings, keys the code dropped, and new keys at their default do not count
-    assert config_differences(old, same, overrides=["model.lr=0.01"]) == {}
+    assert config_differences(old, same, overrides=["model.optimizer.lr=0.01"]) == {}
     # a new key set on the command line does (also through its group)
     assert config_differences(old, same, overrides=["new.k=5"]) == {"new.k": ("<absent>", 5)}
     assert config_differences(old, same, overrides=["+new=x"]) == {"new.k": ("<absent>", 5)}
     changed = {"model": {"lr": 0.02}, "data": {"store": "b"}}
     assert config_differences(old, changed) == {
         "data.store": ("a", "b"),
-        "model.lr": (0.01, 0.02),
+        "model.optimizer.lr": (0.01, 0.02),
     }
 
 
@@ -61,7 +61,7 @@ def test_d3_relaunch_with_other_inputs_is_refused(labelled_store, tmp_path):
     """D3: a relaunch into a finished job's folder with another lr (or store, epochs, ...)
     was skipped as 'already done' (rc 0) while Hydra replaced .hydra/config.yaml."""
     run = tmp_path / "run"
-    args = ["train", *_tiny(labelled_store), "model.lr=0.003", f"hydra.run.dir={run}"]
+    args = ["train", *_tiny(labelled_store), "model.optimizer.lr=0.003", f"hydra.run.dir={run}"]
     r = _cli(args, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     done = (run / "metrics.json").stat().st_mtime
@@ -75,17 +75,19 @@ def test_d3_relaunch_with_other_inputs_is_refused(labelled_store, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run / "metrics.json").stat().st_mtime == done
 
-    other = _cli([*args[:-1], "model.lr=0.01", args[-1]], tmp_path)
+    other = _cli([*args[:-1], "model.optimizer.lr=0.01", args[-1]], tmp_path)
     assert other.returncode == 1
     msg = other.stderr.strip().splitlines()[-1]
-    assert msg.startswith("kd-nnp train: error:") and "model.lr: 0.003 -> 0.01" in msg, msg
+    assert msg.startswith("kd-nnp train: error:") and "model.optimizer.lr: 0.003 -> 0.01" in msg, (
+        msg
+    )
     assert "new hydra.run.dir" in msg
     assert (run / "metrics.json").stat().st_mtime == done
     # the folder's provenance still describes the job whose results it holds
     assert (run / ".hydra" / "config.yaml").read_text() == hydra_cfg
     assert "lr: 0.003" in hydra_cfg
     assert (run / "config.yaml").read_text() == job_cfg
-    assert "model.lr: 0.003 -> 0.01" in (run / "train.log").read_text().splitlines()[-1]
+    assert "model.optimizer.lr: 0.003 -> 0.01" in (run / "train.log").read_text().splitlines()[-1]
 
 
 def test_d7_failed_sweep_job_logs_its_exception(labelled_store, tmp_path):

@@ -38,7 +38,7 @@ def _cfg(store, run: Path, *extra: str):
         "data.batch_size=5", "data.grouped=false",
         # energies only: hard (= pretrained CHGNet) and soft, so MAE_H,E and MAE_S,E cross
         "loss=mixed", "loss.r_he=0.1", "loss.r_hf=0", "loss.r_sf=0", "model.compute_forces=false",
-        "model.lr=0.01", "trainer.max_epochs=4", "trainer.enable_progress_bar=false",
+        "model.optimizer.lr=0.01", "trainer.max_epochs=4", "trainer.enable_progress_bar=false",
         f"callbacks.model_checkpoint.dirpath={run}/checkpoints",
         f"callbacks.last_checkpoint.dirpath={run}/checkpoints",
         f"callbacks.loss_crossover.output_dir={run}", f"logger.csv.save_dir={run}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -181,7 +182,10 @@ def test_soft_and_hard_reach_the_loss_separately(labelled_store):
 def test_module_step_updates_only_mlp_and_lowers_soft_loss(labelled_store):
     torch.manual_seed(0)
     dm = _dm(labelled_store, batch_size=15)
-    module = DistillationModule(loss=DistillationLoss(r_he=0, r_hf=0, r_se=1, r_sf=1), lr=1e-4)
+    module = DistillationModule(
+        loss=DistillationLoss(r_he=0, r_hf=0, r_se=1, r_sf=1),
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-4),
+    )
     opt = module.configure_optimizers()
     batch = next(iter(dm.train_dataloader()))
     frozen = {
@@ -232,7 +236,7 @@ def test_tiny_training_run_cli(labelled_store, tmp_path, chgnet_model):
             "trainer.max_epochs=4",
             "loss=soft_only",
             "loss.r_sf=0.2",
-            "model.lr=0.003",
+            "model.optimizer.lr=0.003",
             f"paths.output_dir={tmp_path}",
             "hydra.run.dir=" + str(tmp_path / "run"),
         ],
@@ -265,7 +269,7 @@ def test_tiny_training_run_cli(labelled_store, tmp_path, chgnet_model):
     # tests/test_train_relaunch.py)
     mtime = (run / "metrics.json").stat().st_mtime
     r2 = _cli(["train", *_tiny_data(labelled_store), "trainer.max_epochs=4", "loss=soft_only",
-               "loss.r_sf=0.2", "model.lr=0.003", f"paths.output_dir={tmp_path}",
+               "loss.r_sf=0.2", "model.optimizer.lr=0.003", f"paths.output_dir={tmp_path}",
                "hydra.run.dir=" + str(run)], tmp_path)  # fmt: skip
     assert r2.returncode == 0 and (run / "metrics.json").stat().st_mtime == mtime
 
@@ -349,7 +353,7 @@ def test_cached_forces_stress_run_cli_parallel_build(labelled_store, tmp_path):
             "loss.r_sf=0.5",
             "loss.r_ss=0.05",
             "model.backend=cached",
-            "model.lr=0.003",
+            "model.optimizer.lr=0.003",
             "feature_workers=2",
             f"paths.output_dir={tmp_path}",
             "hydra.run.dir=" + str(run),

@@ -79,7 +79,11 @@ def test_x23_reduced_experiment_configs(exp, sweep):
     assert cfg.data.hard_reference == "student" and cfg.data.reference == "student"
     assert cfg.model.backend == "cached" and not cfg.model.compute_forces
     assert not cfg.model.compute_stress
-    assert cfg.model.lr == 0.01 and cfg.data.batch_size == 32 and cfg.trainer.max_epochs == 100
+    assert (
+        cfg.model.optimizer.lr == 0.01
+        and cfg.data.batch_size == 32
+        and cfg.trainer.max_epochs == 100
+    )
     assert cfg.evaluate.max_atoms == 60 and cfg.evaluate.workers == 1
     assert cfg.evaluate.fmax == 0.03 and cfg.evaluate.stress_tol_gpa == 0.01
     for loss in ("hard_only", "soft_only") if exp == "x23_fig4" else ("mixed",):

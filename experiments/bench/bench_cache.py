@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -114,6 +115,8 @@ def child_schemes(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def child_cached_fs(cfg: dict[str, Any]) -> dict[str, Any]:
     """kd_nnp cached backend, E + F (M atoms) + S on the hard labels, epochs timed."""
+    import torch
+
     from kd_nnp.training.cache.attach import attach_feature_cache
     from kd_nnp.training.data import FramesDataModule
     from kd_nnp.training.loss import DistillationLoss
@@ -126,7 +129,8 @@ def child_cached_fs(cfg: dict[str, Any]) -> dict[str, Any]:
     dm.setup("fit")
     loss = DistillationLoss(r_he=1.0, r_hf=1.0, r_se=0.0, r_sf=0.0, r_hs=0.1)
     module = DistillationModule(
-        student={"model_name": "0.3.0", "freeze": "mlp"}, loss=loss, lr=bench_training.LR,
+        student={"model_name": "0.3.0", "freeze": "mlp"}, loss=loss,
+        optimizer=functools.partial(torch.optim.Adam, lr=bench_training.LR),
         backend="cached",
     )  # fmt: skip
     t = time.perf_counter()

@@ -28,6 +28,7 @@ its own process so that its peak RSS (``VmHWM``) is its own:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -58,12 +59,14 @@ def _datamodule(cfg: dict[str, Any]) -> Any:
 
 
 def _module(backend: str) -> Any:
+    import torch
+
     from kd_nnp.training.loss import DistillationLoss
     from kd_nnp.training.module import DistillationModule
 
     loss = DistillationLoss(r_he=1.0, r_hf=1.0, r_se=0.0, r_sf=0.0)
     return DistillationModule(
-        student={"model_name": "0.3.0", "freeze": "mlp"}, loss=loss, lr=LR,
+        student={"model_name": "0.3.0", "freeze": "mlp"}, loss=loss, optimizer=functools.partial(torch.optim.Adam, lr=LR),
         compute_stress=False, backend=backend,
     )  # fmt: skip
 

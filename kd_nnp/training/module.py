@@ -13,6 +13,8 @@ Forces need autograd in validation/test too: the Trainer must run with
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -31,6 +33,16 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
+def _describe(factory: Any) -> Any:
+    """A partial optimizer/scheduler as plain data for the hyperparameters log."""
+    if factory is None:
+        return None
+    if isinstance(factory, partial):
+        name = f"{factory.func.__module__}.{factory.func.__qualname__}"
+        return {"target": name, **{k: v for k, v in factory.keywords.items()}}
+    return repr(factory)
+
+
 class DistillationModule(L.LightningModule):
     """Lightning wrapper of the student and :class:`DistillationLoss`.
 
@@ -38,8 +50,10 @@ class DistillationModule(L.LightningModule):
         student: dict with ``model_name`` (CHGNet version, default 0.3.0), ``freeze``
             (``mlp`` | ``readout`` | ``all``) and optional ``path`` (a CHGNet model file).
         loss: the loss (ratios); Hydra instantiates it from ``conf/loss``.
-        lr, weight_decay, optimizer (``adam`` | ``adamw``), scheduler (``none`` | ``cosine``
-            decaying to ``lr * decay_fraction`` over the run, chgnet's Trainer default).
+        optimizer: ``params -> torch.optim.Optimizer`` (Hydra ``_partial_`` config,
+            ``conf/model/optimizer/``; default Adam with lr 0.01, the paper's).
+        scheduler: ``optimizer -> LR scheduler`` stepped once per epoch, or None
+            (``conf/model/scheduler/``).
         compute_forces: predict forces (needed by force terms and force MAE metrics).
         compute_stress: ``auto`` (when the loss has stress terms) or a bool.
         backend: ``full`` | ``cached`` | ``auto`` (cached where the Jacobian fits
@@ -53,11 +67,8 @@ class DistillationModule(L.LightningModule):
         self,
         student: dict | None = None,
         loss: DistillationLoss | None = None,
-        lr: float = 0.01,
-        weight_decay: float = 0.0,
-        optimizer: str = "adam",
-        scheduler: str = "none",
-        decay_fraction: float = 0.01,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
         compute_forces: bool = True,
         compute_stress: bool | str = "auto",
         backend: str = "full",
@@ -76,11 +87,8 @@ class DistillationModule(L.LightningModule):
             {
                 "student": self.student_cfg,
                 "ratios": self.loss_fn.ratios,
-                "lr": lr,
-                "weight_decay": weight_decay,
-                "optimizer": optimizer,
-                "scheduler": scheduler,
-                "decay_fraction": decay_fraction,
+                "optimizer": _describe(optimizer),
+                "scheduler": _describe(scheduler),
                 "compute_forces": compute_forces,
                 "compute_stress": compute_stress,
                 "backend": backend,
@@ -88,9 +96,8 @@ class DistillationModule(L.LightningModule):
         )
         self.student = load_student(**self.student_cfg)
         self.trainable_names = trainable_parameter_names(self.student)
-        self.lr, self.weight_decay = lr, weight_decay
-        self.optimizer_name, self.scheduler_name = optimizer, scheduler
-        self.decay_fraction = decay_fraction
+        self.optimizer = optimizer if optimizer is not None else partial(torch.optim.Adam, lr=0.01)
+        self.scheduler = scheduler
         self.compute_forces = bool(compute_forces) or self.loss_fn.needs_forces
         self.compute_stress = (
             self.loss_fn.needs_stress if compute_stress == "auto" else bool(compute_stress)
@@ -252,21 +259,11 @@ class DistillationModule(L.LightningModule):
         params = [p for p in self.student.parameters() if p.requires_grad]
         if not params:
             raise ValueError("no trainable parameters: check student.freeze")
-        if self.optimizer_name == "adam":
-            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        elif self.optimizer_name == "adamw":
-            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        else:
-            raise ValueError(f"unknown optimizer {self.optimizer_name!r} (adam, adamw)")
-        if self.scheduler_name == "none":
+        opt = self.optimizer(params)
+        if self.scheduler is None:
             return opt
-        if self.scheduler_name == "cosine":
-            t_max = max(1, int(self.trainer.max_epochs or 1))
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-                opt, T_max=t_max, eta_min=self.lr * self.decay_fraction
-            )
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        raise ValueError(f"unknown scheduler {self.scheduler_name!r} (none, cosine)")
+        sched = self.scheduler(opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     # ------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
