@@ -480,6 +480,7 @@ def test_full_backend_memory_is_checked_before_training(labelled_store, monkeypa
     module = DistillationModule(loss=DistillationLoss(r_se=1, r_sf=1), backend="full")
     need = mc.BYTES_PER_ATOM_FULL_FORCES * dm.max_batch_atoms()
     caplog.set_level(logging.WARNING)
+    caplog.clear()  # the data module's INFO lines (progress) when another test set INFO
     report = mc.check_full_backend_memory(dm, module, available=10 * need)
     assert report["estimate_bytes"] == need and not caplog.text
     mc.check_full_backend_memory(dm, module, available=int(need / 1.2))
