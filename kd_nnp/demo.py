@@ -30,13 +30,16 @@ def _molecule_keys(atoms: Any) -> set[str]:
     return keys or {atoms.get_chemical_formula(empirical=True)}
 
 
-def _usable(db: str, max_atoms: int) -> list[tuple[str, Any]]:
+def _usable(db: str, max_atoms: int, logged: set[tuple[str, str]]) -> list[tuple[str, Any]]:
+    """Checked crystals of ``db``; each skipped one is logged once per ``logged`` set."""
     from kd_nnp.data.sources.pyxtal_db import checked_crystals
 
     skipped: list[tuple[str, str]] = []
     out = checked_crystals(db, max_atoms=max_atoms, skipped=skipped)
     for code, issue in skipped:  # e.g. H atoms not resolved in the X-ray structure
-        log.info("skipping %s/%s: %s", db, code, issue)
+        if (db, code) not in logged:
+            logged.add((db, code))
+            log.info("skipping %s/%s: %s", db, code, issue)
     return out
 
 
@@ -61,8 +64,9 @@ def split_crystals(
     import numpy as np
 
     rng = np.random.default_rng(seed)
+    logged: set[tuple[str, str]] = set()
     by_mol: dict[str, list[tuple[str, Any]]] = {}
-    for code, atoms in _usable(db, eval_max_atoms or max_atoms):
+    for code, atoms in _usable(db, eval_max_atoms or max_atoms, logged):
         key = str(atoms.info.get("mol_smi") or atoms.get_chemical_formula(empirical=True))
         by_mol.setdefault(key, []).append((code, atoms))
     keys = sorted(by_mol)
@@ -78,7 +82,7 @@ def split_crystals(
     pool: list[tuple[str, Any]] = []
     seen: set[str] = set()
     for tdb in train_dbs or [db]:
-        for code, atoms in _usable(tdb, max_atoms):
+        for code, atoms in _usable(tdb, max_atoms, logged):
             if code in seen or code in held_codes or _molecule_keys(atoms) & held_keys:
                 continue
             seen.add(code)

@@ -20,3 +20,16 @@ def test_split_holds_out_whole_molecules_across_databases():
     # deterministic for a seed; n_train takes a prefix of the same order
     ev2, tr2 = split_crystals("test", 100, 8, 5, 0, eval_max_atoms=60, train_dbs=["test", "mech"])
     assert [c for c, _ in ev2] == [c for c, _ in ev] and [c for c, _ in tr2] == codes[:5]
+
+
+def test_split_logs_each_skipped_crystal_once(caplog):
+    """D18: the evaluation and training passes read test.db twice; a skipped crystal is
+    reported once (it was logged twice, 0.6 s apart, in the demo's train.log)."""
+    import logging
+
+    from kd_nnp.demo import split_crystals
+
+    caplog.set_level(logging.INFO, logger="kd_nnp.demo")
+    split_crystals("test", 100, 8, None, 0, eval_max_atoms=60, train_dbs=["test", "mech"])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+    assert lines and len(lines) == len(set(lines))
