@@ -200,6 +200,7 @@ def test_cli_elastic_on_cif_folder(tmp_path, capsys):
     atoms = load_dataset("pyxtal:test", codes=["FORMAM"])[0].atoms
     (tmp_path / "cifs").mkdir()
     atoms.write(tmp_path / "cifs" / "formam.cif")
+    (tmp_path / "cifs" / "broken.cif").write_text("data_broken\n_cell_length_a 5\n")
     rc = main(
         [
             "evaluate", "elastic", "--calc", "test_eval_elastic:linear_calc", "--structures",
@@ -211,7 +212,10 @@ def test_cli_elastic_on_cif_folder(tmp_path, capsys):
     df = pd.read_csv(tmp_path / "out" / "elastic.csv")
     known = moduli_from_stiffness(C_KNOWN)
     assert df.loc[0, "E_RH"] == pytest.approx(known["E_RH"], rel=2e-3)
-    assert "formam" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "formam" in out
+    # an unreadable CIF is skipped and listed, the others are computed (as in `evaluate relax`)
+    assert "unreadable structure files (skipped): 1" in out and "broken.cif" in out
 
 
 class ExpandingCalc(Calculator):

@@ -288,19 +288,28 @@ def run_elastic_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     ref_csv: Path | None = None
     items: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []  # unreadable CIFs: listed in elastic.md, not fatal
+
+    def add(item: dict[str, Any]) -> None:
+        try:
+            items.append({**item, "atoms": read_cif(item["file"])})
+        except ValueError as exc:
+            log.warning("skipped %s: %s", item["file"], exc)
+            skipped.append((str(item["file"]), str(exc)))
+
     if shared:
         sd = Path(shared_dir) if shared_dir else shared_data_dir(required=True)
         assert sd is not None
         ref_csv = sd / "elastic" / "stiffness_tensors_rev.csv"
         for s in shared_structures(sd, all_files=all_files, compounds=compounds):
-            items.append({**s, "atoms": read_cif(s["file"])})
+            add(s)
     elif isinstance(structures, str | Path):
         path = Path(structures)
         files = [path] if path.is_file() else sorted(path.glob("*.cif"))
         if not files:
             raise FileNotFoundError(f"no CIF files in {path}")
         for f in files:
-            items.append({"id": f.stem, "compound": None, "file": f, "atoms": read_cif(f)})
+            add({"id": f.stem, "compound": None, "file": f})
     elif structures is not None:
         for sid, atoms in structures:
             items.append({"id": str(sid), "compound": None, "file": None, "atoms": atoms})
@@ -347,7 +356,8 @@ def run_elastic_benchmark(
                 rows.append({**row, "compound": it["compound"]})
     df = pd.DataFrame(rows)
     refs = load_reference_tensors(ref_csv) if ref_csv is not None else None
-    write_elastic_report(df, refs, out, list(calculators))
+    write_elastic_report(df, refs, out, list(calculators), skipped=skipped)
+    df.attrs["skipped"] = skipped
     return df
 
 
@@ -400,10 +410,15 @@ def mae_table(
 
 
 def write_elastic_report(
-    df: pd.DataFrame, refs: pd.DataFrame | None, out_dir: Path, methods: Sequence[str]
+    df: pd.DataFrame,
+    refs: pd.DataFrame | None,
+    out_dir: Path,
+    methods: Sequence[str],
+    *,
+    skipped: Sequence[tuple[str, str]] = (),
 ) -> None:
     """``elastic.csv`` (per structure), ``elastic.md`` (moduli; Table 2 MAE when reference
-    data is given) and ``parity_E_RH.png``."""
+    data is given; ``skipped``: unreadable structure files and why) and ``parity_E_RH.png``."""
     out = Path(out_dir)
     keep = [
         c
@@ -434,18 +449,10 @@ def write_elastic_report(
             "compound. n = compounds covered; excluded = negative moduli or failed."
         )
         md.append("")
-        header = "| | " + " | ".join(tab.columns) + " |"
-        md += [header, "|" + "---|" * (len(tab.columns) + 1)]
-        for m, r in tab.iterrows():
-            md.append(
-                f"| {m} | " + " | ".join("" if not np.isfinite(v) else f"{v:.2f}" for v in r) + " |"
-            )
-        md.append(
-            "| n (excluded) | "
-            + " | ".join(f"{counts[c]['n']} ({counts[c]['excluded']})" for c in tab.columns)
-            + " |"
-        )
-        md.append("")
+        view = tab.map(lambda v: "" if not np.isfinite(v) else f"{v:.2f}")
+        view.loc["n (excluded)"] = [f"{counts[c]['n']} ({counts[c]['excluded']})" for c in tab]
+        view = view.reset_index(names="")
+        md += [md_table(view, [(c, str(c)) for c in view.columns]), ""]
         _parity_moduli(df, refs, out / "parity_E_RH.png")
     md += ["## Per structure", ""]
     if len(per):
@@ -453,6 +460,9 @@ def write_elastic_report(
     fails = df[df.get("status", pd.Series(dtype=str)) != "ok"] if len(df) else df
     md += ["", f"failed runs: {len(fails)}"]
     md += [f"- {r.method} {r.id}: {str(r.error).splitlines()[0]}" for r in fails.itertuples()]
+    if skipped:
+        md += ["", f"unreadable structure files (skipped): {len(skipped)}"]
+        md += [f"- {f}: {why}" for f, why in skipped]
     (out / "elastic.md").write_text("\n".join(md) + "\n")
 
 
