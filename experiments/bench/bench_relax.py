@@ -4,7 +4,7 @@
 
     .venv/bin/python experiments/bench/bench_relax.py [--codes UREAXX02,FORMAM,NAPHTA15,BIPHEN]
 
-Settings are kd_nnp's defaults (``kd_nnp.evaluation.relax.relax_structure``): fmax 0.03 eV/A,
+Settings are kd_nnp's defaults (``kd_nnp.evaluation.protocol.relax_structure``): fmax 0.03 eV/A,
 at most 2000 LBFGS steps, ``FrechetCellFilter(exp_cell_factor=1)``, and convergence also
 needs max |sigma_ij| < 0.01 GPa: when LBFGS stops with more stress left, it restarts with
 fmax lowered to ``0.8 * 0.01 GPa * V`` (the re-convergence round). The ASE loop records
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 HERE = Path(__file__).resolve()
-# kd_nnp's defaults (run_relax_benchmark / relax_structure)
+# kd_nnp's defaults (kd_nnp.evaluation.settings.RelaxSettings, protocol.relax_structure)
 FMAX, MAX_STEPS, STRESS_TOL_GPA, EXP_CELL_FACTOR, MAX_ROUNDS = 0.03, 2000, 0.01, 1.0, 5
 
 
@@ -48,14 +48,15 @@ def _crystals(codes: list[str]) -> list[tuple[str, Any]]:
 
 def child_kdnnp(cfg: dict[str, Any]) -> dict[str, Any]:
     from kd_nnp.evaluation.relax import run_relax_benchmark
+    from kd_nnp.evaluation.settings import RelaxSettings
 
     crystals = _crystals(cfg["codes"])
     cpu0 = _cpu_s()
     t0 = time.perf_counter()
     df = run_relax_benchmark(
-        crystals, {"CHGNet": "chgnet"}, cfg["out"], workers=cfg["workers"], fmax=FMAX,
-        max_steps=MAX_STEPS, stress_tol_gpa=STRESS_TOL_GPA, exp_cell_factor=None, rmsd=False,
-        references=False, progress=False, report=False,
+        crystals, {"CHGNet": "chgnet"}, cfg["out"],
+        RelaxSettings(fmax=FMAX, max_steps=MAX_STEPS, stress_tol_gpa=STRESS_TOL_GPA, rmsd=False),
+        workers=cfg["workers"], references=False, progress=False, report=False,
     )  # fmt: skip
     wall = time.perf_counter() - t0
     cpu = _cpu_s() - cpu0
