@@ -35,14 +35,14 @@ def test_config_differences_rules():
     old = {"model": {"lr": 0.01}, "data": {"store": "a"}, "threads": 1, "gone": 3}
     same = {"model": {"lr": 0.01}, "data": {"store": "a"}, "threads": 2, "new": {"k": 5}}
     # runtime settings, keys the code dropped, and new keys at their default do not count
-    assert config_differences(old, same, overrides=["model.optimizer.lr=0.01"]) == {}
+    assert config_differences(old, same, overrides=["model.lr=0.01"]) == {}
     # a new key set on the command line does (also through its group)
     assert config_differences(old, same, overrides=["new.k=5"]) == {"new.k": ("<absent>", 5)}
     assert config_differences(old, same, overrides=["+new=x"]) == {"new.k": ("<absent>", 5)}
     changed = {"model": {"lr": 0.02}, "data": {"store": "b"}}
     assert config_differences(old, changed) == {
         "data.store": ("a", "b"),
-        "model.optimizer.lr": (0.01, 0.02),
+        "model.lr": (0.01, 0.02),
     }
 
 
