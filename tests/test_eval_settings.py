@@ -59,3 +59,16 @@ def test_relax_options_generated_from_the_settings():
     assert args.stress_tol_gpa == 0.02 and args.rmsd is False and args.workers == 2
     args = parser().parse_args(["elastic", "--calc", "chgnet", "--shared", "--out", "o"])
     assert args.strains == (0.005, 0.01) and args.ion_fmax == 0.01
+
+
+def test_elastic_relaxation_defaults_are_the_relaxation_settings():
+    """The elastic protocol's relaxation thresholds default to RelaxSettings' (defined once)."""
+    import dataclasses
+
+    from kd_nnp.evaluation.settings import ElasticSettings, RelaxSettings
+
+    relax = {f.name: f.default for f in dataclasses.fields(RelaxSettings)}
+    for f in dataclasses.fields(ElasticSettings):
+        if f.name in relax:
+            assert f.default == relax[f.name], f.name
+    assert ElasticSettings().relax() == RelaxSettings()

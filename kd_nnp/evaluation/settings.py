@@ -62,19 +62,26 @@ class RelaxSettings:
 
 @dataclass(frozen=True)
 class ElasticSettings:
-    """Relaxation + finite-strain stiffness fit of one structure."""
+    """Relaxation + finite-strain stiffness fit of one structure. The relaxation thresholds are
+    :class:`RelaxSettings`' fields (their defaults are taken from there, not spelled again);
+    :meth:`relax` hands them over."""
 
     strains: tuple[float, ...] = field(
         default=(0.005, 0.01), metadata={"help": "strain magnitudes (+/- each, normal and shear)"}
     )
-    fmax: float = field(default=0.03, metadata={"help": "force threshold of the relaxation, eV/A"})
+    fmax: float = field(
+        default=RelaxSettings.fmax, metadata={"help": "force threshold of the relaxation, eV/A"}
+    )
     ion_fmax: float = field(
         default=0.01,
         metadata={"help": "force threshold of the fixed-cell ion relaxations at each strain"},
     )
-    max_steps: int = field(default=2000, metadata={"help": "max LBFGS steps of the relaxation"})
+    max_steps: int = field(
+        default=RelaxSettings.max_steps, metadata={"help": "max LBFGS steps of the relaxation"}
+    )
     stress_tol_gpa: float = field(
-        default=0.01, metadata={"help": "residual stress threshold of the relaxation, GPa"}
+        default=RelaxSettings.stress_tol_gpa,
+        metadata={"help": "residual stress threshold of the relaxation, GPa"},
     )
 
     def check(self) -> None:
