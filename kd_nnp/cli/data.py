@@ -3,6 +3,8 @@
     kd-nnp data pyxtal --db test --out stores/pyxtal [--codes UREAXX02 FORMAM] [--max-atoms 100]
     kd-nnp data perturb --from stores/pyxtal --out stores/perturbed --n-strain 8 --n-rattle 4 \\
         --seed 0 [--volume-range=-0.08,0.2] [--prerelax-teacher so3lr]
+    kd-nnp data generate --out stores/generated --teacher so3lr --packings 4 --seed 0 \\
+        [--molecules FORMAM UREAXX02] [--limit 10] [--relax-steps 150 --keep-every 10]
     kd-nnp data files ../shared/data/x23_vdwdf2 --out stores/x23 --source-name x23
     kd-nnp data mptrj --json MPtrj_2022.9_full.json --out stores/mptrj --include organic,complex
     kd-nnp data mptrj --download --out stores/mptrj        # figshare, online only
@@ -19,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from kd_nnp.data.sources.generate import GenerateSettings
 from kd_nnp.data.sources.perturb import PerturbSettings
 from kd_nnp.data.store import FrameStore
 from kd_nnp.errors import KdNnpError
@@ -67,6 +70,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--codes", nargs="*", default=None, help="only these parents")
     q.add_argument("--limit", type=int, default=None)
+
+    gen = sub.add_parser(
+        "generate", help="random packings of pyxtal's molecules relaxed by a teacher"
+    )
+    gen.add_argument("--out", required=True, type=Path)
+    gen.add_argument(
+        "--teacher",
+        default="so3lr",
+        help="teacher (name or module:factory) that relaxes and labels the crystals",
+    )
+    gen.add_argument(
+        "--label-name", default=None, help="label-set name (default: the teacher's, file-safe)"
+    )
+    add_options(gen, GenerateSettings)
+    gen.add_argument(
+        "--molecules", nargs="*", default=None, help="only these molecules (CSD code or id)"
+    )
+    gen.add_argument("--limit", type=int, default=None, help="only the first N molecules")
 
     c = sub.add_parser("cod", help="download COD CIFs by id (online)")
     c.add_argument("--ids", required=True, type=Path)
@@ -172,6 +193,26 @@ def _run(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
         print(f"perturb: {n_par} parents processed, {n_fr} frames written to {args.out}")
+    elif args.cmd == "generate":
+        from kd_nnp.data.sources.generate import build_generate_store
+        from kd_nnp.teachers.calculators import check_spec
+
+        settings = from_args(GenerateSettings, args)  # bad settings fail before the teacher
+        check_spec(f"teacher:{args.teacher}")
+        from kd_nnp.teachers.registry import load_teacher
+
+        teacher = load_teacher(args.teacher)
+        rep = build_generate_store(
+            str(args.out),
+            settings,
+            calculator=teacher.calculator,
+            calculator_name=args.teacher,
+            provenance=teacher.provenance(),
+            label_name=args.label_name,
+            molecules=args.molecules,
+            limit=args.limit,
+        )
+        print(f"generate: {rep.summary()}; store {args.out}")
     elif args.cmd == "cod":
         from kd_nnp.data.sources.cod import COD_BASE_URL, download_cod, read_cod_ids
 

@@ -1,0 +1,628 @@
+"""Generated molecular crystals: random packings relaxed by a teacher, trajectories as frames.
+
+For every distinct molecule of pyxtal's shipped crystals (``test.db``, ``mech.db``; extracted
+whole from the experimental cells with :func:`kd_nnp.data.sources.perturb.molecule_indices`),
+``packings`` random crystals are made with ``pyxtal.from_random`` (Z' = 1 by default, space
+groups drawn by their frequency in organic crystals, :data:`SPACE_GROUP_TABLE`), checked
+(density, molecules whole, not a duplicate of an earlier packing of the molecule) and
+relaxed with the given ASE calculator (cell + positions, ``FrechetCellFilter``). Every
+``keep_every``-th step and the final one become frames; the calculator's energy, forces and
+stress on each are written as the label set ``label_name`` (no second labelling pass).
+
+- Molecules: only single-component crystals (every molecule of the cell has the same graph)
+  give a molecule; co-crystals, salts and solvates are skipped and counted. A molecule is
+  identified by ``<formula>-<hash>``, the hash being networkx's Weisfeiler-Lehman hash of its
+  bond graph with elements as node labels (the same molecule from two crystals is kept once).
+- Frame ids ``gen:<molecule>/p<k>/s<step>``; group id = the molecule id (splits keep a
+  molecule together); info: ``space_group``, ``spg_num``, ``Z``, ``packing``,
+  ``packing_seed``, ``step``, ``final``, ``n_steps``, ``max_force``, ``residual_stress_gpa``, ``density`` (max |sigma|),
+  ``molecule_source`` (the CSD code the molecule came from), ``mol_smi`` if known.
+- Random numbers of packing k of molecule m come from ``(seed, sha256(m), k)``: the same seed
+  gives the same crystals, independently of the other molecules.
+- Duplicates: a new packing is compared with the earlier accepted packings of the same
+  molecule (their step-0 frames) with pymatgen's ``StructureMatcher`` (default tolerances).
+- Resumable: the frames of one packing are written in one SQLite transaction, then their
+  labels (one transaction), then a line in ``STORE/generate.jsonl``. A packing with frames in
+  the store, or with a rejection line, is done; frames without labels (a kill between the two
+  transactions) are labelled by a single point at the next start. ``kill -9`` loses at most the
+  packing in progress.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+
+from kd_nnp.data.sources.perturb import molecule_indices
+from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError
+from kd_nnp.errors import SettingsError
+from kd_nnp.utils.settings import as_dict
+
+log = logging.getLogger(__name__)
+
+SOURCE = "generate"
+RECIPE_FILE = "generate.json"
+LOG_FILE = "generate.jsonl"
+
+#: Space groups of organic crystals and their approximate frequency in the CSD (%, rounded;
+#: Groom et al., Acta Cryst. B72 (2016) 171, and the CSD's space-group statistics): P21/c,
+#: P-1, P212121, C2/c, P21, Pbca, Pna21, Cc, P1, C2.
+SPACE_GROUP_TABLE: tuple[tuple[int, str, float], ...] = (
+    (14, "P21/c", 34.0),
+    (2, "P-1", 25.4),
+    (19, "P212121", 7.4),
+    (15, "C2/c", 7.3),
+    (4, "P21", 5.3),
+    (61, "Pbca", 3.3),
+    (33, "Pna21", 1.4),
+    (9, "Cc", 1.0),
+    (1, "P1", 0.9),
+    (5, "C2", 0.8),
+)
+
+ORGANIC = {"H", "C", "N", "O", "P", "S", "F", "Cl", "Br", "I"}
+# Atomic masses in g/mol -> density g/cm^3 from amu/A^3
+_AMU_A3_TO_G_CM3 = 1.66053906660
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """How random crystals are generated and relaxed (one definition for the Python API, the
+    ``kd-nnp data generate`` options and the recipe a store remembers)."""
+
+    databases: tuple[str, ...] = field(
+        default=("test", "mech"), metadata=_h("pyxtal databases the molecules come from")
+    )
+    max_molecule_atoms: int = field(default=60, metadata=_h("largest molecule kept (atoms)"))
+    packings: int = field(default=4, metadata=_h("random packings tried per molecule"))
+    space_groups: tuple[int, ...] = field(
+        default=tuple(n for n, _, _ in SPACE_GROUP_TABLE),
+        metadata=_h("space groups drawn from (numbers)"),
+    )
+    space_group_weights: tuple[float, ...] = field(
+        default=tuple(w for _, _, w in SPACE_GROUP_TABLE),
+        metadata=_h("their relative frequencies (CSD %, SPACE_GROUP_TABLE)"),
+    )
+    z_prime: int = field(default=1, metadata=_h("molecules per general position (Z')"))
+    volume_factor: float = field(default=1.1, metadata=_h("pyxtal's volume factor"))
+    density_range: tuple[float, float] = field(
+        default=(0.6, 2.6), metadata=_h("accepted density before and after relaxation (g/cm^3)")
+    )
+    dedup: bool = field(default=True, metadata=_h("drop packings StructureMatcher finds equal"))
+    optimizer: str = field(default="FIRE", metadata=_h("FIRE | LBFGS"))
+    relax_steps: int = field(default=150, metadata=_h("relaxation step budget (cell + positions)"))
+    fmax: float = field(default=0.05, metadata=_h("relaxation force limit (eV/A)"))
+    keep_every: int = field(default=10, metadata=_h("keep every k-th step (plus the final one)"))
+    seed: int = field(default=0, metadata=_h("random seed (per packing: seed, molecule, k)"))
+
+    def check(self) -> None:
+        if len(self.space_groups) != len(self.space_group_weights) or not self.space_groups:
+            raise SettingsError(
+                f"space_groups {self.space_groups} and space_group_weights "
+                f"{self.space_group_weights} must be non-empty lists of the same length"
+            )
+        bad = [g for g in self.space_groups if not 1 <= g <= 230]
+        if bad:
+            raise SettingsError(f"space_groups {bad} are not space-group numbers (1-230)")
+        if any(w < 0 for w in self.space_group_weights) or sum(self.space_group_weights) <= 0:
+            raise SettingsError("space_group_weights must be >= 0 with a positive sum")
+        unknown = sorted(set(self.databases) - {"test", "mech"})
+        if unknown or not self.databases:
+            raise SettingsError(f"databases must be from test, mech; got {self.databases}")
+        if self.optimizer not in ("FIRE", "LBFGS"):
+            raise SettingsError(f"optimizer must be FIRE or LBFGS, not {self.optimizer!r}")
+        lo, hi = self.density_range
+        if len(self.density_range) != 2 or not 0 < lo < hi:
+            raise SettingsError(f"density_range {self.density_range} must be LO,HI with 0<LO<HI")
+        for name in ("packings", "z_prime", "keep_every", "max_molecule_atoms"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.relax_steps < 0:
+            raise SettingsError(f"relax_steps must be >= 0, got {self.relax_steps}")
+
+
+# ---------------------------------------------------------------- molecules
+@dataclass
+class Molecule:
+    """One distinct molecule: id ``<formula>-<graph hash>``, symbols, Cartesian positions."""
+
+    mol_id: str
+    symbols: list[str]
+    positions: np.ndarray
+    source: str  # CSD code of the crystal it was taken from
+    smiles: str | None = None
+
+
+def _graph_key(symbols: Sequence[str], positions: np.ndarray) -> str:
+    """Formula + Weisfeiler-Lehman hash of the bond graph (bonds: covalent radii x 1.2, the
+    rule of :func:`molecule_indices`)."""
+    import networkx as nx
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+
+    a = Atoms(symbols, positions)
+    i, j = neighbor_list("ij", a, natural_cutoffs(a, mult=1.2))
+    g = nx.Graph()
+    g.add_nodes_from((k, {"el": s}) for k, s in enumerate(symbols))
+    g.add_edges_from((int(x), int(y)) for x, y in zip(i, j) if x < y)
+    wl = nx.weisfeiler_lehman_graph_hash(g, node_attr="el", iterations=4, digest_size=6)
+    return f"{a.get_chemical_formula(mode='hill')}-{wl}"
+
+
+def molecules_of_crystal(atoms: Atoms) -> list[tuple[str, list[str], np.ndarray]]:
+    """``[(key, symbols, unwrapped positions)]`` of each molecule of a crystal."""
+    labels, pos = molecule_indices(atoms)
+    syms = atoms.get_chemical_symbols()
+    out = []
+    for m in np.unique(labels):
+        idx = np.where(labels == m)[0]
+        s = [syms[i] for i in idx]
+        out.append((_graph_key(s, pos[idx]), s, pos[idx]))
+    return out
+
+
+def pyxtal_molecules(
+    settings: GenerateSettings,
+    skipped: Counter | None = None,
+) -> list[Molecule]:
+    """Distinct molecules of the single-component crystals of pyxtal's databases (first
+    occurrence kept; order: databases, then file order). ``skipped`` counts the crystals left
+    out by cause."""
+    mols, counts = _pyxtal_molecules(tuple(settings.databases), settings.max_molecule_atoms)
+    if skipped is not None:
+        skipped.update(dict(counts))
+    return [
+        Molecule(m.mol_id, list(m.symbols), m.positions.copy(), m.source, m.smiles) for m in mols
+    ]
+
+
+@functools.lru_cache(maxsize=4)
+def _pyxtal_molecules(
+    databases: tuple[str, ...], max_atoms: int
+) -> tuple[tuple[Molecule, ...], tuple[tuple[str, int], ...]]:
+    from kd_nnp.data.sources.pyxtal_db import checked_crystals
+
+    skipped: Counter = Counter()
+    seen: dict[str, Molecule] = {}
+    for db in databases:
+        bad: list[tuple[str, str]] = []
+        for code, atoms in checked_crystals(db, skipped=bad):
+            try:
+                mols = molecules_of_crystal(atoms)
+            except ValueError:
+                skipped["not molecular"] += 1
+                continue
+            keys = {k for k, _, _ in mols}
+            if len(keys) != 1:
+                skipped["several kinds of molecule"] += 1
+                continue
+            key, syms, pos = mols[0]
+            if not set(syms) <= ORGANIC or "C" not in syms:
+                skipped["not organic"] += 1
+                continue
+            if len(syms) > max_atoms:
+                skipped["molecule too large"] += 1
+                continue
+            if key in seen:
+                skipped["molecule already taken"] += 1
+                continue
+            smi = atoms.info.get("mol_smi")
+            seen[key] = Molecule(key, syms, pos - pos.mean(axis=0), code, smi)
+        skipped["failed sanity check"] += len(bad)
+    return tuple(seen.values()), tuple(sorted(skipped.items()))
+
+
+# ---------------------------------------------------------------- packings
+def _rng(seed: int, mol_id: str, k: int) -> np.random.Generator:
+    h = int(hashlib.sha256(mol_id.encode()).hexdigest()[:12], 16)
+    return np.random.default_rng([int(seed), h, int(k)])
+
+
+def density(atoms: Atoms) -> float:
+    """g/cm^3."""
+    return float(atoms.get_masses().sum() / atoms.get_volume() * _AMU_A3_TO_G_CM3)
+
+
+class Rejected(Exception):
+    """A packing that is not kept; ``cause`` is one of the counted causes."""
+
+    def __init__(self, cause: str, detail: str = "") -> None:
+        super().__init__(f"{cause}: {detail}" if detail else cause)
+        self.cause = cause
+
+
+def check_whole(atoms: Atoms, mol: Molecule, n_expected: int) -> None:
+    """Raise :class:`Rejected` unless ``atoms`` holds ``n_expected`` whole copies of ``mol``."""
+    try:
+        mols = molecules_of_crystal(atoms)
+    except ValueError as exc:
+        raise Rejected("molecules not whole", str(exc)) from None
+    keys = Counter(k for k, _, _ in mols)
+    if keys != Counter({mol.mol_id: n_expected}):
+        raise Rejected(
+            "molecules not whole",
+            f"expected {n_expected} x {mol.mol_id}, found {dict(keys)}",
+        )
+
+
+def make_packing(
+    mol: Molecule, k: int, settings: GenerateSettings, info: dict[str, Any] | None = None
+) -> tuple[Atoms, dict[str, Any]]:
+    """Packing ``k`` of ``mol``: a random crystal and its info (also filled into ``info``
+    as soon as known), or :class:`Rejected`."""
+    from pymatgen.core import Molecule as PmgMolecule
+    from pyxtal import pyxtal
+    from pyxtal.molecule import pyxtal_molecule
+    from pyxtal.symmetry import Group
+
+    s = settings
+    rng = _rng(s.seed, mol.mol_id, k)
+    w = np.asarray(s.space_group_weights, dtype=float)
+    sg = int(rng.choice(np.asarray(s.space_groups), p=w / w.sum()))
+    pseed = int(rng.integers(2**31 - 1))
+    z = s.z_prime * Group(sg)[0].multiplicity
+    info = info if info is not None else {}
+    info.update(spg_num=sg, Z=z, packing=k, packing_seed=pseed)
+    pm = pyxtal_molecule(PmgMolecule(mol.symbols, mol.positions), seed=pseed, random_state=pseed)
+    crystal = pyxtal(molecular=True)
+    try:
+        crystal.from_random(
+            3, sg, [pm], [z], factor=s.volume_factor, random_state=pseed, max_count=10
+        )
+    except Exception as exc:  # pyxtal raises bare RuntimeErrors/ValueErrors on failure
+        raise Rejected("pyxtal failed", f"{type(exc).__name__}: {exc}") from None
+    if not crystal.valid:
+        raise Rejected("pyxtal failed", "no valid crystal within max_count")
+    atoms = crystal.to_ase(resort=False)
+    atoms.calc = None
+    atoms.pbc = True
+    info["space_group"] = str(crystal.group.symbol)
+    rho = density(atoms)
+    lo, hi = s.density_range
+    if not lo <= rho <= hi:
+        raise Rejected("density", f"{rho:.2f} g/cm^3 outside {lo}..{hi}")
+    try:
+        check_whole(atoms, mol, z)
+    except Rejected as rej:
+        raise Rejected("overlap in packing", str(rej)) from None
+    info["density0"] = rho
+    return atoms, info
+
+
+def _matcher() -> Any:
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    return StructureMatcher()
+
+
+def _structure(atoms: Atoms) -> Any:
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    return AseAtomsAdaptor.get_structure(atoms)
+
+
+# ---------------------------------------------------------------- relaxation
+def relax_trajectory(
+    atoms: Atoms, calc: Any, settings: GenerateSettings
+) -> list[tuple[int, Atoms, Labels]]:
+    """Relax cell + positions; ``[(step, atoms, labels)]`` for every ``keep_every``-th step
+    and the final one (labels: the calculator's energy, forces, stress at that geometry)."""
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import FIRE, LBFGS
+
+    s = settings
+    a = atoms.copy()
+    a.calc = calc
+    kept: list[tuple[int, Atoms, Labels]] = []
+    state = {"step": 0}
+
+    def snapshot() -> tuple[int, Atoms, Labels]:
+        lab = Labels(a.get_potential_energy(), a.get_forces(), a.get_stress(voigt=True))
+        c = Atoms(a.numbers, a.positions, cell=a.cell, pbc=True)
+        return state["step"], c, lab
+
+    def observe() -> None:
+        if state["step"] % s.keep_every == 0:
+            kept.append(snapshot())
+        state["step"] += 1
+
+    opt_cls = FIRE if s.optimizer == "FIRE" else LBFGS
+    opt = opt_cls(FrechetCellFilter(a), logfile=None)
+    opt.attach(observe, interval=1)
+    opt.run(fmax=s.fmax, steps=s.relax_steps)
+    last = state["step"] - 1
+    if not kept or kept[-1][0] != last:
+        state["step"] = last
+        kept.append(snapshot())
+    return kept
+
+
+# ---------------------------------------------------------------- store
+def label_set_name(calculator_name: str) -> str:
+    """A file-safe label-set name for a calculator spec (``pkg.mod:factory`` -> ``pkg.mod_factory``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", calculator_name).strip("_") or "teacher"
+
+
+def _check_recipe(dest: FrameStore, recipe: dict[str, Any]) -> None:
+    path = dest.root / RECIPE_FILE
+    if not path.is_file():
+        if len(dest):
+            raise StoreError(
+                f"{dest.root} already holds {len(dest)} frames that `kd-nnp data generate` did "
+                "not write; write generated crystals to a new --out store"
+            )
+        path.write_text(json.dumps(recipe, indent=2))
+        return
+    old = json.loads(path.read_text())
+    if old != recipe:
+        flat_old = dict(
+            old.get("settings", {}), **{k: v for k, v in old.items() if k != "settings"}
+        )
+        flat_new = dict(
+            recipe.get("settings", {}), **{k: v for k, v in recipe.items() if k != "settings"}
+        )
+        diff = [
+            f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}"
+            for k in sorted(set(flat_old) | set(flat_new))
+            if flat_old.get(k) != flat_new.get(k)
+        ]
+        raise StoreError(
+            f"{dest.root} was generated with another recipe ({'; '.join(diff)}); rerun with "
+            f"the recorded settings ({path}) to resume, or write to a new --out store"
+        )
+
+
+def _read_log(path: Any) -> list[dict[str, Any]]:
+    """Lines of ``generate.jsonl``; a line cut by a kill is ignored."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _append_log(path: Any, record: dict[str, Any]) -> None:
+    """Append one line (after a newline if a kill left the last line cut) and fsync it."""
+    cut = False
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            cut = fh.read(1) != b"\n"
+    with open(path, "a") as fh:
+        fh.write(("\n" if cut else "") + json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _packing_prefix(mol_id: str, k: int) -> str:
+    return f"gen:{mol_id}/p{k}/"
+
+
+@dataclass
+class GenerateReport:
+    """What one run did: packings done before, accepted, rejected by cause, frames, time."""
+
+    n_molecules: int = 0
+    done_before: int = 0
+    accepted: int = 0
+    frames: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    skipped_crystals: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    relabelled: int = 0
+
+    def summary(self) -> str:
+        rate = self.accepted / self.seconds * 3600 if self.seconds > 0 else 0.0
+        rej = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"
+        return (
+            f"{self.n_molecules} molecules; {self.accepted} crystals accepted "
+            f"({self.frames} frames), {self.done_before} packings done before; "
+            f"rejected: {rej}; {self.seconds:.0f} s ({rate:.1f} crystals/h)"
+        )
+
+
+def build_generate_store(
+    out: str,
+    settings: GenerateSettings | None = None,
+    *,
+    calculator: Any,
+    calculator_name: str,
+    provenance: dict[str, Any] | None = None,
+    label_name: str | None = None,
+    molecules: Iterable[str] | None = None,
+    limit: int | None = None,
+) -> GenerateReport:
+    """Generate, relax and store random crystals of pyxtal's molecules into store ``out``.
+
+    ``calculator``: an ASE calculator or a zero-argument callable building one (called only
+    when something is left to do); ``calculator_name`` names it in the recipe and, made
+    file-safe, names the label set unless ``label_name`` is given; ``provenance`` (e.g. a
+    teacher's ``provenance()``) is stored as the label set's metadata. ``molecules`` keeps
+    only molecules whose id or source CSD code is listed; ``limit`` the first N molecules.
+    A store keeps one recipe: a rerun with the same settings resumes, others are refused.
+    """
+    s = settings or GenerateSettings()
+    s.check()
+    if calculator is None:
+        raise SettingsError("generate needs a calculator (the teacher that relaxes the crystals)")
+    t0 = time.perf_counter()
+    report = GenerateReport()
+    mols = pyxtal_molecules(s, report.skipped_crystals)
+    if molecules is not None:
+        wanted = set(molecules)
+        mols = [m for m in mols if m.mol_id in wanted or m.source in wanted]
+        known = {m.mol_id for m in mols} | {m.source for m in mols}
+        missing = sorted(wanted - known)
+        if missing:
+            raise StoreError(
+                f"no usable molecule for {missing} (give a CSD code of pyxtal's "
+                f"{'/'.join(s.databases)}.db single-component crystals or a molecule id)"
+            )
+    if limit is not None:
+        mols = mols[: int(limit)]
+    report.n_molecules = len(mols)
+    if not mols:
+        raise StoreError(f"no molecule to generate crystals of ({dict(report.skipped_crystals)})")
+    name = label_name or label_set_name(calculator_name)
+    dest = FrameStore(out, create=True, description="generated molecular crystals")
+    recipe = {"calculator": calculator_name, "label_set": name, "settings": as_dict(s)}
+    if provenance and provenance.get("hash"):
+        recipe["calculator_hash"] = provenance["hash"]
+    _check_recipe(dest, recipe)
+    labels = dest.labels(name, create=True)
+    with labels.writer_lock():
+        labels.set_provenance(
+            dict(provenance or {"name": calculator_name}, label_set=name, source=SOURCE)
+        )
+        calc = calculator
+        log_path = dest.root / LOG_FILE
+        done: dict[tuple[str, int], str] = {}
+        for rec in _read_log(log_path):
+            done[(rec["molecule"], int(rec["packing"]))] = rec["status"]
+        ids = dest.frame_ids()
+        for fid in ids:
+            mol_id, pk = fid[len("gen:") :].rsplit("/", 2)[:2]
+            done.setdefault((mol_id, int(pk[1:])), "ok")
+        # frames written but not labelled (killed between the two transactions)
+        status = labels.status()
+        unlabelled = [i for i in ids if status.get(i) != "ok"]
+        if unlabelled:
+            if callable(calc) and not hasattr(calc, "get_property"):
+                calc = calc()
+            results = []
+            for fr in dest.iter_frames(unlabelled):
+                t1 = time.perf_counter()
+                a = fr.atoms.copy()
+                a.calc = calc
+                lab = Labels(a.get_potential_energy(), a.get_forces(), a.get_stress(voigt=True))
+                results.append((fr, lab, None, time.perf_counter() - t1))
+            labels.write(results)
+            report.relabelled = len(results)
+            log.info("generate: labelled %d frames written before a kill", len(results))
+        todo = [(m, k) for m in mols for k in range(s.packings) if (m.mol_id, k) not in done]
+        report.done_before = len(mols) * s.packings - len(todo)
+        if report.done_before:
+            log.info("generate: %d packings already done in %s", report.done_before, out)
+        accepted_structs: dict[str, list[Any]] = {}
+        matcher = _matcher() if s.dedup else None
+        for n, (mol, k) in enumerate(todo, 1):
+            if callable(calc) and not hasattr(calc, "get_property"):
+                calc = calc()
+            t1 = time.perf_counter()
+            prefix = _packing_prefix(mol.mol_id, k)
+            record: dict[str, Any] = {"molecule": mol.mol_id, "packing": k}
+            try:
+                info: dict[str, Any] = {}
+                try:
+                    atoms, info = make_packing(mol, k, s, info)
+                finally:
+                    record.update({x: info[x] for x in ("spg_num", "packing_seed") if x in info})
+                if matcher is not None:
+                    if mol.mol_id not in accepted_structs:
+                        accepted_structs[mol.mol_id] = _earlier_packings(dest, mol.mol_id)
+                    st = _structure(atoms)
+                    for other in accepted_structs[mol.mol_id]:
+                        if matcher.fit(st, other):
+                            raise Rejected("duplicate", "StructureMatcher: equal to an earlier one")
+                try:
+                    traj = relax_trajectory(atoms, calc, s)
+                except Exception as exc:  # the teacher failed on this crystal
+                    raise Rejected("relaxation failed", f"{type(exc).__name__}: {exc}") from None
+                final_step, final, flab = traj[-1]
+                rho = density(final)
+                lo, hi = s.density_range
+                if not lo <= rho <= hi:
+                    raise Rejected("density after relaxation", f"{rho:.2f} g/cm^3")
+                try:
+                    check_whole(final, mol, info["Z"])
+                except Rejected as rej:
+                    raise Rejected("molecules broken in relaxation", str(rej)) from None
+                f_final = float(np.linalg.norm(flab.forces, axis=1).max())
+                sig = float(np.abs(flab.stress).max()) * 160.21766208
+                frames, results = [], []
+                for step, a, lab in traj:
+                    fi = dict(
+                        info,
+                        step=step,
+                        final=step == final_step,
+                        n_steps=final_step,
+                        max_force=float(np.linalg.norm(lab.forces, axis=1).max()),
+                        residual_stress_gpa=float(np.abs(lab.stress).max()) * 160.21766208,
+                        density=density(a),
+                        molecule_source=mol.source,
+                    )
+                    if mol.smiles:
+                        fi["mol_smi"] = mol.smiles
+                    fr = Frame(f"{prefix}s{step}", a, mol.mol_id, SOURCE, None, fi)
+                    frames.append(fr)
+                    results.append((fr, lab, None, 0.0))
+                dest.add_frames(frames, batch_size=len(frames) + 1)  # one transaction
+                labels.write(results)
+                if matcher is not None:
+                    accepted_structs[mol.mol_id].append(_structure(atoms))
+                record.update(
+                    status="ok",
+                    frames=len(frames),
+                    steps=final_step,
+                    fmax=f_final,
+                    residual_stress_gpa=sig,
+                    density=rho,
+                )
+                report.accepted += 1
+                report.frames += len(frames)
+            except Rejected as rej:
+                record.update(status="rejected", cause=rej.cause, detail=str(rej))
+                report.rejected[rej.cause] += 1
+            record["seconds"] = round(time.perf_counter() - t1, 3)
+            _append_log(log_path, record)
+            el = time.perf_counter() - t0
+            log.info(
+                "generate %d/%d %s p%d (sg %s): %s in %.1f s (%d accepted, %.1f crystals/h)",
+                n,
+                len(todo),
+                mol.mol_id,
+                k,
+                record.get("spg_num"),
+                record["status"]
+                + (
+                    f", {record['frames']} frames, {record['steps']} steps"
+                    if record["status"] == "ok"
+                    else f" ({record['detail']})"
+                ),
+                record["seconds"],
+                report.accepted,
+                report.accepted / el * 3600 if el > 0 else 0.0,
+            )
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _earlier_packings(dest: FrameStore, mol_id: str) -> list[Any]:
+    """Step-0 structures of the packings of ``mol_id`` already in the store."""
+    prefix = f"gen:{mol_id}/"
+    ids = [i for i in dest.frame_ids() if i.startswith(prefix) and i.endswith("/s0")]
+    return [_structure(fr.atoms) for fr in dest.iter_frames(ids)]
+
+
+def read_generate_log(store: str) -> list[dict[str, Any]]:
+    """Every packing record of a generated store (``STORE/generate.jsonl``)."""
+    return _read_log(FrameStore(store).root / LOG_FILE)

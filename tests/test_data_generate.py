@@ -1,0 +1,317 @@
+"""`kd-nnp data generate`: random packings of pyxtal's molecules relaxed by a teacher.
+
+Tiny settings (2 molecules, 2 space groups, a few relaxation steps) with pretrained CHGNet as
+the cheap teacher (it keeps molecules whole, unlike EMT, which strips H off C).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kd_nnp.data.sources import generate as gen
+from kd_nnp.data.sources.generate import (
+    GenerateSettings,
+    build_generate_store,
+    molecules_of_crystal,
+    pyxtal_molecules,
+    read_generate_log,
+)
+from kd_nnp.data.store import FrameStore, StoreError
+from kd_nnp.errors import SettingsError
+from kd_nnp.utils.paths import REPO_ROOT
+
+MOLS = ["FORMAM", "UREAXX02"]
+TINY = GenerateSettings(
+    databases=("test",),
+    packings=2,
+    space_groups=(14, 2),
+    space_group_weights=(1.0, 1.0),
+    relax_steps=6,
+    keep_every=3,
+    seed=0,
+)
+
+
+@pytest.fixture(scope="module")
+def calc():
+    from kd_nnp.teachers.calculators import make_chgnet
+
+    return make_chgnet()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, calc):
+    out = tmp_path_factory.mktemp("gen") / "store"
+    rep = build_generate_store(
+        str(out), TINY, calculator=calc, calculator_name="chgnet", molecules=MOLS
+    )
+    return out, rep
+
+
+def _frames(path):
+    return {f.frame_id: f for f in FrameStore(path).iter_frames()}
+
+
+def test_molecules_are_distinct_whole_and_counted():
+    skipped: Counter = Counter()
+    mols = pyxtal_molecules(replace(TINY, databases=("test", "mech")), skipped)
+    ids = [m.mol_id for m in mols]
+    assert len(ids) == len(set(ids)) > 50
+    sources = {m.source: m for m in mols}
+    assert {"FORMAM", "UREAXX02"} <= set(sources)
+    assert sources["FORMAM"].mol_id.startswith("CH3NO-")
+    assert sources["UREAXX02"].mol_id.startswith("CH4N2O-")
+    # the same molecule from several crystals (polymorphs, repeated entries) is kept once
+    assert skipped["molecule already taken"] > 0 and skipped["several kinds of molecule"] > 0
+    for m in mols[:10]:  # one connected molecule, its id reproduced from its geometry
+        assert gen._graph_key(m.symbols, m.positions) == m.mol_id
+        assert len(m.symbols) <= TINY.max_molecule_atoms
+
+
+def test_generated_store_frames_labels_groups(built, calc):
+    out, rep = built
+    assert rep.n_molecules == 2 and rep.accepted + sum(rep.rejected.values()) == 4
+    assert rep.accepted >= 3, rep.summary()
+    frames = _frames(out)
+    assert len(frames) == rep.frames > 0
+    fs = FrameStore(out)
+    assert fs.label_names() == ["chgnet"]
+    ls = fs.labels("chgnet")
+    labels = ls.load()
+    assert set(labels) == set(frames)
+    mol_ids = {m.mol_id for m in pyxtal_molecules(TINY) if m.source in MOLS}
+    assert {f.group_id for f in frames.values()} <= mol_ids
+    finals = Counter()
+    for fid, f in frames.items():
+        assert f.source == "generate" and f.hard is None
+        assert fid.startswith(f"gen:{f.group_id}/p{f.info['packing']}/s{f.info['step']}")
+        assert f.info["spg_num"] in (14, 2) and f.info["molecule_source"] in MOLS
+        # whole molecules, Z of them, all the group's molecule
+        assert Counter(k for k, _, _ in molecules_of_crystal(f.atoms)) == Counter(
+            {f.group_id: f.info["Z"]}
+        )
+        lab = labels[fid]
+        assert lab.forces.shape == (len(f.atoms), 3) and lab.stress.shape == (6,)
+        assert np.isfinite(lab.energy)
+        finals[(f.group_id, f.info["packing"])] += bool(f.info["final"])
+        if f.info["final"]:
+            assert f.info["step"] == f.info["n_steps"] <= TINY.relax_steps
+            assert f.info["residual_stress_gpa"] == pytest.approx(
+                np.abs(lab.stress).max() * 160.21766208
+            )
+        else:
+            assert f.info["step"] % TINY.keep_every == 0
+    assert set(finals.values()) == {1} and len(finals) == rep.accepted
+    # the labels are the calculator's results at exactly the stored geometry
+    fid = sorted(frames)[1]
+    a = frames[fid].atoms.copy()
+    a.calc = calc
+    assert a.get_potential_energy() == pytest.approx(labels[fid].energy, abs=1e-4)
+    np.testing.assert_allclose(a.get_forces(), labels[fid].forces, atol=1e-4)
+    np.testing.assert_allclose(a.get_stress(), labels[fid].stress, atol=1e-5)
+    # provenance says which calculator labelled them; the recipe is stored
+    assert ls.provenance["name"] == "chgnet" and ls.provenance["source"] == "generate"
+    recipe = json.loads((out / "generate.json").read_text())
+    assert recipe["settings"]["seed"] == 0 and recipe["calculator"] == "chgnet"
+    recs = read_generate_log(str(out))
+    assert len(recs) == 4 and all(r["status"] in ("ok", "rejected") for r in recs)
+    assert sum(r.get("frames", 0) for r in recs) == len(frames)
+
+
+def test_same_seed_same_crystals_other_seed_others(built, calc, tmp_path):
+    out, _ = built
+    s = replace(TINY, relax_steps=0, packings=1)
+    a = build_generate_store(
+        str(tmp_path / "a"), s, calculator=calc, calculator_name="chgnet", molecules=MOLS
+    )
+    b = build_generate_store(
+        str(tmp_path / "b"),
+        replace(s, seed=1),
+        calculator=calc,
+        calculator_name="chgnet",
+        molecules=MOLS,
+    )
+    assert a.accepted == b.accepted == 2
+    fa, fb, ref = _frames(tmp_path / "a"), _frames(tmp_path / "b"), _frames(out)
+    for fid, f in fa.items():  # step 0 of packing 0: the same crystal as in the full run
+        np.testing.assert_allclose(f.atoms.positions, ref[fid].atoms.positions, atol=1e-8)
+        np.testing.assert_allclose(f.atoms.cell.array, ref[fid].atoms.cell.array, atol=1e-8)
+    assert any(
+        fid not in fb or not np.allclose(f.atoms.cell.array, fb[fid].atoms.cell.array)
+        for fid, f in fa.items()
+    )
+
+
+def test_resume_continues_and_a_rerun_adds_nothing(built, calc, tmp_path):
+    out, full = built
+    path = tmp_path / "part"
+    kw = dict(calculator=calc, calculator_name="chgnet", molecules=MOLS)
+    first = build_generate_store(str(path), TINY, limit=1, **kw)
+    assert first.n_molecules == 1
+    n_first = len(FrameStore(path))
+    # a kill in the middle of writing the log leaves a cut line: ignored
+    with open(path / "generate.jsonl", "a") as fh:
+        fh.write('{"molecule": "CH4N2O-x", "pack')
+    rest = build_generate_store(str(path), TINY, **kw)
+    assert rest.done_before == 2 and rest.accepted + sum(rest.rejected.values()) == 2
+    ref = _frames(out)
+    got = _frames(path)
+    assert set(got) == set(ref) and len(got) > n_first
+    for fid in ref:
+        np.testing.assert_allclose(got[fid].atoms.positions, ref[fid].atoms.positions, atol=1e-6)
+    again = build_generate_store(str(path), TINY, **kw)
+    assert again.done_before == 4 and again.accepted == 0 and again.frames == 0
+    assert len(FrameStore(path)) == len(ref)
+    assert len(read_generate_log(str(path))) == 4
+
+
+def test_frames_without_labels_are_labelled_at_the_next_start(built, calc, tmp_path):
+    out, _ = built
+    import shutil
+
+    path = tmp_path / "copy"
+    shutil.copytree(out, path)
+    (path / "labels" / "chgnet.db").unlink()  # as if killed between the two transactions
+    rep = build_generate_store(
+        str(path), TINY, calculator=calc, calculator_name="chgnet", molecules=MOLS
+    )
+    assert rep.relabelled == len(FrameStore(path)) and rep.accepted == 0
+    ref = FrameStore(out).labels("chgnet").load()
+    got = FrameStore(path).labels("chgnet").load()
+    assert set(got) == set(ref)
+    for fid in ref:
+        assert got[fid].energy == pytest.approx(ref[fid].energy, abs=1e-4)
+
+
+def test_other_settings_refused(built, calc):
+    out, _ = built
+    with pytest.raises(StoreError, match=r"seed: 0 -> 1"):
+        build_generate_store(
+            str(out),
+            replace(TINY, seed=1),
+            calculator=calc,
+            calculator_name="chgnet",
+            molecules=MOLS,
+        )
+    with pytest.raises(StoreError, match="calculator: 'chgnet' -> 'other'"):
+        build_generate_store(
+            str(out), TINY, calculator=calc, calculator_name="other", molecules=MOLS
+        )
+
+
+def test_rejections_are_counted_by_cause(calc, tmp_path, monkeypatch):
+    dense = replace(TINY, density_range=(3.0, 4.0), packings=1)
+    rep = build_generate_store(
+        str(tmp_path / "d"), dense, calculator=calc, calculator_name="chgnet", molecules=MOLS
+    )
+    assert rep.accepted == 0 and rep.rejected == Counter({"density": 2})
+    assert len(FrameStore(tmp_path / "d")) == 0
+    recs = read_generate_log(str(tmp_path / "d"))
+    assert [r["cause"] for r in recs] == ["density", "density"]
+    assert all(r["spg_num"] in (14, 2) for r in recs)
+    # a packing equal to an earlier one of the molecule is dropped (StructureMatcher)
+    real = gen.make_packing
+
+    def same_crystal(mol, k, settings, info=None):
+        return real(mol, 0, settings, info)
+
+    monkeypatch.setattr(gen, "make_packing", same_crystal)
+    rep = build_generate_store(
+        str(tmp_path / "dup"),
+        replace(TINY, relax_steps=1),
+        calculator=calc,
+        calculator_name="chgnet",
+        molecules=["FORMAM"],
+    )
+    assert rep.accepted == 1 and rep.rejected == Counter({"duplicate": 1})
+
+
+def test_settings_are_checked():
+    with pytest.raises(SettingsError, match="same length"):
+        replace(TINY, space_group_weights=(1.0,)).check()
+    with pytest.raises(SettingsError, match="231"):
+        replace(TINY, space_groups=(14, 231)).check()
+    with pytest.raises(SettingsError, match="optimizer"):
+        replace(TINY, optimizer="BFGS").check()
+    with pytest.raises(StoreError, match="NOSUCH"):
+        build_generate_store(
+            "/nonexistent/x", TINY, calculator=object(), calculator_name="x", molecules=["NOSUCH"]
+        )
+
+
+def _cli_args(out: Path, *extra: str) -> list[str]:
+    return [
+        "data",
+        "generate",
+        "--out",
+        str(out),
+        "--teacher",
+        "chgnet",
+        "--databases",
+        "test",
+        "--molecules",
+        *MOLS,
+        "--packings",
+        "2",
+        "--space-groups",
+        "14,2",
+        "--space-group-weights",
+        "1,1",
+        "--relax-steps",
+        "6",
+        "--keep-every",
+        "3",
+        *extra,
+    ]
+
+
+def test_cli_generates_and_refuses_bad_settings(built, tmp_path, capsys):
+    from kd_nnp.cli import main
+
+    out, _ = built
+    assert main(_cli_args(tmp_path / "cli", "--limit", "1")) == 0
+    printed = capsys.readouterr().out
+    assert "generate: 1 molecules" in printed and "crystals/h" in printed
+    ref = _frames(out)
+    got = _frames(tmp_path / "cli")
+    assert got and set(got) <= set(ref)
+    assert FrameStore(tmp_path / "cli").label_names() == ["chgnet"]
+    rc = main(_cli_args(tmp_path / "bad", "--space-group-weights", "1"))
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "same length" in err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_cli_killed_by_sigkill_resumes(built, tmp_path):
+    """kill -9 in the middle of a run: the rerun finishes it with the same frames."""
+    out, _ = built
+    path = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "kd_nnp.cli", *_cli_args(path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (path / "generate.jsonl").is_file() and read_generate_log(str(path)):
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(read_generate_log(str(path)))
+    assert 1 <= done < 4
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert set(_frames(path)) == set(_frames(out))
+    assert len(read_generate_log(str(path))) == 4
+    assert set(FrameStore(path).labels("chgnet").load()) == set(_frames(out))
