@@ -79,6 +79,37 @@ def test_molecules_are_distinct_whole_and_counted():
         assert len(m.symbols) <= TINY.max_molecule_atoms
 
 
+def test_collection_molecules_join_the_crystals_once():
+    skipped: Counter = Counter()
+    mols = pyxtal_molecules(replace(TINY, databases=("test", "collection")), skipped)
+    by_source = {m.source: m for m in mols}
+    assert "collection:Glucose" in by_source and "collection:tetracene" in by_source
+    # water has no carbon; aspirin and benzene are already molecules of test.db
+    assert "collection:H2O" not in by_source and skipped["not organic"] >= 1
+    assert "collection:aspirin" not in by_source and "collection:benzene" not in by_source
+    assert by_source["collection:Glucose"].mol_id.startswith("C6H12O6-")
+
+
+def test_smiles_csv_needs_a_smiles_column_and_rdkit(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,smi\nurea,NC(N)=O\n")
+    with pytest.raises(SettingsError, match="'smiles' column"):
+        gen.smiles_molecules(str(bad))
+    with pytest.raises(SettingsError, match="no such file"):
+        gen.smiles_molecules(str(tmp_path / "none.csv"))
+    good = tmp_path / "good.csv"
+    good.write_text("name,smiles\nurea,NC(N)=O\nacetic,CC(=O)O\n")
+    try:
+        import rdkit  # noqa: F401
+    except ImportError:
+        with pytest.raises(SettingsError, match="pip install rdkit"):
+            gen.smiles_molecules(str(good))
+        return
+    mols = gen.smiles_molecules(str(good))
+    assert [m.mol_id.split("-")[0] for m in mols] == ["CH4N2O", "C2H4O2"]
+    assert [m.source for m in mols] == ["urea", "acetic"]
+
+
 def test_generated_store_frames_labels_groups(built, calc):
     out, rep = built
     assert rep.n_molecules == 2 and rep.accepted + sum(rep.rejected.values()) == 4

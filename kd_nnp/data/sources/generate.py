@@ -87,7 +87,11 @@ class GenerateSettings:
     ``kd-nnp data generate`` options and the recipe a store remembers)."""
 
     databases: tuple[str, ...] = field(
-        default=("test", "mech"), metadata=_h("pyxtal databases the molecules come from")
+        default=("test", "mech", "collection"),
+        metadata=_h("molecule sources: pyxtal's test.db, mech.db, molecules.json (collection)"),
+    )
+    smiles_csv: str = field(
+        default="", metadata=_h("also the molecules of this CSV (column smiles; needs RDKit)")
     )
     max_molecule_atoms: int = field(default=60, metadata=_h("largest molecule kept (atoms)"))
     packings: int = field(default=4, metadata=_h("random packings tried per molecule"))
@@ -122,9 +126,11 @@ class GenerateSettings:
             raise SettingsError(f"space_groups {bad} are not space-group numbers (1-230)")
         if any(w < 0 for w in self.space_group_weights) or sum(self.space_group_weights) <= 0:
             raise SettingsError("space_group_weights must be >= 0 with a positive sum")
-        unknown = sorted(set(self.databases) - {"test", "mech"})
-        if unknown or not self.databases:
-            raise SettingsError(f"databases must be from test, mech; got {self.databases}")
+        unknown = sorted(set(self.databases) - {"test", "mech", "collection"})
+        if unknown or not (self.databases or self.smiles_csv):
+            raise SettingsError(
+                f"databases must be from test, mech, collection; got {self.databases}"
+            )
         if self.optimizer not in ("FIRE", "LBFGS"):
             raise SettingsError(f"optimizer must be FIRE or LBFGS, not {self.optimizer!r}")
         lo, hi = self.density_range
@@ -199,7 +205,25 @@ def _pyxtal_molecules(
 
     skipped: Counter = Counter()
     seen: dict[str, Molecule] = {}
+
+    def take(key: str, syms: list[str], pos: np.ndarray, code: str, smi: str | None) -> None:
+        if not set(syms) <= ORGANIC or "C" not in syms:
+            skipped["not organic"] += 1
+        elif len(syms) > max_atoms:
+            skipped["molecule too large"] += 1
+        elif key in seen:
+            skipped["molecule already taken"] += 1
+        else:
+            seen[key] = Molecule(key, syms, pos - pos.mean(axis=0), code, smi)
+
     for db in databases:
+        if db == "collection":
+            for name, syms, pos in _collection():
+                if not _one_molecule(syms, pos):
+                    skipped["not one molecule"] += 1
+                    continue
+                take(_graph_key(syms, pos), syms, pos, f"collection:{name}", None)
+            continue
         bad: list[tuple[str, str]] = []
         for code, atoms in checked_crystals(db, skipped=bad):
             try:
@@ -212,19 +236,66 @@ def _pyxtal_molecules(
                 skipped["several kinds of molecule"] += 1
                 continue
             key, syms, pos = mols[0]
-            if not set(syms) <= ORGANIC or "C" not in syms:
-                skipped["not organic"] += 1
-                continue
-            if len(syms) > max_atoms:
-                skipped["molecule too large"] += 1
-                continue
-            if key in seen:
-                skipped["molecule already taken"] += 1
-                continue
-            smi = atoms.info.get("mol_smi")
-            seen[key] = Molecule(key, syms, pos - pos.mean(axis=0), code, smi)
+            take(key, syms, pos, code, atoms.info.get("mol_smi"))
         skipped["failed sanity check"] += len(bad)
     return tuple(seen.values()), tuple(sorted(skipped.items()))
+
+
+def _collection() -> list[tuple[str, list[str], np.ndarray]]:
+    """pyxtal's ``database/molecules.json``: ``[(name, symbols, positions)]``."""
+    import pyxtal
+
+    path = os.path.join(os.path.dirname(pyxtal.__file__), "database", "molecules.json")
+    with open(path) as fh:
+        rows = json.load(fh)
+    return [(str(r["name"]), list(r["elements"]), np.asarray(r["xyz"], dtype=float)) for r in rows]
+
+
+def _one_molecule(symbols: list[str], positions: np.ndarray) -> bool:
+    """Whether a gas-phase geometry is one bonded molecule (the crystals' bond rule)."""
+    a = Atoms(symbols, positions - positions.mean(axis=0) + 25.0, cell=[50.0] * 3, pbc=True)
+    try:
+        labels, _ = molecule_indices(a)
+    except ValueError:
+        return False
+    return len(np.unique(labels)) == 1
+
+
+def smiles_molecules(path: str) -> list[Molecule]:
+    """Molecules of a CSV with a ``smiles`` column (optional ``name``): one 3D conformer
+    each through pyxtal's RDKit route (ETKDG + MMFF/UFF). RDKit is optional: without it this
+    stops with the command that installs it."""
+    import csv
+
+    if not os.path.isfile(path):
+        raise SettingsError(f"smiles_csv {path}: no such file")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "smiles" not in rows[0]:
+        raise SettingsError(f"{path}: needs a header with a 'smiles' column (and optional 'name')")
+    try:
+        import rdkit  # noqa: F401
+    except ImportError:
+        raise SettingsError(
+            f"{path}: 3D conformers from SMILES need RDKit, which kd_nnp does not install; "
+            "`pip install rdkit`, or leave smiles_csv empty to use pyxtal's molecules"
+        ) from None
+    from pyxtal.molecule import pyxtal_molecule
+
+    out = []
+    for k, row in enumerate(rows, 2):
+        smi = (row.get("smiles") or "").strip()
+        name = (row.get("name") or "").strip() or f"row{k}"
+        try:
+            pm = pyxtal_molecule(smi + ".smi", seed=0, random_state=0)
+        except Exception as exc:  # RDKit/pyxtal raise many kinds on a bad SMILES
+            raise SettingsError(
+                f"{path} line {k}: SMILES {smi!r} gave no conformer: {exc}"
+            ) from exc
+        syms = [str(s.specie) for s in pm.mol]
+        pos = np.asarray(pm.mol.cart_coords, dtype=float)
+        out.append(Molecule(_graph_key(syms, pos), syms, pos - pos.mean(axis=0), name, smi))
+    return out
 
 
 # ---------------------------------------------------------------- packings
@@ -467,6 +538,14 @@ def build_generate_store(
     t0 = time.perf_counter()
     report = GenerateReport()
     mols = pyxtal_molecules(s, report.skipped_crystals)
+    if s.smiles_csv:
+        known_ids = {m.mol_id for m in mols}
+        for m in smiles_molecules(s.smiles_csv):
+            if m.mol_id in known_ids:
+                report.skipped_crystals["molecule already taken"] += 1
+            else:
+                known_ids.add(m.mol_id)
+                mols.append(m)
     if molecules is not None:
         wanted = set(molecules)
         mols = [m for m in mols if m.mol_id in wanted or m.source in wanted]
