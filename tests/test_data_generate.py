@@ -225,6 +225,29 @@ def test_frames_without_labels_are_labelled_at_the_next_start(built, calc, tmp_p
         assert got[fid].energy == pytest.approx(ref[fid].energy, abs=1e-4)
 
 
+def test_workers_give_the_same_store(built, calc, tmp_path):
+    import functools
+
+    from kd_nnp.teachers.calculators import make_chgnet
+
+    out, _ = built
+    path = tmp_path / "w2"
+    kw = dict(calculator_name="chgnet", molecules=["FORMAM"], progress=False)
+    with pytest.raises(SettingsError, match="builder"):
+        build_generate_store(str(path), TINY, calculator=calc, workers=2, **kw)
+    rep = build_generate_store(
+        str(path), TINY, calculator=functools.partial(make_chgnet), workers=2, **kw
+    )
+    ref = {i: f for i, f in _frames(out).items() if f.info["molecule_source"] == "FORMAM"}
+    got = _frames(path)
+    assert rep.accepted >= 1 and set(got) == set(ref)
+    lab_ref = FrameStore(out).labels("chgnet").load(list(ref))
+    lab_got = FrameStore(path).labels("chgnet").load()
+    for fid in ref:
+        np.testing.assert_allclose(got[fid].atoms.positions, ref[fid].atoms.positions, atol=1e-5)
+        assert lab_got[fid].energy == pytest.approx(lab_ref[fid].energy, abs=1e-4)
+
+
 def test_other_settings_refused(built, calc):
     out, _ = built
     with pytest.raises(StoreError, match=r"seed: 0 -> 1"):

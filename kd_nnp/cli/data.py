@@ -4,7 +4,7 @@
     kd-nnp data perturb --from stores/pyxtal --out stores/perturbed --n-strain 8 --n-rattle 4 \\
         --seed 0 [--volume-range=-0.08,0.2] [--prerelax-teacher so3lr]
     kd-nnp data generate --out stores/generated --teacher so3lr --packings 4 --seed 0 \\
-        [--molecules FORMAM UREAXX02] [--limit 10] [--relax-steps 150 --keep-every 10]
+        [--molecules FORMAM UREAXX02] [--limit 10] [--relax-steps 150] [--workers 2]
     kd-nnp data files ../shared/data/x23_vdwdf2 --out stores/x23 --source-name x23
     kd-nnp data mptrj --json MPtrj_2022.9_full.json --out stores/mptrj --include organic,complex
     kd-nnp data mptrj --download --out stores/mptrj        # figshare, online only
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections import Counter
@@ -88,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
         "--molecules", nargs="*", default=None, help="only these molecules (CSD code or id)"
     )
     gen.add_argument("--limit", type=int, default=None, help="only the first N molecules")
+    gen.add_argument(
+        "--workers", type=int, default=1, help="relaxation processes (one thread each)"
+    )
 
     c = sub.add_parser("cod", help="download COD CIFs by id (online)")
     c.add_argument("--ids", required=True, type=Path)
@@ -138,6 +142,13 @@ def store_info(path: str | Path) -> str:
             f"(teacher {prov.get('name')} {prov.get('version')}, hash {prov.get('hash')})"
         )
     return "\n".join(lines)
+
+
+def _teacher_calculator(name: str) -> Any:
+    """The calculator of teacher ``name`` without its load-time check (a worker's builder)."""
+    from kd_nnp.teachers.registry import load_teacher
+
+    return load_teacher(name, check=False).calculator
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -201,16 +212,20 @@ def _run(args: argparse.Namespace) -> int:
         check_spec(f"teacher:{args.teacher}")
         from kd_nnp.teachers.registry import load_teacher
 
-        teacher = load_teacher(args.teacher)
+        teacher = load_teacher(args.teacher)  # checked once, here
+        calculator: Any = teacher.calculator
+        if args.workers > 1:  # each worker builds its own (the check was done above)
+            calculator = functools.partial(_teacher_calculator, args.teacher)
         rep = build_generate_store(
             str(args.out),
             settings,
-            calculator=teacher.calculator,
+            calculator=calculator,
             calculator_name=args.teacher,
             provenance=teacher.provenance(),
             label_name=args.label_name,
             molecules=args.molecules,
             limit=args.limit,
+            workers=args.workers,
         )
         print(f"generate: {rep.summary()}; store {args.out}")
     elif args.cmd == "cod":

@@ -19,8 +19,12 @@ stress on each are written as the label set ``label_name`` (no second labelling 
   ``molecule_source`` (the CSD code the molecule came from), ``mol_smi`` if known.
 - Random numbers of packing k of molecule m come from ``(seed, sha256(m), k)``: the same seed
   gives the same crystals, independently of the other molecules.
-- Duplicates: a new packing is compared with the earlier accepted packings of the same
-  molecule (their step-0 frames) with pymatgen's ``StructureMatcher`` (default tolerances).
+- Duplicates: a new packing is compared with the earlier packings of the same molecule that
+  passed the checks (made again from their seeds, in order, before any relaxation) with
+  pymatgen's ``StructureMatcher`` (default tolerances): the verdict does not depend on
+  workers, resumes, or on what the relaxation did to the earlier ones.
+- Workers: packings are made here; relaxations run in ``workers`` processes (one thread
+  each, :func:`kd_nnp.utils.parallel.run_tasks`), results are written here as they arrive.
 - Resumable: the frames of one packing are written in one SQLite transaction, then their
   labels (one transaction), then a line in ``STORE/generate.jsonl``. A packing with frames in
   the store, or with a rejection line, is done; frames without labels (a kill between the two
@@ -47,7 +51,7 @@ from ase import Atoms
 
 from kd_nnp.data.sources.perturb import molecule_indices
 from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError
-from kd_nnp.errors import SettingsError
+from kd_nnp.errors import KdNnpError, SettingsError
 from kd_nnp.utils.settings import as_dict
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,7 @@ SPACE_GROUP_TABLE: tuple[tuple[int, str, float], ...] = (
 ORGANIC = {"H", "C", "N", "O", "P", "S", "F", "Cl", "Br", "I"}
 # Atomic masses in g/mol -> density g/cm^3 from amu/A^3
 _AMU_A3_TO_G_CM3 = 1.66053906660
+_EV_A3_TO_GPA = 160.21766208
 
 
 def _h(text: str) -> dict[str, str]:
@@ -423,6 +428,71 @@ def relax_trajectory(
     return kept
 
 
+def relax_packing(
+    mol: Molecule, atoms: Atoms, info: dict[str, Any], settings: GenerateSettings, calc: Any
+) -> dict[str, Any]:
+    """Relax one packing and check it: ``{"status": "ok", "traj": [(step, atoms, labels,
+    frame info)], "steps", "fmax", "residual_stress_gpa", "density", "seconds"}`` or
+    ``{"status": "rejected", "cause", "detail", "seconds"}``."""
+    t1 = time.perf_counter()
+    try:
+        try:
+            traj = relax_trajectory(atoms, calc, settings)
+        except Exception as exc:  # the teacher failed on this crystal
+            raise Rejected("relaxation failed", f"{type(exc).__name__}: {exc}") from None
+        final_step, final, flab = traj[-1]
+        rho = density(final)
+        lo, hi = settings.density_range
+        if not lo <= rho <= hi:
+            raise Rejected("density after relaxation", f"{rho:.2f} g/cm^3")
+        try:
+            check_whole(final, mol, info["Z"])
+        except Rejected as rej:
+            raise Rejected("molecules broken in relaxation", str(rej)) from None
+    except Rejected as rej:
+        return dict(
+            status="rejected",
+            cause=rej.cause,
+            detail=str(rej),
+            seconds=time.perf_counter() - t1,
+        )
+    out = []
+    for step, a, lab in traj:
+        fi = dict(
+            info,
+            step=step,
+            final=step == final_step,
+            n_steps=final_step,
+            max_force=float(np.linalg.norm(lab.forces, axis=1).max()),
+            residual_stress_gpa=float(np.abs(lab.stress).max()) * _EV_A3_TO_GPA,
+            density=density(a),
+            molecule_source=mol.source,
+        )
+        out.append((step, a, lab, fi))
+    return dict(
+        status="ok",
+        traj=out,
+        steps=final_step,
+        fmax=float(np.linalg.norm(flab.forces, axis=1).max()),
+        residual_stress_gpa=float(np.abs(flab.stress).max()) * _EV_A3_TO_GPA,
+        density=rho,
+        seconds=time.perf_counter() - t1,
+    )
+
+
+_WORKER_CALC: Any = None
+
+
+def _init_worker_calculator(builder: Any) -> None:
+    global _WORKER_CALC
+    _WORKER_CALC = builder()
+
+
+def _relax_task(item: tuple[Molecule, Atoms, dict[str, Any], GenerateSettings]) -> dict[str, Any]:
+    mol, atoms, info, settings = item
+    return relax_packing(mol, atoms, info, settings, _WORKER_CALC)
+
+
 # ---------------------------------------------------------------- store
 def label_set_name(calculator_name: str) -> str:
     """A file-safe label-set name for a calculator spec (``pkg.mod:factory`` -> ``pkg.mod_factory``)."""
@@ -521,6 +591,8 @@ def build_generate_store(
     label_name: str | None = None,
     molecules: Iterable[str] | None = None,
     limit: int | None = None,
+    workers: int = 1,
+    progress: bool = True,
 ) -> GenerateReport:
     """Generate, relax and store random crystals of pyxtal's molecules into store ``out``.
 
@@ -529,6 +601,9 @@ def build_generate_store(
     file-safe, names the label set unless ``label_name`` is given; ``provenance`` (e.g. a
     teacher's ``provenance()``) is stored as the label set's metadata. ``molecules`` keeps
     only molecules whose id or source CSD code is listed; ``limit`` the first N molecules.
+    ``workers`` > 1 relax packings in that many processes (one thread each; ``calculator``
+    must then be a picklable builder, called once per worker); the packings themselves are
+    made and de-duplicated here, in order, so the result does not depend on ``workers``.
     A store keeps one recipe: a rerun with the same settings resumes, others are refused.
     """
     s = settings or GenerateSettings()
@@ -597,87 +672,76 @@ def build_generate_store(
             labels.write(results)
             report.relabelled = len(results)
             log.info("generate: labelled %d frames written before a kill", len(results))
-        todo = [(m, k) for m in mols for k in range(s.packings) if (m.mol_id, k) not in done]
+        todo = {(m.mol_id, k) for m in mols for k in range(s.packings) if (m.mol_id, k) not in done}
         report.done_before = len(mols) * s.packings - len(todo)
         if report.done_before:
             log.info("generate: %d packings already done in %s", report.done_before, out)
-        accepted_structs: dict[str, list[Any]] = {}
+        # 1. packings (cheap, here, in order: duplicates are judged against the earlier
+        #    packings of the molecule that passed the checks, whatever happened to them later)
+        jobs: list[tuple[Molecule, int, Atoms, dict[str, Any]]] = []
         matcher = _matcher() if s.dedup else None
-        for n, (mol, k) in enumerate(todo, 1):
-            if callable(calc) and not hasattr(calc, "get_property"):
-                calc = calc()
-            t1 = time.perf_counter()
-            prefix = _packing_prefix(mol.mol_id, k)
-            record: dict[str, Any] = {"molecule": mol.mol_id, "packing": k}
-            try:
+        for mol in mols:
+            if not any((mol.mol_id, k) in todo for k in range(s.packings)):
+                continue
+            earlier: list[Any] = []
+            for k in range(s.packings):
+                t1 = time.perf_counter()
                 info: dict[str, Any] = {}
                 try:
                     atoms, info = make_packing(mol, k, s, info)
-                finally:
-                    record.update({x: info[x] for x in ("spg_num", "packing_seed") if x in info})
-                if matcher is not None:
-                    if mol.mol_id not in accepted_structs:
-                        accepted_structs[mol.mol_id] = _earlier_packings(dest, mol.mol_id)
-                    st = _structure(atoms)
-                    for other in accepted_structs[mol.mol_id]:
-                        if matcher.fit(st, other):
+                    if matcher is not None:
+                        st = _structure(atoms)
+                        if any(matcher.fit(st, other) for other in earlier):
                             raise Rejected("duplicate", "StructureMatcher: equal to an earlier one")
-                try:
-                    traj = relax_trajectory(atoms, calc, s)
-                except Exception as exc:  # the teacher failed on this crystal
-                    raise Rejected("relaxation failed", f"{type(exc).__name__}: {exc}") from None
-                final_step, final, flab = traj[-1]
-                rho = density(final)
-                lo, hi = s.density_range
-                if not lo <= rho <= hi:
-                    raise Rejected("density after relaxation", f"{rho:.2f} g/cm^3")
-                try:
-                    check_whole(final, mol, info["Z"])
+                        earlier.append(st)
                 except Rejected as rej:
-                    raise Rejected("molecules broken in relaxation", str(rej)) from None
-                f_final = float(np.linalg.norm(flab.forces, axis=1).max())
-                sig = float(np.abs(flab.stress).max()) * 160.21766208
+                    if (mol.mol_id, k) in todo:
+                        rec = {"molecule": mol.mol_id, "packing": k}
+                        rec.update({x: info[x] for x in ("spg_num", "packing_seed") if x in info})
+                        rec.update(status="rejected", cause=rej.cause, detail=str(rej))
+                        rec["seconds"] = round(time.perf_counter() - t1, 3)
+                        report.rejected[rej.cause] += 1
+                        _append_log(log_path, rec)
+                        log.info("generate %s p%d: rejected (%s)", mol.mol_id, k, rej)
+                    continue
+                if (mol.mol_id, k) in todo:
+                    jobs.append((mol, k, atoms, info))
+        # 2. relaxations (in this process, or in workers); each result written as it arrives
+        n_done = 0
+
+        def write(mol: Molecule, k: int, info: dict[str, Any], res: dict[str, Any]) -> None:
+            nonlocal n_done
+            n_done += 1
+            record: dict[str, Any] = {"molecule": mol.mol_id, "packing": k}
+            record.update({x: info[x] for x in ("spg_num", "packing_seed")})
+            if res["status"] == "ok":
                 frames, results = [], []
-                for step, a, lab in traj:
-                    fi = dict(
-                        info,
-                        step=step,
-                        final=step == final_step,
-                        n_steps=final_step,
-                        max_force=float(np.linalg.norm(lab.forces, axis=1).max()),
-                        residual_stress_gpa=float(np.abs(lab.stress).max()) * 160.21766208,
-                        density=density(a),
-                        molecule_source=mol.source,
-                    )
+                for step, a, lab, fi in res["traj"]:
                     if mol.smiles:
                         fi["mol_smi"] = mol.smiles
-                    fr = Frame(f"{prefix}s{step}", a, mol.mol_id, SOURCE, None, fi)
+                    fr = Frame(
+                        f"{_packing_prefix(mol.mol_id, k)}s{step}", a, mol.mol_id, SOURCE, None, fi
+                    )
                     frames.append(fr)
                     results.append((fr, lab, None, 0.0))
                 dest.add_frames(frames, batch_size=len(frames) + 1)  # one transaction
                 labels.write(results)
-                if matcher is not None:
-                    accepted_structs[mol.mol_id].append(_structure(atoms))
                 record.update(
-                    status="ok",
-                    frames=len(frames),
-                    steps=final_step,
-                    fmax=f_final,
-                    residual_stress_gpa=sig,
-                    density=rho,
+                    {x: res[x] for x in ("steps", "fmax", "residual_stress_gpa", "density")}
                 )
+                record.update(status="ok", frames=len(frames))
                 report.accepted += 1
                 report.frames += len(frames)
-            except Rejected as rej:
-                record.update(status="rejected", cause=rej.cause, detail=str(rej))
-                report.rejected[rej.cause] += 1
-            record["seconds"] = round(time.perf_counter() - t1, 3)
+            else:
+                record.update(status="rejected", cause=res["cause"], detail=res["detail"])
+                report.rejected[res["cause"]] += 1
+            record["seconds"] = round(res["seconds"], 3)
             _append_log(log_path, record)
             el = time.perf_counter() - t0
             log.info(
                 "generate %d/%d %s p%d (sg %s): %s in %.1f s (%d accepted, %.1f crystals/h)",
-                n,
-                len(todo),
+                n_done,
+                len(jobs),
                 mol.mol_id,
                 k,
                 record.get("spg_num"),
@@ -691,15 +755,40 @@ def build_generate_store(
                 report.accepted,
                 report.accepted / el * 3600 if el > 0 else 0.0,
             )
+
+        if workers <= 1 or len(jobs) <= 1:
+            for mol, k, atoms, info in jobs:
+                if callable(calc) and not hasattr(calc, "get_property"):
+                    calc = calc()
+                write(mol, k, info, relax_packing(mol, atoms, info, s, calc))
+        else:
+            from kd_nnp.utils.parallel import run_tasks
+
+            if not callable(calculator) or hasattr(calculator, "get_property"):
+                raise SettingsError(
+                    "workers > 1 need a calculator builder (a picklable zero-argument callable "
+                    "each worker calls), not a calculator instance"
+                )
+            by_key = {(m.mol_id, k): (m, info) for m, k, _, info in jobs}
+            items = [((m.mol_id, k), (m, a, info, s)) for m, k, a, info in jobs]
+            for tr in run_tasks(
+                _relax_task,
+                items,
+                n_workers=workers,
+                initializer=_init_worker_calculator,
+                initargs=(calculator,),
+                desc="generate",
+                progress=progress,
+            ):
+                mol, info = by_key[tr.key]
+                if tr.ok:
+                    write(mol, tr.key[1], info, tr.value)
+                else:  # the task itself broke (not the teacher: relax_packing catches that)
+                    raise KdNnpError(
+                        f"generate {tr.key[0]} p{tr.key[1]}: worker failed: {tr.error}"
+                    )
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _earlier_packings(dest: FrameStore, mol_id: str) -> list[Any]:
-    """Step-0 structures of the packings of ``mol_id`` already in the store."""
-    prefix = f"gen:{mol_id}/"
-    ids = [i for i in dest.frame_ids() if i.startswith(prefix) and i.endswith("/s0")]
-    return [_structure(fr.atoms) for fr in dest.iter_frames(ids)]
 
 
 def read_generate_log(store: str) -> list[dict[str, Any]]:
