@@ -99,9 +99,9 @@ def test_smiles_csv_needs_a_smiles_column_and_rdkit(tmp_path):
         gen.smiles_molecules(str(tmp_path / "none.csv"))
     good = tmp_path / "good.csv"
     good.write_text("name,smiles\nurea,NC(N)=O\nacetic,CC(=O)O\n")
-    try:
-        import rdkit  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("rdkit") is None:
         with pytest.raises(SettingsError, match="pip install rdkit"):
             gen.smiles_molecules(str(good))
         return

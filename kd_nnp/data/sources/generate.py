@@ -278,13 +278,14 @@ def smiles_molecules(path: str) -> list[Molecule]:
         rows = list(csv.DictReader(fh))
     if not rows or "smiles" not in rows[0]:
         raise SettingsError(f"{path}: needs a header with a 'smiles' column (and optional 'name')")
-    try:
-        import rdkit  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    # RDKit is optional (not a kd_nnp dependency): pyxtal imports it to build the conformers
+    if importlib.util.find_spec("rdkit") is None:
         raise SettingsError(
             f"{path}: 3D conformers from SMILES need RDKit, which kd_nnp does not install; "
             "`pip install rdkit`, or leave smiles_csv empty to use pyxtal's molecules"
-        ) from None
+        )
     from pyxtal.molecule import pyxtal_molecule
 
     out = []
