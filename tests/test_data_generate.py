@@ -274,6 +274,13 @@ def test_rejections_are_counted_by_cause(calc, tmp_path, monkeypatch):
     recs = read_generate_log(str(tmp_path / "d"))
     assert [r["cause"] for r in recs] == ["density", "density"]
     assert all(r["spg_num"] in (14, 2) for r in recs)
+    # a relaxed cell outside the sane range is dropped with its whole trajectory
+    loose = replace(TINY, relaxed_density_range=(3.0, 4.0), packings=1, relax_steps=1)
+    rep = build_generate_store(
+        str(tmp_path / "r"), loose, calculator=calc, calculator_name="chgnet", molecules=MOLS
+    )
+    assert rep.rejected == Counter({"density after relaxation": 2})
+    assert len(FrameStore(tmp_path / "r")) == 0
     # a packing equal to an earlier one of the molecule is dropped (StructureMatcher)
     real = gen.make_packing
 

@@ -111,7 +111,11 @@ class GenerateSettings:
     z_prime: int = field(default=1, metadata=_h("molecules per general position (Z')"))
     volume_factor: float = field(default=1.1, metadata=_h("pyxtal's volume factor"))
     density_range: tuple[float, float] = field(
-        default=(0.6, 2.6), metadata=_h("accepted density before and after relaxation (g/cm^3)")
+        default=(0.3, 3.5),
+        metadata=_h("accepted density of a new packing (g/cm^3; relaxation compresses it)"),
+    )
+    relaxed_density_range: tuple[float, float] = field(
+        default=(0.7, 3.5), metadata=_h("accepted density after relaxation (g/cm^3)")
     )
     dedup: bool = field(default=True, metadata=_h("drop packings StructureMatcher finds equal"))
     optimizer: str = field(default="FIRE", metadata=_h("FIRE | LBFGS"))
@@ -138,9 +142,10 @@ class GenerateSettings:
             )
         if self.optimizer not in ("FIRE", "LBFGS"):
             raise SettingsError(f"optimizer must be FIRE or LBFGS, not {self.optimizer!r}")
-        lo, hi = self.density_range
-        if len(self.density_range) != 2 or not 0 < lo < hi:
-            raise SettingsError(f"density_range {self.density_range} must be LO,HI with 0<LO<HI")
+        for name in ("density_range", "relaxed_density_range"):
+            rng = getattr(self, name)
+            if len(rng) != 2 or not 0 < rng[0] < rng[1]:
+                raise SettingsError(f"{name} {rng} must be LO,HI with 0 < LO < HI")
         for name in ("packings", "z_prime", "keep_every", "max_molecule_atoms"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -443,9 +448,9 @@ def relax_packing(
             raise Rejected("relaxation failed", f"{type(exc).__name__}: {exc}") from None
         final_step, final, flab = traj[-1]
         rho = density(final)
-        lo, hi = settings.density_range
+        lo, hi = settings.relaxed_density_range
         if not lo <= rho <= hi:
-            raise Rejected("density after relaxation", f"{rho:.2f} g/cm^3")
+            raise Rejected("density after relaxation", f"{rho:.2f} g/cm^3 outside {lo}..{hi}")
         try:
             check_whole(final, mol, info["Z"])
         except Rejected as rej:
