@@ -144,6 +144,10 @@ def test_generated_store_frames_labels_groups(built, calc):
         else:
             assert f.info["step"] % TINY.keep_every == 0
     assert set(finals.values()) == {1} and len(finals) == rep.accepted
+    # pyxtal's loose packings were shrunk (molecule-rigidly, still whole: checked above)
+    rho = [(f.info["density_pyxtal"], f.info["density0"]) for f in frames.values()]
+    assert all(d0 >= dp - 1e-9 and d0 <= TINY.start_density + 1e-9 for dp, d0 in rho)
+    assert any(d0 > dp + 0.05 for dp, d0 in rho)
     # the labels are the calculator's results at exactly the stored geometry
     fid = sorted(frames)[1]
     a = frames[fid].atoms.copy()
@@ -296,6 +300,26 @@ def test_rejections_are_counted_by_cause(calc, tmp_path, monkeypatch):
         molecules=["FORMAM"],
     )
     assert rep.accepted == 1 and rep.rejected == Counter({"duplicate": 1})
+
+
+def test_compress_keeps_molecules_whole_and_stops_at_the_target():
+    s = replace(TINY, start_density=0.0)
+    mol = next(m for m in pyxtal_molecules(TINY) if m.source == "UREAXX02")
+    atoms, info = gen.make_packing(mol, 0, s)
+    assert info["density0"] == info["density_pyxtal"]
+    dense = gen.compress(atoms, mol, info["Z"], 1.3)
+    assert info["density_pyxtal"] < gen.density(dense) <= 1.3 + 1e-9
+    assert Counter(k for k, _, _ in molecules_of_crystal(dense)) == Counter({mol.mol_id: info["Z"]})
+    # the molecules moved rigidly: their internal geometry is unchanged
+    d0 = sorted(
+        np.round(np.linalg.norm(np.diff(m[2], axis=0), axis=1), 6).tolist()
+        for m in molecules_of_crystal(atoms)
+    )
+    d1 = sorted(
+        np.round(np.linalg.norm(np.diff(m[2], axis=0), axis=1), 6).tolist()
+        for m in molecules_of_crystal(dense)
+    )
+    assert d0 == d1
 
 
 def test_settings_are_checked():
