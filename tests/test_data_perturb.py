@@ -38,7 +38,7 @@ def test_perturb_rerun_with_other_settings_is_refused(parents: Path, tmp_path: P
     # other settings: refused, nothing appended
     assert kd_main(_args(parents, out, "--n-strain", "3", "--volume-range=-0.05,0.1")) == 1
     err = capsys.readouterr().err
-    assert "another perturbation recipe" in err and "n_strain: 2 -> 3" in err
+    assert "another perturb recipe" in err and "n_strain: 2 -> 3" in err
     assert "volume_range" in err and len(FrameStore(out)) == n
     # the same settings resume (nothing to do)
     assert kd_main(_args(parents, out, "--n-strain", "2")) == 0

@@ -471,3 +471,35 @@ class LabelSet:
         """frame_id -> error of frames that failed and have no label since."""
         ok = {k for k, v in self.status().items() if v == "ok"}
         return {fid: err for fid, err in self._failure_rows() if fid not in ok}
+
+
+def check_recipe(dest: FrameStore, file_name: str, recipe: dict[str, Any], verb: str) -> None:
+    """A store written by a source verb (``perturb``, ``generate``) holds one recipe, recorded in
+    ``dest/file_name`` at its first run: the same recipe resumes, another one is refused with
+    the keys that differ (``settings`` flattened), frames the verb did not write are refused."""
+    path = dest.root / file_name
+    if not path.is_file():
+        if len(dest):
+            raise StoreError(
+                f"{dest.root} already holds {len(dest)} frames that `kd-nnp data {verb}` did "
+                f"not write with a recorded recipe; write to a new --out store"
+            )
+        path.write_text(json.dumps(recipe, indent=2))
+        return
+    old = json.loads(path.read_text())
+    if old == recipe:
+        return
+
+    def flat(r: dict[str, Any]) -> dict[str, Any]:
+        return dict(r.get("settings", {}), **{k: v for k, v in r.items() if k != "settings"})
+
+    a, b = flat(old), flat(recipe)
+    diff = [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+    raise StoreError(
+        f"{dest.root} was built with another {verb} recipe ({'; '.join(diff)}); rerun with "
+        f"the recorded settings ({path}) to resume, or write to a new --out store"
+    )

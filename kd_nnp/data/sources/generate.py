@@ -51,7 +51,7 @@ import numpy as np
 from ase import Atoms
 
 from kd_nnp.data.sources.perturb import molecule_indices
-from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError
+from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError, check_recipe
 from kd_nnp.errors import KdNnpError, SettingsError
 from kd_nnp.utils.settings import as_dict
 
@@ -536,35 +536,6 @@ def label_set_name(calculator_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", calculator_name).strip("_") or "teacher"
 
 
-def _check_recipe(dest: FrameStore, recipe: dict[str, Any]) -> None:
-    path = dest.root / RECIPE_FILE
-    if not path.is_file():
-        if len(dest):
-            raise StoreError(
-                f"{dest.root} already holds {len(dest)} frames that `kd-nnp data generate` did "
-                "not write; write generated crystals to a new --out store"
-            )
-        path.write_text(json.dumps(recipe, indent=2))
-        return
-    old = json.loads(path.read_text())
-    if old != recipe:
-        flat_old = dict(
-            old.get("settings", {}), **{k: v for k, v in old.items() if k != "settings"}
-        )
-        flat_new = dict(
-            recipe.get("settings", {}), **{k: v for k, v in recipe.items() if k != "settings"}
-        )
-        diff = [
-            f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}"
-            for k in sorted(set(flat_old) | set(flat_new))
-            if flat_old.get(k) != flat_new.get(k)
-        ]
-        raise StoreError(
-            f"{dest.root} was generated with another recipe ({'; '.join(diff)}); rerun with "
-            f"the recorded settings ({path}) to resume, or write to a new --out store"
-        )
-
-
 def _read_log(path: Any) -> list[dict[str, Any]]:
     """Lines of ``generate.jsonl``; a line cut by a kill is ignored."""
     if not path.is_file():
@@ -678,7 +649,7 @@ def build_generate_store(
     recipe = {"calculator": calculator_name, "label_set": name, "settings": as_dict(s)}
     if provenance and provenance.get("hash"):
         recipe["calculator_hash"] = provenance["hash"]
-    _check_recipe(dest, recipe)
+    check_recipe(dest, RECIPE_FILE, recipe, "generate")
     labels = dest.labels(name, create=True)
     with labels.writer_lock():
         labels.set_provenance(

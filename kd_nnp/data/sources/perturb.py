@@ -24,7 +24,6 @@ Frame ids: ``<parent_id>/parent``, ``<parent_id>/strain<k>``, ``<parent_id>/ratt
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -34,8 +33,8 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from kd_nnp.data.store import Frame, FrameStore, StoreError
-from kd_nnp.errors import KdNnpError, SettingsError
+from kd_nnp.data.store import Frame, FrameStore, StoreError, check_recipe
+from kd_nnp.errors import SettingsError
 from kd_nnp.utils.settings import as_dict, from_mapping
 
 log = logging.getLogger(__name__)
@@ -322,35 +321,6 @@ def make_perturbations(
 RECIPE_FILE = "perturb.json"
 
 
-def _check_recipe(dest: FrameStore, recipe: dict[str, Any]) -> None:
-    """A store holds one perturbation recipe: the same one resumes, another is refused."""
-    path = dest.root / RECIPE_FILE
-    if not path.is_file():
-        if len(dest):
-            raise KdNnpError(
-                f"{dest.root} already holds {len(dest)} frames that `kd-nnp data perturb` did "
-                "not write with a recorded recipe; write perturbations to a new --out store"
-            )
-        path.write_text(json.dumps(recipe, indent=2))
-        return
-    old = json.loads(path.read_text())
-    if old != recipe:
-        keys = sorted(set(old) | set(recipe))
-        diff = [
-            f"{k}: {old.get(k)!r} -> {recipe.get(k)!r}" for k in keys if old.get(k) != recipe.get(k)
-        ]
-        flat_old, flat_new = old.get("settings", {}), recipe.get("settings", {})
-        diff = [d for d in diff if not d.startswith("settings:")] + [
-            f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}"
-            for k in sorted(set(flat_old) | set(flat_new))
-            if flat_old.get(k) != flat_new.get(k)
-        ]
-        raise KdNnpError(
-            f"{dest.root} was built with another perturbation recipe ({'; '.join(diff)}); "
-            f"rerun with the recorded settings ({path}) to resume, or write to a new --out store"
-        )
-
-
 def build_perturb_store(
     src: str,
     out: str,
@@ -387,7 +357,7 @@ def build_perturb_store(
         "calculator": calculator_name if calculator is not None else None,
         "settings": as_dict(s),
     }
-    _check_recipe(dest, recipe)
+    check_recipe(dest, RECIPE_FILE, recipe, "perturb")
     done = set(dest.frame_ids())
     todo = [i for i in ids if not all(e in done for e in expected_ids(i, s))]
     if len(todo) < len(ids):
