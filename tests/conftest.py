@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -178,3 +179,31 @@ def labelled_store(tmp_path_factory, small_crystals, chgnet_model):
     store.add_frames(frames)
     store.labels("toy_teacher", create=True).write(soft)
     return root
+
+
+# ------------------------------------------------------------------ Markdown tables (D11)
+
+
+def unescaped_pipes(line: str) -> int:
+    return len(re.findall(r"(?<!\\)\|", line))
+
+
+def assert_md_tables_well_formed(text: str) -> int:
+    """Every row of every table has as many unescaped pipes as its header; returns #tables."""
+    n_tables = 0
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        if (
+            lines[i].startswith("|")
+            and i + 1 < len(lines)
+            and re.match(r"^\|[-:| ]+\|$", lines[i + 1])
+        ):
+            n_tables += 1
+            width = unescaped_pipes(lines[i])
+            while i < len(lines) and lines[i].startswith("|"):
+                assert unescaped_pipes(lines[i]) == width, f"row {i + 1}: {lines[i]!r}"
+                i += 1
+        else:
+            i += 1
+    return n_tables

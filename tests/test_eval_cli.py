@@ -5,7 +5,6 @@ die with the parent."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import assert_md_tables_well_formed
 
 from kd_nnp.cli import main
 from kd_nnp.evaluation.structures import load_dataset
@@ -84,34 +84,11 @@ def test_unreadable_cif_is_skipped_and_listed(tmp_path, capsys, caplog):
     assert "formam" in md
 
 
-def _split_row(line: str) -> list[str]:
-    """Cells of a GitHub Markdown table row: split on pipes not escaped with a backslash."""
-    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
-
-
 def test_markdown_tables_have_as_many_cells_as_headers(tmp_path):
     """D11: headers such as |sigma| had unescaped pipes: GitHub rendered no table."""
     out = tmp_path / "out"
     assert _relax(out, SCALED) == 0
-    lines = (out / "table.md").read_text().splitlines()
-    tables = 0
-    i = 0
-    while i < len(lines):
-        if (
-            lines[i].startswith("|")
-            and i + 1 < len(lines)
-            and re.match(r"^\|[-:| ]+\|$", lines[i + 1])
-        ):
-            n = len(_split_row(lines[i]))
-            assert len(_split_row(lines[i + 1])) == n, lines[i]
-            i += 2
-            while i < len(lines) and lines[i].startswith("|"):
-                assert len(_split_row(lines[i])) == n, (lines[i], lines[i - 1])
-                i += 1
-            tables += 1
-        else:
-            i += 1
-    assert tables >= 2
+    assert assert_md_tables_well_formed((out / "table.md").read_text()) >= 2
     assert "max \\|sigma\\| GPa" in (out / "table.md").read_text()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import assert_md_tables_well_formed, unescaped_pipes
 
 from kd_nnp.cli.report import main as report_main
 from kd_nnp.reports import fig6, load, tables
@@ -398,10 +399,6 @@ def test_notebook_runs_on_the_real_sweep(real_sweep, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- markdown
-def _unescaped_pipes(line: str) -> int:
-    return len(re.findall(r"(?<!\\)\|", line))
-
-
 def _md_rows(text: str) -> list[list[str]]:
     """The stripped cells of every table row (header and rule included)."""
     return [
@@ -411,34 +408,13 @@ def _md_rows(text: str) -> list[list[str]]:
     ]
 
 
-def assert_md_tables_well_formed(text: str) -> int:
-    """Every row of every table has as many unescaped pipes as its header; returns #tables."""
-    n_tables = 0
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        if (
-            lines[i].startswith("|")
-            and i + 1 < len(lines)
-            and re.match(r"^\|[-:| ]+\|$", lines[i + 1])
-        ):
-            n_tables += 1
-            width = _unescaped_pipes(lines[i])
-            while i < len(lines) and lines[i].startswith("|"):
-                assert _unescaped_pipes(lines[i]) == width, f"row {i + 1}: {lines[i]!r}"
-                i += 1
-        else:
-            i += 1
-    return n_tables
-
-
 def test_markdown_escapes_pipes_in_headers_and_cells():
     """D11: a ``|sigma|`` header or a ``a | b`` cell must not split a GitHub table row."""
     df = pd.DataFrame({"stress": [0.5, np.nan], "reason": ["train.log: a | b", None], "n": [1, 2]})
     text = md_table(df, [("stress", "max |sigma| GPa"), "reason", ("n", "n|jobs")])
     assert assert_md_tables_well_formed(text) == 1
     header, rule, first, second = text.splitlines()
-    assert _unescaped_pipes(header) == 4 and r"max \|sigma\| GPa" in header
+    assert unescaped_pipes(header) == 4 and r"max \|sigma\| GPa" in header
     assert r"a \| b" in first and "0.5" in first
     assert second.replace(" ", "") == "|||2|"  # NaN and None print empty
     # already escaped text is not escaped twice
