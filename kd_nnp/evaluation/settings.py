@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kd_nnp.errors import SettingsError
-from kd_nnp.utils.settings import as_dict, from_mapping, register_schema
+from kd_nnp.utils.settings import as_dict, from_mapping, register_schema, to_plain
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class EvalJobSettings:
     def from_config(
         cls, values: Mapping[str, Any] | None, *, where: str = "evaluate"
     ) -> EvalJobSettings:
-        plain = dict(_plain(values) or {})
+        plain = dict(to_plain(values) or {})
         if plain.get("elastic") is not None:
             plain["elastic"] = ElasticJobSettings.from_config(
                 plain["elastic"], where=f"{where}.elastic"
@@ -186,17 +186,9 @@ class EvalJobSettings:
         return _lift(cls, "relax", RelaxSettings, plain, where)
 
 
-def _plain(values: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(values):
-        return OmegaConf.to_container(values, resolve=True)
-    return values
-
-
 def _lift(cls: type, nested: str, inner: type, values: Any, where: str) -> Any:
     """``cls`` from a flat mapping: the keys of ``inner`` go into the field ``nested``."""
-    plain = dict(_plain(values) or {})
+    plain = dict(to_plain(values) or {})
     inner_names = {f.name for f in dataclasses.fields(inner)}
     outer_names = {f.name for f in dataclasses.fields(cls)} - {nested}
     unknown = sorted(set(plain) - inner_names - outer_names)

@@ -163,17 +163,18 @@ def _coerce(value: Any, tp: Any, where: str, name: str) -> Any:
     return value
 
 
+def to_plain(values: Any) -> Any:
+    """An OmegaConf container (from Hydra) as plain dicts/lists, resolved; anything else as is."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(values):
+        return OmegaConf.to_container(values, resolve=True)
+    return values
+
+
 def from_mapping(cls: type[T], values: Mapping[str, Any] | None, *, where: str = "settings") -> T:
     """Build ``cls`` from a mapping (dict or DictConfig); unknown keys are an error naming them."""
-    if values is None:
-        values = {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(values, DictConfig):
-            values = OmegaConf.to_container(values, resolve=True)  # type: ignore[assignment]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    values = to_plain(values) if values is not None else {}
     if dataclasses.is_dataclass(values):
         values = dataclasses.asdict(values)  # type: ignore[arg-type]
     hints = _hints(cls)
