@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kd_nnp.data.molecules import graph_key, molecules_of_crystal
 from kd_nnp.data.sources import generate as gen
 from kd_nnp.data.sources.generate import (
     GenerateSettings,
     build_generate_store,
-    molecules_of_crystal,
     pyxtal_molecules,
     read_generate_log,
 )
@@ -75,7 +75,7 @@ def test_molecules_are_distinct_whole_and_counted():
     # the same molecule from several crystals (polymorphs, repeated entries) is kept once
     assert skipped["molecule already taken"] > 0 and skipped["several kinds of molecule"] > 0
     for m in mols[:10]:  # one connected molecule, its id reproduced from its geometry
-        assert gen._graph_key(m.symbols, m.positions) == m.mol_id
+        assert graph_key(m.symbols, m.positions) == m.mol_id
         assert len(m.symbols) <= TINY.max_molecule_atoms
 
 

@@ -14,9 +14,10 @@ import pytest
 from ase.io import read, write
 
 from kd_nnp.cli import main as kd_main
+from kd_nnp.data.molecules import molecule_labels as molecule_indices
 from kd_nnp.data.sources.cod import download_cod, read_cod_ids
 from kd_nnp.data.sources.files import build_files_store, gas_phase_reason, iter_files
-from kd_nnp.data.sources.perturb import apply_strain, make_perturbations, molecule_indices
+from kd_nnp.data.sources.perturb import apply_strain, make_perturbations
 from kd_nnp.data.sources.pyxtal_db import pyxtal_crystals, pyxtal_frames
 from kd_nnp.data.store import FrameStore, StoreError
 from kd_nnp.utils.paths import shared_data_dir

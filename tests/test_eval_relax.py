@@ -10,6 +10,7 @@ import pytest
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator, all_changes
 
+from kd_nnp.data.molecules import connectivity_change
 from kd_nnp.evaluation.protocol import compare_structures, relax_structure
 from kd_nnp.evaluation.relax import run_relax_benchmark
 from kd_nnp.evaluation.rmsd15 import rmsd15
@@ -17,7 +18,6 @@ from kd_nnp.evaluation.runner import read_results
 from kd_nnp.evaluation.settings import RelaxSettings
 from kd_nnp.evaluation.stats import paired_volume_distance, summarize
 from kd_nnp.evaluation.structures import (
-    connectivity_change,
     load_dataset,
     pyxtal_reference_cells,
 )

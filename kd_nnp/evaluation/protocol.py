@@ -21,8 +21,9 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
+from kd_nnp.data.molecules import connectivity_change
 from kd_nnp.evaluation.settings import RelaxSettings
-from kd_nnp.evaluation.structures import connectivity_change, density_g_cm3
+from kd_nnp.evaluation.structures import density_g_cm3
 
 BLOWN_UP_FACTOR = 1.5  # flag: relaxed volume > 1.5 x experimental (or < 1/1.5)
 ABORT_FACTOR = 3.0  # stop relaxing a crystal whose volume went beyond 3 x (or below 1/3)

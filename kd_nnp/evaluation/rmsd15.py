@@ -36,7 +36,7 @@ from ase import Atoms
 from networkx.algorithms.isomorphism import GraphMatcher
 from scipy.optimize import linear_sum_assignment
 
-from kd_nnp.evaluation.structures import molecules
+from kd_nnp.data.molecules import molecules
 
 MAX_ISOMORPHISMS = 240
 
@@ -104,7 +104,7 @@ def _molecules(atoms: Atoms) -> list[_Mol]:
 def _bonded_pairs(atoms: Atoms) -> tuple[np.ndarray, np.ndarray]:
     from ase.neighborlist import neighbor_list
 
-    from kd_nnp.evaluation.structures import bond_cutoffs
+    from kd_nnp.data.molecules import bond_cutoffs
 
     i, j = neighbor_list("ij", atoms, bond_cutoffs(atoms))
     return i, j

@@ -1,4 +1,5 @@
-"""Benchmark structures: pyxtal's embedded test.db, a folder of CIFs, and molecule graphs.
+"""Benchmark structures: pyxtal's embedded test.db and folders of CIFs (molecules and bonds:
+:mod:`kd_nnp.data.molecules`).
 
 Dataset specs: ``pyxtal:test`` (default), ``pyxtal:mech``, ``cifs:DIR`` or a plain folder
 path (every ``*.cif`` in it, sorted by name), or a single CIF file. A subset is chosen
@@ -14,10 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from ase import Atoms
-from ase.data import covalent_radii
-from ase.neighborlist import neighbor_list
 
 from kd_nnp.utils.paths import pyxtal_db
 
@@ -181,114 +179,3 @@ def pyxtal_reference_cells(spec: str, ids: Sequence[str]) -> list[dict]:
             rec["status"] = "error"
             rec["converged"] = False
     return records
-
-
-# --------------------------------------------------------------------------- molecules
-def bond_cutoffs(atoms: Atoms, mult: float = 1.2) -> np.ndarray:
-    """Per-atom bond cutoff radii: ``mult`` x covalent radius."""
-    return covalent_radii[atoms.numbers] * mult
-
-
-def bond_list(atoms: Atoms, mult: float = 1.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Periodic covalent bonds ``(i, j, shift)`` with ``i < j`` or ``i == j`` across cells.
-
-    A pair is bonded when its distance is below ``mult * (r_cov(i) + r_cov(j))``."""
-    i, j, s = neighbor_list("ijS", atoms, bond_cutoffs(atoms, mult), self_interaction=False)
-    keep = (i < j) | ((i == j) & _lex_positive(s))
-    return i[keep], j[keep], s[keep]
-
-
-def _lex_positive(s: np.ndarray) -> np.ndarray:
-    """Rows of integer shifts whose first non-zero entry is positive (keeps one direction
-    of a bond from an atom to its own periodic image)."""
-    out = np.zeros(len(s), dtype=bool)
-    for k, row in enumerate(s):
-        nz = row[row != 0]
-        out[k] = bool(len(nz)) and nz[0] > 0
-    return out
-
-
-def bond_set(atoms: Atoms, mult: float = 1.2) -> set[tuple[int, int, int, int, int]]:
-    """Bonds as a set of ``(i, j, s1, s2, s3)`` with ``i <= j``, comparable between the
-    structures of one crystal before and after relaxation (same atom order)."""
-    i, j, s = bond_list(atoms, mult)
-    return {(int(a), int(b), *map(int, sh)) for a, b, sh in zip(i, j, s)}
-
-
-def molecules(atoms: Atoms, mult: float = 1.2) -> tuple[list[np.ndarray], np.ndarray]:
-    """Molecules (connected components of the periodic bond graph), each unwrapped.
-
-    Returns ``(index_lists, unwrapped_positions)``: ``unwrapped_positions[k]`` is atom ``k``
-    translated by lattice vectors so that every molecule is whole. A molecule bonded to its
-    own image (a polymer) cannot be unwrapped: ValueError.
-    """
-    n = len(atoms)
-    i, j, s = neighbor_list("ijS", atoms, bond_cutoffs(atoms, mult), self_interaction=False)
-    adj: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n)]
-    for a, b, sh in zip(i, j, s):
-        adj[a].append((int(b), sh))
-    cell = atoms.cell.array
-    frac = atoms.get_scaled_positions(wrap=False)
-    offset = np.zeros((n, 3), dtype=int)
-    seen = np.zeros(n, dtype=bool)
-    groups: list[np.ndarray] = []
-    for start in range(n):
-        if seen[start]:
-            continue
-        seen[start] = True
-        stack = [start]
-        members = [start]
-        while stack:
-            a = stack.pop()
-            for b, sh in adj[a]:
-                want = offset[a] + sh
-                if not seen[b]:
-                    seen[b] = True
-                    offset[b] = want
-                    stack.append(b)
-                    members.append(b)
-                elif not np.array_equal(offset[b], want):
-                    raise ValueError(
-                        f"atoms {a} and {b} form an infinite (periodic) network, not molecules"
-                    )
-        groups.append(np.array(sorted(members)))
-    unwrapped = (frac + offset) @ cell
-    return groups, unwrapped
-
-
-def connectivity_change(before: Atoms, after: Atoms, mult: float = 1.2) -> dict:
-    """Compare covalent bond graphs of one crystal before and after relaxation.
-
-    ``broken``: bonds of ``before`` missing in ``after``; ``formed``: new bonds. A molecule
-    is *broken* when its count grows or a bond disappears; *merged* when new bonds appear
-    (between molecules or within). Returns counts and flags."""
-    if len(before) != len(after) or (before.numbers != after.numbers).any():
-        raise ValueError("connectivity_change needs the same atoms in the same order")
-    b0, b1 = bond_set(before, mult), bond_set(after, mult)
-    g0 = _n_components(len(before), b0)
-    g1 = _n_components(len(after), b1)
-    broken, formed = len(b0 - b1), len(b1 - b0)
-    return {
-        "n_molecules_before": g0,
-        "n_molecules_after": g1,
-        "bonds_broken": broken,
-        "bonds_formed": formed,
-        "molecule_broken": bool(g1 > g0 or broken > 0),
-        "molecule_merged": bool(g1 < g0 or formed > 0),
-    }
-
-
-def _n_components(n: int, bonds: set[tuple[int, int, int, int, int]]) -> int:
-    parent = list(range(n))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b, *_ in bonds:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[ra] = rb
-    return len({find(x) for x in range(n)})

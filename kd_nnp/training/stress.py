@@ -29,7 +29,7 @@ def molecule_offsets(atoms: Any) -> np.ndarray:
     molecules unwrapped across the cell (the centre the demo's rigid strains use).
 
     Raises ValueError for a covalent network that percolates through the cell."""
-    from kd_nnp.data.sources.perturb import molecule_centres
+    from kd_nnp.data.molecules import molecule_centres
 
     _, pos, centres = molecule_centres(atoms)
     return pos - centres

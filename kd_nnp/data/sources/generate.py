@@ -1,7 +1,7 @@
 """Generated molecular crystals: random packings relaxed by a teacher, trajectories as frames.
 
 For every distinct molecule of pyxtal's shipped crystals (``test.db``, ``mech.db``; extracted
-whole from the experimental cells with :func:`kd_nnp.data.sources.perturb.molecule_indices`),
+whole from the experimental cells with :mod:`kd_nnp.data.molecules`),
 ``packings`` random crystals are made with ``pyxtal.from_random`` (Z' = 1 by default, space
 groups drawn by their frequency in organic crystals, :data:`SPACE_GROUP_TABLE`), checked
 (density, molecules whole, not a duplicate of an earlier packing of the molecule), shrunk
@@ -43,14 +43,14 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from ase import Atoms
 
-from kd_nnp.data.sources.perturb import molecule_indices
+from kd_nnp.data.molecules import graph_key, molecules_of_crystal, one_molecule
 from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError, check_recipe
 from kd_nnp.errors import KdNnpError, SettingsError
 from kd_nnp.utils.settings import as_dict
@@ -172,33 +172,6 @@ class Molecule:
     smiles: str | None = None
 
 
-def _graph_key(symbols: Sequence[str], positions: np.ndarray) -> str:
-    """Formula + Weisfeiler-Lehman hash of the bond graph (bonds: covalent radii x 1.2, the
-    rule of :func:`molecule_indices`)."""
-    import networkx as nx
-    from ase.neighborlist import natural_cutoffs, neighbor_list
-
-    a = Atoms(symbols, positions)
-    i, j = neighbor_list("ij", a, natural_cutoffs(a, mult=1.2))
-    g = nx.Graph()
-    g.add_nodes_from((k, {"el": s}) for k, s in enumerate(symbols))
-    g.add_edges_from((int(x), int(y)) for x, y in zip(i, j) if x < y)
-    wl = nx.weisfeiler_lehman_graph_hash(g, node_attr="el", iterations=4, digest_size=6)
-    return f"{a.get_chemical_formula(mode='hill')}-{wl}"
-
-
-def molecules_of_crystal(atoms: Atoms) -> list[tuple[str, list[str], np.ndarray]]:
-    """``[(key, symbols, unwrapped positions)]`` of each molecule of a crystal."""
-    labels, pos = molecule_indices(atoms)
-    syms = atoms.get_chemical_symbols()
-    out = []
-    for m in np.unique(labels):
-        idx = np.where(labels == m)[0]
-        s = [syms[i] for i in idx]
-        out.append((_graph_key(s, pos[idx]), s, pos[idx]))
-    return out
-
-
 def pyxtal_molecules(
     settings: GenerateSettings,
     skipped: Counter | None = None,
@@ -236,10 +209,10 @@ def _pyxtal_molecules(
     for db in databases:
         if db == "collection":
             for name, syms, pos in _collection():
-                if not _one_molecule(syms, pos):
+                if not one_molecule(syms, pos):
                     skipped["not one molecule"] += 1
                     continue
-                take(_graph_key(syms, pos), syms, pos, f"collection:{name}", None)
+                take(graph_key(syms, pos), syms, pos, f"collection:{name}", None)
             continue
         bad: list[tuple[str, str]] = []
         for code, atoms in checked_crystals(db, skipped=bad):
@@ -266,16 +239,6 @@ def _collection() -> list[tuple[str, list[str], np.ndarray]]:
     with open(path) as fh:
         rows = json.load(fh)
     return [(str(r["name"]), list(r["elements"]), np.asarray(r["xyz"], dtype=float)) for r in rows]
-
-
-def _one_molecule(symbols: list[str], positions: np.ndarray) -> bool:
-    """Whether a gas-phase geometry is one bonded molecule (the crystals' bond rule)."""
-    a = Atoms(symbols, positions - positions.mean(axis=0) + 25.0, cell=[50.0] * 3, pbc=True)
-    try:
-        labels, _ = molecule_indices(a)
-    except ValueError:
-        return False
-    return len(np.unique(labels)) == 1
 
 
 def smiles_molecules(path: str) -> list[Molecule]:
@@ -312,7 +275,7 @@ def smiles_molecules(path: str) -> list[Molecule]:
             ) from exc
         syms = [str(s.specie) for s in pm.mol]
         pos = np.asarray(pm.mol.cart_coords, dtype=float)
-        out.append(Molecule(_graph_key(syms, pos), syms, pos - pos.mean(axis=0), name, smi))
+        out.append(Molecule(graph_key(syms, pos), syms, pos - pos.mean(axis=0), name, smi))
     return out
 
 

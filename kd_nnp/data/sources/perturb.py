@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
+from kd_nnp.data.molecules import molecule_centres
 from kd_nnp.data.store import Frame, FrameStore, StoreError, check_recipe
 from kd_nnp.errors import SettingsError
 from kd_nnp.utils.settings import as_dict, from_mapping
@@ -83,55 +84,6 @@ class PerturbSettings:
 
 
 # ---------------------------------------------------------------- molecules
-def molecule_indices(atoms: Atoms, scale: float = 1.2) -> tuple[np.ndarray, np.ndarray]:
-    """Label each atom with its molecule and give *unwrapped* positions.
-
-    Returns ``(labels, unwrapped_positions)``; a covalent network that percolates through
-    the cell (not molecular) raises ValueError.
-    """
-    from ase.neighborlist import natural_cutoffs, neighbor_list
-
-    n = len(atoms)
-    i, j, shifts = neighbor_list("ijS", atoms, natural_cutoffs(atoms, mult=scale))
-    adj: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n)]
-    for a, b, s in zip(i, j, shifts):
-        adj[a].append((b, s))
-    labels = -np.ones(n, dtype=int)
-    image = np.zeros((n, 3), dtype=int)
-    mol = 0
-    for start in range(n):
-        if labels[start] >= 0:
-            continue
-        labels[start] = mol
-        stack = [start]
-        while stack:
-            a = stack.pop()
-            for b, s in adj[a]:
-                img = image[a] + s
-                if labels[b] < 0:
-                    labels[b] = mol
-                    image[b] = img
-                    stack.append(b)
-                elif not np.array_equal(image[b], img):
-                    raise ValueError("bonded network percolates through the cell (not molecular)")
-        mol += 1
-    unwrapped = atoms.positions + image @ atoms.cell.array
-    return labels, unwrapped
-
-
-def molecule_centres(atoms: Atoms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Molecule labels, unwrapped positions and, per atom, the geometric centre of its
-    molecule (N, 3):
-    the centre that molecule-rigid strains keep fixed relative to the cell (here and in the
-    molecular stress of :mod:`kd_nnp.training.stress`)."""
-    labels, pos = molecule_indices(atoms)
-    centres = np.empty_like(pos)
-    for m in np.unique(labels):
-        sel = labels == m
-        centres[sel] = pos[sel].mean(axis=0)
-    return labels, pos, centres
-
-
 def apply_strain(atoms: Atoms, strain: np.ndarray, mode: str = "molecular") -> Atoms:
     """Deform the cell by ``(I + strain)`` (cell rows are lattice vectors)."""
     deform = np.eye(3) + np.asarray(strain, dtype=float)
