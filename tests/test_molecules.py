@@ -41,7 +41,9 @@ def test_distinct_molecules_counts_each_kind():
     pos = np.vstack([water.positions, water.positions + [6, 0, 0], nh3.positions + [0, 6, 0]])
     syms = water.get_chemical_symbols() * 2 + nh3.get_chemical_symbols()
     cell = Atoms(syms, pos + 2.0, cell=[12.0] * 3, pbc=True)
-    kinds = {k.symbols.count("O") and "water" or "ammonia": k.count for k in distinct_molecules(cell)}
+    kinds = {
+        k.symbols.count("O") and "water" or "ammonia": k.count for k in distinct_molecules(cell)
+    }
     assert kinds == {"water": 2, "ammonia": 1}
 
 
