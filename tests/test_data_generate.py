@@ -188,6 +188,27 @@ def test_same_seed_same_crystals_other_seed_others(built, calc, tmp_path):
     )
 
 
+def test_shards_merged_give_the_unsharded_store(calc, tmp_path):
+    from kd_nnp.data.sources.merge import merge_stores
+
+    s = replace(TINY, relax_steps=0, packings=1)
+    kw = dict(calculator=calc, calculator_name="chgnet", molecules=MOLS)
+    whole = build_generate_store(str(tmp_path / "whole"), s, **kw)
+    parts = [build_generate_store(str(tmp_path / f"s{k}"), s, shard=(k, 2), **kw) for k in (0, 1)]
+    assert [p.n_molecules for p in parts] == [1, 1] and whole.n_molecules == 2
+    rep = merge_stores(tmp_path / "merged", [tmp_path / "s0", tmp_path / "s1"])
+    ref, got = _frames(tmp_path / "whole"), _frames(tmp_path / "merged")
+    assert sorted(got) == sorted(ref) and rep.frames_written == len(ref)
+    for fid, f in ref.items():
+        np.testing.assert_allclose(got[fid].atoms.positions, f.atoms.positions, atol=1e-10)
+        assert got[fid].group_id == f.group_id
+    labels = FrameStore(tmp_path / "merged").labels("chgnet").load()
+    want = FrameStore(tmp_path / "whole").labels("chgnet").load()
+    assert {k: v.energy for k, v in labels.items()} == {k: v.energy for k, v in want.items()}
+    with pytest.raises(SettingsError, match="shard must be K/N"):
+        build_generate_store(str(tmp_path / "bad"), s, shard=(2, 2), **kw)
+
+
 def test_resume_continues_and_a_rerun_adds_nothing(built, calc, tmp_path):
     out, full = built
     path = tmp_path / "part"

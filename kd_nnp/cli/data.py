@@ -4,7 +4,8 @@
     kd-nnp data perturb --from stores/pyxtal --out stores/perturbed --n-strain 8 --n-rattle 4 \\
         --seed 0 [--volume-range=-0.08,0.2] [--prerelax-teacher so3lr]
     kd-nnp data generate --out stores/generated --teacher so3lr --packings 4 --seed 0 \\
-        [--molecules FORMAM UREAXX02] [--limit 10] [--relax-steps 150] [--workers 2]
+        [--molecules FORMAM UREAXX02] [--limit 10] [--shard 0/8] [--relax-steps 150] [--workers 2]
+    kd-nnp data merge stores/gen-0 stores/gen-1 stores/demo --out stores/corpus
     kd-nnp data files ../shared/data/x23_vdwdf2 --out stores/x23 --source-name x23
     kd-nnp data mptrj --json MPtrj_2022.9_full.json --out stores/mptrj --include organic,complex
     kd-nnp data mptrj --download --out stores/mptrj        # figshare, online only
@@ -90,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--limit", type=int, default=None, help="only the first N molecules")
     gen.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="K/N",
+        help="molecules K, K+N, K+2N, ... (K = 0..N-1; one store per shard, then `data merge`)",
+    )
+    gen.add_argument(
         "--workers", type=int, default=1, help="relaxation processes (one thread each)"
     )
 
@@ -100,9 +108,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=None)
     c.add_argument("--retry", action="store_true", help="re-fetch ids rejected before")
 
+    mg = sub.add_parser("merge", help="one store from several (frames and label sets)")
+    mg.add_argument("sources", nargs="+", type=Path, help="source stores")
+    mg.add_argument("--out", required=True, type=Path)
+
     i = sub.add_parser("info", help="counts per source/group and label sets")
     i.add_argument("store", type=Path)
     return p
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shard must be K/N (e.g. 0/8), got {text!r}") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise argparse.ArgumentTypeError(f"shard must be K/N with 0 <= K < N, got {text!r}")
+    return k, n
 
 
 def store_info(path: str | Path) -> str:
@@ -225,9 +247,15 @@ def _run(args: argparse.Namespace) -> int:
             label_name=args.label_name,
             molecules=args.molecules,
             limit=args.limit,
+            shard=args.shard,
             workers=args.workers,
         )
         print(f"generate: {rep.summary()}; store {args.out}")
+    elif args.cmd == "merge":
+        from kd_nnp.data.sources.merge import merge_stores
+
+        rep = merge_stores(args.out, args.sources)
+        print(f"merge: {rep.summary()}; store {args.out}")
     elif args.cmd == "cod":
         from kd_nnp.data.sources.cod import COD_BASE_URL, download_cod, read_cod_ids
 

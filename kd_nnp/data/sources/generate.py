@@ -562,6 +562,7 @@ def build_generate_store(
     label_name: str | None = None,
     molecules: Iterable[str] | None = None,
     limit: int | None = None,
+    shard: tuple[int, int] | None = None,
     workers: int = 1,
     progress: bool = True,
 ) -> GenerateReport:
@@ -571,7 +572,10 @@ def build_generate_store(
     when something is left to do); ``calculator_name`` names it in the recipe and, made
     file-safe, names the label set unless ``label_name`` is given; ``provenance`` (e.g. a
     teacher's ``provenance()``) is stored as the label set's metadata. ``molecules`` keeps
-    only molecules whose id or source CSD code is listed; ``limit`` the first N molecules.
+    only molecules whose id or source CSD code is listed; ``limit`` the first N molecules;
+    ``shard=(k, n)`` then keeps molecules k, k+n, k+2n, ... (k = 0..n-1): n jobs of a cluster
+    array, each writing its own store, together make every molecule once (``kd-nnp data merge``
+    joins them).
     ``workers`` > 1 relax packings in that many processes (one thread each; ``calculator``
     must then be a picklable builder, called once per worker); the packings themselves are
     made and de-duplicated here, in order, so the result does not depend on ``workers``.
@@ -604,6 +608,11 @@ def build_generate_store(
             )
     if limit is not None:
         mols = mols[: int(limit)]
+    if shard is not None:
+        k, n = (int(x) for x in shard)
+        if not (n >= 1 and 0 <= k < n):
+            raise SettingsError(f"shard must be K/N with 0 <= K < N, got {k}/{n}")
+        mols = mols[k::n]
     report.n_molecules = len(mols)
     if not mols:
         raise StoreError(f"no molecule to generate crystals of ({dict(report.skipped_crystals)})")

@@ -1,0 +1,143 @@
+"""One store from several: shards of a generated corpus, a corpus plus the demo's frames.
+
+``kd-nnp data merge --out STORE SRC [SRC ...]`` copies every frame of every source store and
+every label set they hold into ``STORE``. Nothing is recomputed and nothing is silently
+dropped:
+
+- Frame ids must be unique across sources: a frame id found in two sources is an error naming
+  both stores, unless both hold the same frame (same atoms, cell, group id and hard labels, as
+  the same crystal copied twice would), which is kept once.
+- A label set (``labels/<name>.db``) that several sources hold must have been made by the same
+  teacher with the same settings (the ``hash`` of its provenance): otherwise the merge stops,
+  naming the two stores and hashes, since one label set mixing two teachers' energy zeros would
+  train a student on nonsense. Failed frames stay failed (their error is copied).
+- Resumable and idempotent: frames and labels already in ``STORE`` are skipped, so a killed
+  merge is finished by running it again. ``STORE/merge.json`` records the sources (resolved
+  paths); a rerun with other sources is refused (write to a new ``--out``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError, check_recipe
+
+log = logging.getLogger(__name__)
+
+RECIPE_FILE = "merge.json"
+
+
+@dataclass
+class MergeReport:
+    frames_written: int = 0
+    frames_same: int = 0
+    labels_written: dict[str, int] = field(default_factory=dict)
+    per_source: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        labels = ", ".join(f"{k}: {v}" for k, v in sorted(self.labels_written.items())) or "none"
+        return (
+            f"{self.frames_written} frames written ({self.frames_same} duplicates kept once) "
+            f"from {len(self.per_source)} stores; labels written: {labels}"
+        )
+
+
+def _same_frame(a: Frame, b: Frame) -> bool:
+    x, y = a.atoms, b.atoms
+    if len(x) != len(y) or (x.numbers != y.numbers).any() or str(a.group_id) != str(b.group_id):
+        return False
+    if not (np.allclose(x.positions, y.positions) and np.allclose(x.cell.array, y.cell.array)):
+        return False
+    ha, hb = a.hard or Labels(), b.hard or Labels()
+    for key in ("energy", "forces", "stress"):
+        va, vb = getattr(ha, key), getattr(hb, key)
+        if (va is None) != (vb is None) or (va is not None and not np.allclose(va, vb)):
+            return False
+    return True
+
+
+def merge_stores(out: str | Path, sources: Sequence[str | Path]) -> MergeReport:
+    """Merge the frames and label sets of ``sources`` into the store ``out`` (see module doc)."""
+    if not sources:
+        raise StoreError("merge needs at least one source store")
+    srcs = [FrameStore(s) for s in sources]  # each must be a store: StoreError names it
+    roots = [str(s.root.resolve()) for s in srcs]
+    if len(set(roots)) != len(roots):
+        raise StoreError(f"a source store is given twice: {roots}")
+    out_root = Path(out).resolve()
+    if str(out_root) in roots:
+        raise StoreError(f"--out {out_root} is also a source")
+    dest = FrameStore(out_root, create=True, description="merged: " + ", ".join(roots))
+    check_recipe(dest, RECIPE_FILE, {"sources": roots}, "merge")
+    report = MergeReport()
+
+    # 1. label-set provenance must agree before anything is written
+    provenance: dict[str, tuple[str, dict]] = {}
+    for src in srcs:
+        for name in src.label_names():
+            prov = src.labels(name).provenance
+            if name in provenance:
+                first, seen = provenance[name]
+                if seen.get("hash") != prov.get("hash"):
+                    raise StoreError(
+                        f"label set {name!r} differs between {first} (hash {seen.get('hash')}) "
+                        f"and {src.root} (hash {prov.get('hash')}): made by other teachers or "
+                        "settings; relabel one of them or give it another label-set name"
+                    )
+            else:
+                provenance[name] = (str(src.root), prov)
+
+    # 2. frames: ids unique across sources (identical duplicates kept once)
+    owner: dict[str, str] = {}
+    for src in srcs:
+        for fid in src.frame_ids():
+            if fid in owner and owner[fid] != str(src.root):
+                other = FrameStore(owner[fid]).get(fid)
+                if not _same_frame(other, src.get(fid)):
+                    raise StoreError(
+                        f"frame {fid!r} is in {owner[fid]} and in {src.root} with other "
+                        "content; frame ids must be unique across the merged stores"
+                    )
+                report.frames_same += 1
+            else:
+                owner.setdefault(fid, str(src.root))
+    for src in srcs:
+        mine = [fid for fid in src.frame_ids() if owner[fid] == str(src.root)]
+        n = dest.add_frames(src.iter_frames(mine))
+        report.frames_written += n
+        report.per_source[str(src.root)] = len(mine)
+        log.info("merge: %d of %d frames of %s written", n, len(mine), src.root)
+
+    # 3. labels: copied as they are (ok rows and failures), skipping what is there
+    for name, (_, prov) in sorted(provenance.items()):
+        target = dest.labels(name, create=True)
+        with target.writer_lock():
+            target.set_provenance(prov)
+            done = target.status()
+            written = 0
+            for src in srcs:
+                if name not in src.label_names():
+                    continue
+                ls = src.labels(name)
+                status = ls.status()
+                todo = [f for f, st in status.items() if f not in done and owner.get(f)]
+                if not todo:
+                    continue
+                ok = ls.load(todo)
+                failed = ls.failures()
+                rows = []
+                for fr in src.iter_frames([f for f in todo if f in src]):
+                    fid = fr.frame_id
+                    if fid in ok:
+                        rows.append((fr, ok[fid], None, 0.0))
+                    elif fid in failed:
+                        rows.append((fr, None, failed[fid], 0.0))
+                    done[fid] = status[fid]
+                written += target.write(rows)
+            report.labels_written[name] = written
+    return report
