@@ -10,7 +10,7 @@ given a string. Specs:
   (``torch.save({"model": model.as_dict()})``, what ``kd-nnp export`` and every training run
   write) or a kd_nnp Lightning checkpoint; ``=LABEL`` names it in benchmark tables;
 - ``teacher:NAME``: a built-in teacher (:data:`TEACHERS`: ``so3lr``, ``gfn2``, ``chgnet_d3``,
-  ``chgnet``) or ``teacher:module:factory``, with its default settings;
+  ``sevennet_d3``, ``sevennet_r2scan_d4``, ``chgnet_r2scan_d4``, ``chgnet``) or ``teacher:module:factory``, with its default settings;
 - ``module:factory`` (or ``module:factory:arg``): ``importlib.import_module(module).factory()``
   must return an ASE calculator (a single string argument may follow).
 
@@ -218,12 +218,49 @@ def make_chgnet(model_name: str = "0.3.0", device: str = "cpu") -> Any:
 def make_chgnet_d3(
     model_name: str = "0.3.0", device: str = "cpu", method: str = "PBE", damping: str = "d3bj"
 ) -> Any:
-    from ase.calculators.mixing import SumCalculator
+    from kd_nnp.teachers.dispersion import add_dispersion
 
-    d3 = _require("dftd3.ase", "chgnet_d3", "dftd3")
-    return SumCalculator(
-        [_chgnet_calculator(model_name, device), d3.DFTD3(method=method, damping=damping)]
-    )
+    _require("dftd3.ase", "chgnet_d3", "dftd3")
+    return add_dispersion(_chgnet_calculator(model_name, device), "d3", method, damping)
+
+
+def make_chgnet_d4(model_name: str = "r2scan", device: str = "cpu", method: str = "r2SCAN") -> Any:
+    from kd_nnp.teachers.dispersion import add_dispersion
+
+    _require("dftd4.ase", "chgnet_r2scan_d4", "dftd4")
+    return add_dispersion(_chgnet_calculator(model_name, device), "d4", method)
+
+
+def _sevennet(model: str, modal: str | None, device: str, teacher: str) -> Any:
+    mod = _require("sevenn.calculator", teacher, "sevenn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no tensor-product accelerator" on CPU
+        return mod.SevenNetCalculator(model, device=device, modal=modal or None)
+
+
+def make_sevennet_d3(
+    model: str = "7net-0",
+    modal: str = "",
+    device: str = "cpu",
+    method: str = "PBE",
+    damping: str = "d3bj",
+) -> Any:
+    """SevenNet (``model``, pretrained weights shipped in the sevenn wheel: 7net-0, 7net-l3i5,
+    7net-mf-0 with ``modal`` PBE or R2SCAN) + DFT-D3 with the parameters of ``method``."""
+    from kd_nnp.teachers.dispersion import add_dispersion
+
+    _require("dftd3.ase", "sevennet_d3", "dftd3")
+    return add_dispersion(_sevennet(model, modal, device, "sevennet_d3"), "d3", method, damping)
+
+
+def make_sevennet_d4(
+    model: str = "7net-mf-0", modal: str = "R2SCAN", device: str = "cpu", method: str = "r2SCAN"
+) -> Any:
+    """SevenNet (default: the r2SCAN head of 7net-mf-0) + DFT-D4 with ``method``'s parameters."""
+    from kd_nnp.teachers.dispersion import add_dispersion
+
+    _require("dftd4.ase", "sevennet_r2scan_d4", "dftd4")
+    return add_dispersion(_sevennet(model, modal, device, "sevennet_r2scan_d4"), "d4", method)
 
 
 @dataclass(frozen=True)
@@ -255,6 +292,27 @@ TEACHERS: dict[str, TeacherSpec] = {
     ),
     "chgnet": TeacherSpec(
         make_chgnet, ("chgnet",), ("chgnet",), {"model_name": "0.3.0"}, "CHGNet 0.3.0"
+    ),
+    "sevennet_d3": TeacherSpec(
+        make_sevennet_d3,
+        ("sevenn", "dftd3"),
+        ("sevenn", "dftd3"),
+        {"model": "7net-0", "modal": "", "method": "PBE", "damping": "d3bj"},
+        "SevenNet-0 + DFT-D3(BJ, PBE parameters, three-body term on)",
+    ),
+    "sevennet_r2scan_d4": TeacherSpec(
+        make_sevennet_d4,
+        ("sevenn", "dftd4"),
+        ("sevenn", "dftd4"),
+        {"model": "7net-mf-0", "modal": "R2SCAN", "method": "r2SCAN"},
+        "SevenNet-MF-0 (r2SCAN head) + DFT-D4(r2SCAN)",
+    ),
+    "chgnet_r2scan_d4": TeacherSpec(
+        make_chgnet_d4,
+        ("chgnet", "dftd4"),
+        ("chgnet", "dftd4"),
+        {"model_name": "r2scan", "method": "r2SCAN"},
+        "CHGNet r2SCAN (shipped with chgnet) + DFT-D4(r2SCAN)",
     ),
 }
 
