@@ -7,12 +7,11 @@ import pytest
 from ase import Atoms
 from ase.build import molecule
 from ase.calculators.calculator import Calculator
+from conftest import requires_teacher
 
 from kd_nnp.teachers.calculators import build_teacher_calculator
 from kd_nnp.teachers.dispersion import DispersionSum, add_dispersion, dispersion_calculator
 from kd_nnp.teachers.registry import load_teacher
-
-from conftest import requires_teacher
 
 
 def _crystal() -> Atoms:

@@ -19,9 +19,11 @@ added once, by :func:`add_dispersion`, for any base calculator:
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from kd_nnp.teachers.base import TeacherImportError
@@ -41,7 +43,12 @@ class DispersionSum(Calculator):
         self.dispersion = dispersion
         self.label_text = label
 
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: Sequence[str] = ("energy",),
+        system_changes: Sequence[str] = tuple(all_changes),
+    ) -> None:
         super().calculate(atoms, properties, system_changes)
         want = {"energy", "forces", "stress"} if "stress" in properties else {"energy", "forces"}
         results: dict[str, Any] = {}
