@@ -223,3 +223,42 @@ def test_generate_store_is_refused(tmp_path, calc):
     (store / "generate.json").write_text(json.dumps({}))
     with pytest.raises(StoreError, match="data generate"):
         _build(store, calc)
+
+
+def test_demo_molecules_option_adds_labelled_gas_frames(tmp_path):
+    """``demo.molecules = N`` in the demo's frames step: each training crystal's molecules with
+    N rattled copies, labelled in the label set the demo's labelling step then completes."""
+    from omegaconf import OmegaConf
+
+    from kd_nnp.demo import build_store
+    from kd_nnp.teachers.label import label_store
+
+    cfg = OmegaConf.create(
+        {
+            "demo": {
+                "teacher": "chgnet",
+                "seed": 0,
+                "molecules": 1,
+                "frames": {
+                    "n_strain": 1,
+                    "n_rattle": 0,
+                    "volume_range": [0.0, 0.0],
+                    "shear": 0.0,
+                    "rattle_std": 0.0,
+                    "prerelax_steps": 0,
+                },  # fmt: skip
+            }
+        }
+    )
+    crystals = pyxtal_crystals("test", codes=["UREAXX02"])
+    store_dir = build_store(cfg, crystals, tmp_path, workers=1)
+    fs = FrameStore(store_dir)
+    frames = {f.frame_id: f for f in fs.iter_frames()}
+    gas = sorted(k for k, f in frames.items() if f.info.get("phase") == "gas")
+    assert gas == ["UREAXX02/parent/mol0/rattle0", "UREAXX02/parent/mol0/relaxed"]
+    assert {frames[k].group_id for k in gas} == {"UREAXX02"}
+    assert set(fs.labels("chgnet").load()) == set(gas)
+    rep = label_store(store_dir, "chgnet", check=False, progress=False)
+    assert rep.n_done_before == 2 and rep.n_ok == 2  # the crystal frames, the molecules kept
+    again = build_store(cfg, crystals, tmp_path, workers=1)  # rerun: nothing new
+    assert again == store_dir and len(FrameStore(store_dir)) == 4
