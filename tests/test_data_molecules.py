@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.calculators.emt import EMT
+from conftest import requires_teacher
 
 from kd_nnp.data.molecules import distinct_molecules, graph_key, image_clearance, isolate
 from kd_nnp.data.sources.molecules import (
@@ -260,5 +261,42 @@ def test_demo_molecules_option_adds_labelled_gas_frames(tmp_path):
     assert set(fs.labels("chgnet").load()) == set(gas)
     rep = label_store(store_dir, "chgnet", check=False, progress=False)
     assert rep.n_done_before == 2 and rep.n_ok == 2  # the crystal frames, the molecules kept
+    # `kd-nnp label` with another set computes gas frames as the teacher does (gas=True)
+    label_store(store_dir, "chgnet", name="again", check=False, progress=False)
+    first, second = fs.labels("chgnet").load(), fs.labels("again").load()
+    for k in gas:
+        assert second[k].energy == pytest.approx(first[k].energy, abs=2e-4)
     again = build_store(cfg, crystals, tmp_path, workers=1)  # rerun: nothing new
     assert again == store_dir and len(FrameStore(store_dir)) == 4
+
+
+def _benzene(clearance: float) -> Atoms:
+    _, crystal = pyxtal_crystals("test", codes=["BENZEN"])[0]
+    m = distinct_molecules(crystal)[0]
+    return isolate(m.symbols, m.positions, clearance)
+
+
+@requires_teacher("so3lr")
+def test_so3lr_in_a_box_beyond_its_long_range_cutoff_is_isolated():
+    from kd_nnp.teachers.calculators import build_teacher_calculator, gas_phase
+
+    calc = build_teacher_calculator("so3lr")
+    g = gas_phase("so3lr", calc)
+    assert g.periodic and g.clearance == 12.0
+    box = _benzene(12.0)
+    e_box = gas_labels(box, calc, True, g.clearance).energy
+    assert e_box == pytest.approx(gas_labels(box, calc, False).energy, abs=1e-3)
+    # closer images interact (the table in docs/data.md: -16.5 meV at 6 A)
+    assert abs(gas_labels(_benzene(6.0), calc, True).energy - e_box) > 5e-3
+
+
+@requires_teacher("gfn2")
+def test_gfn2_gas_frames_are_computed_without_pbc():
+    from kd_nnp.teachers.calculators import build_teacher_calculator, gas_phase
+
+    calc = build_teacher_calculator("gfn2")
+    assert not gas_phase("gfn2", calc).periodic
+    free = gas_labels(_benzene(8.0), calc, False)
+    big = gas_labels(_benzene(30.0), calc, True)  # Ewald images of a 30 A box: ~0.06 meV
+    assert free.energy == pytest.approx(big.energy, abs=3e-4)
+    assert abs(gas_labels(_benzene(6.0), calc, True).energy - free.energy) > 1e-3
