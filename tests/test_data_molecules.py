@@ -300,3 +300,45 @@ def test_gfn2_gas_frames_are_computed_without_pbc():
     big = gas_labels(_benzene(30.0), calc, True)  # Ewald images of a 30 A box: ~0.06 meV
     assert free.energy == pytest.approx(big.energy, abs=3e-4)
     assert abs(gas_labels(_benzene(6.0), calc, True).energy - free.energy) > 1e-3
+
+
+@pytest.mark.slow
+def test_cli_with_workers_killed_by_sigkill_resumes(built, tmp_path):
+    """`kd-nnp data molecules --workers 2`, kill -9 after the first molecule, rerun: every
+    molecule written once, labelled, logged; the same frames as the in-process run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from kd_nnp.utils.paths import REPO_ROOT
+
+    ref_store, _ = built
+    path = tmp_path / "s"
+    build_pyxtal_store(str(path), "test", ["FORMAM", "UREAXX02", "OXALAC11"], None, None)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "kd_nnp.cli", "data", "molecules", "--from", str(path),
+           "--teacher", "chgnet", "--relax-steps", "40", "--fmax", "0.05", "--n-perturbed", "2",
+           "--rattle-std", "0.05", "--workers", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 400
+    while time.time() < deadline and not read_molecules_log(str(path)):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 1 <= len(read_molecules_log(str(path))) < 3
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    summary = res.stdout.strip().splitlines()[-1]
+    assert "3 crystals, 3 molecules" in summary and "done before" in summary, summary
+    log = read_molecules_log(str(path))
+    assert sorted(r["crystal_frame"] for r in log) == sorted(
+        f"pyxtal-test:{c}" for c in ("FORMAM", "UREAXX02", "OXALAC11")
+    )
+    fs = FrameStore(path)
+    gas = {f.frame_id: f for f in fs.iter_frames() if f.info.get("phase") == "gas"}
+    assert len(gas) == 9 and set(fs.labels("chgnet").load()) == set(gas)
+    ref = {f.frame_id: f for f in FrameStore(ref_store).iter_frames()}
+    for fid in ("pyxtal-test:FORMAM/mol0/relaxed", "pyxtal-test:UREAXX02/mol0/rattle1"):
+        np.testing.assert_allclose(gas[fid].atoms.positions, ref[fid].atoms.positions, atol=1e-3)

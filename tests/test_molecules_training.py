@@ -23,7 +23,7 @@ from kd_nnp.data.sources.perturb import PerturbSettings, make_perturbations
 from kd_nnp.data.sources.pyxtal_db import pyxtal_crystals
 from kd_nnp.data.store import FrameStore
 
-CODES = ["FORMAM", "UREAXX02", "OXALAC02"]
+CODES = ["FORMAM", "UREAXX02", "OXALAC11"]
 
 
 def _train(store: str, epochs: int = 150):

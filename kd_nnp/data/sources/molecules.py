@@ -185,12 +185,11 @@ def _rank(fr: Frame) -> int | None:
 def crystal_frames(frames: Iterable[Frame], skipped: Counter | None = None) -> list[Frame]:
     """The reference crystal of each group (see the module doc), in order of first frame."""
     best: dict[str, tuple[int, int, Frame]] = {}
-    groups: list[str] = []
+    groups: dict[str, None] = {}  # in order of first frame
     for i, fr in enumerate(frames):
         if fr.info.get("phase") == "gas":
             continue
-        if fr.group_id not in best and fr.group_id not in groups:
-            groups.append(fr.group_id)
+        groups.setdefault(fr.group_id, None)
         r = _rank(fr)
         if r is not None and (fr.group_id not in best or r < best[fr.group_id][0]):
             best[fr.group_id] = (r, i, fr)
