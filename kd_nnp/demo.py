@@ -128,18 +128,63 @@ def _perturb_task(item: dict[str, Any]) -> list[Any]:
 def build_store(
     cfg: DictConfig, train_crystals: list[tuple[str, Any]], out: Path, workers: int = 1
 ) -> Path:
-    """Teacher-pre-relaxed, strained and rattled frames of each training crystal.
+    """Teacher-pre-relaxed, strained and rattled frames of each training crystal, and with
+    ``demo.molecules`` set their isolated molecules (:func:`add_molecules`).
 
     One crystal per task (worker processes, one thread each); each finished crystal is
     written at once, so a killed run loses at most the crystals in flight."""
-    from kd_nnp.data.store import FrameStore
-    from kd_nnp.utils.parallel import run_tasks
-
     store_dir = out / "store"
     done = store_dir / "frames.done.json"
     wanted = [c for c, _ in train_crystals]
-    if done.exists() and json.loads(done.read_text()).get("crystals") == wanted:
-        return store_dir
+    if not (done.exists() and json.loads(done.read_text()).get("crystals") == wanted):
+        _build_frames(cfg, train_crystals, store_dir, done, wanted, workers)
+    n_mol = cfg.demo.get("molecules")
+    if n_mol is not None:
+        add_molecules(store_dir, str(cfg.demo.teacher), int(n_mol), int(cfg.demo.seed), workers)
+    return store_dir
+
+
+def add_molecules(store_dir: Path, teacher: str, n_perturbed: int, seed: int, workers: int) -> Any:
+    """``demo.molecules`` = N: the isolated molecules of every training crystal (relaxed by the
+    teacher, N rattled copies, labelled) added to the store beside their crystals
+    (``kd-nnp data molecules``; resumable, skipped when done)."""
+    import functools
+
+    from kd_nnp.data.sources.molecules import MoleculesSettings, build_molecules_store
+    from kd_nnp.teachers.calculators import build_teacher_calculator, student_clearance
+    from kd_nnp.teachers.label import label_set_name
+    from kd_nnp.teachers.registry import load_teacher
+
+    t = load_teacher(teacher)
+    rep = build_molecules_store(
+        str(store_dir),
+        MoleculesSettings(n_perturbed=n_perturbed, seed=seed),
+        calculator=(
+            functools.partial(build_teacher_calculator, teacher) if workers > 1 else t.calculator
+        ),
+        calculator_name=teacher,
+        label_name=label_set_name(teacher),
+        periodic=t.gas.periodic,
+        teacher_clearance=t.gas.clearance if t.gas.periodic else 0.0,
+        student_clearance=student_clearance(),
+        provenance=t.provenance(),
+        workers=workers,
+    )
+    print(f"      molecules: {rep.summary()}")
+    return rep
+
+
+def _build_frames(
+    cfg: DictConfig,
+    train_crystals: list[tuple[str, Any]],
+    store_dir: Path,
+    done: Path,
+    wanted: list[str],
+    workers: int,
+) -> None:
+    from kd_nnp.data.store import FrameStore
+    from kd_nnp.utils.parallel import run_tasks
+
     store = FrameStore(store_dir, create=True, description="kd-nnp demo: perturbed pyxtal crystals")
     have = {fid.split("/")[0] for fid in store.frame_ids()}
     frames_cfg = OmegaConf.to_container(cfg.demo.frames, resolve=True)
@@ -165,7 +210,6 @@ def build_store(
     if failed:
         raise RuntimeError(f"building frames failed for {failed}; rerun to retry them")
     done.write_text(json.dumps({"crystals": wanted}))
-    return store_dir
 
 
 def run_demo(cfg: DictConfig) -> dict[str, Any]:

@@ -6,6 +6,7 @@
     kd-nnp data generate --out stores/generated --teacher so3lr --packings 4 --seed 0 \\
         [--molecules FORMAM UREAXX02] [--limit 10] [--shard 0/8] [--relax-steps 150] [--workers 2]
     kd-nnp data merge stores/gen-0 stores/gen-1 stores/demo --out stores/corpus
+    kd-nnp data molecules --store stores/perturbed --teacher so3lr --n-perturbed 3 [--workers 2]
     kd-nnp data files ../shared/data/x23_vdwdf2 --out stores/x23 --source-name x23
     kd-nnp data mptrj --json MPtrj_2022.9_full.json --out stores/mptrj --include organic,complex
     kd-nnp data mptrj --download --out stores/mptrj        # figshare, online only
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_nnp.data.sources.generate import GenerateSettings
+from kd_nnp.data.sources.molecules import MoleculesSettings
 from kd_nnp.data.sources.perturb import PerturbSettings
 from kd_nnp.data.store import FrameStore
 from kd_nnp.errors import KdNnpError
@@ -101,6 +103,28 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, help="relaxation processes (one thread each)"
     )
 
+    mol = sub.add_parser(
+        "molecules", help="isolated molecules of a store's crystals, relaxed and labelled"
+    )
+    mol.add_argument(
+        "--store", "--from", dest="store", required=True, type=Path,
+        help="store of crystals; the gas-phase frames are added to it",
+    )  # fmt: skip
+    mol.add_argument(
+        "--teacher",
+        default="so3lr",
+        help="teacher (name or module:factory) that relaxes and labels the molecules",
+    )
+    mol.add_argument(
+        "--label-name", default=None, help="label-set name (default: what `kd-nnp label` uses)"
+    )
+    add_options(mol, MoleculesSettings)
+    mol.add_argument(
+        "--codes", nargs="*", default=None, help="only these crystals (group/frame id)"
+    )
+    mol.add_argument("--limit", type=int, default=None, help="only the first N crystals")
+    mol.add_argument("--workers", type=int, default=1, help="processes (one thread each)")
+
     c = sub.add_parser("cod", help="download COD CIFs by id (online)")
     c.add_argument("--ids", required=True, type=Path)
     c.add_argument("--out", required=True, type=Path)
@@ -171,6 +195,38 @@ def _teacher_calculator(name: str) -> Any:
     from kd_nnp.teachers.registry import load_teacher
 
     return load_teacher(name, check=False).calculator
+
+
+def _run_molecules(args: argparse.Namespace) -> None:
+    from kd_nnp.data.sources.molecules import build_molecules_store
+    from kd_nnp.teachers.calculators import check_spec, student_clearance
+    from kd_nnp.teachers.label import label_set_name
+    from kd_nnp.teachers.registry import load_teacher
+
+    settings = from_args(MoleculesSettings, args)  # bad settings fail before the teacher
+    settings.check()
+    FrameStore(args.store)  # not a store: fail before the teacher
+    check_spec(f"teacher:{args.teacher}")
+    teacher = load_teacher(args.teacher)  # checked once, here
+    gas = teacher.gas
+    calculator: Any = teacher.calculator
+    if args.workers > 1:  # each worker builds its own (the check was done above)
+        calculator = functools.partial(_teacher_calculator, args.teacher)
+    rep = build_molecules_store(
+        str(args.store),
+        settings,
+        calculator=calculator,
+        calculator_name=args.teacher,
+        label_name=args.label_name or label_set_name(args.teacher),
+        periodic=gas.periodic,
+        teacher_clearance=gas.clearance if gas.periodic else 0.0,
+        student_clearance=student_clearance(),
+        provenance=teacher.provenance(),
+        codes=args.codes,
+        limit=args.limit,
+        workers=args.workers,
+    )
+    print(f"molecules ({args.teacher}, {gas.note}): {rep.summary()}; store {args.store}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -256,6 +312,8 @@ def _run(args: argparse.Namespace) -> int:
 
         rep = merge_stores(args.out, args.sources)
         print(f"merge: {rep.summary()}; store {args.out}")
+    elif args.cmd == "molecules":
+        _run_molecules(args)
     elif args.cmd == "cod":
         from kd_nnp.data.sources.cod import COD_BASE_URL, download_cod, read_cod_ids
 

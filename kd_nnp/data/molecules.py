@@ -252,3 +252,15 @@ def _n_components(n: int, bonds: set[tuple[int, int, int, int, int]]) -> int:
         if ra != rb:
             parent[ra] = rb
     return len({find(x) for x in range(n)})
+
+
+def isolated_stress(positions: np.ndarray, forces: np.ndarray, volume: float) -> np.ndarray:
+    """Stress (ASE Voigt, eV/A^3) of an isolated molecule in a box of ``volume``: the
+    derivative of its energy along a homogeneous strain of box and positions,
+    ``sigma = -(1/V) sym(sum_i F_i (x) r_i)``. It equals a periodic calculator's stress in a box
+    whose images do not interact (gas-phase frames labelled without periodicity; tested)."""
+    r = np.asarray(positions, dtype=float)
+    f = np.asarray(forces, dtype=float)
+    full = -(f.T @ (r - r.mean(axis=0))) / float(volume)
+    full = 0.5 * (full + full.T)
+    return full[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]

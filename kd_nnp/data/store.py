@@ -473,13 +473,16 @@ class LabelSet:
         return {fid: err for fid, err in self._failure_rows() if fid not in ok}
 
 
-def check_recipe(dest: FrameStore, file_name: str, recipe: dict[str, Any], verb: str) -> None:
+def check_recipe(
+    dest: FrameStore, file_name: str, recipe: dict[str, Any], verb: str, *, own_store: bool = True
+) -> None:
     """A store written by a source verb (``perturb``, ``generate``) holds one recipe, recorded in
     ``dest/file_name`` at its first run: the same recipe resumes, another one is refused with
-    the keys that differ (``settings`` flattened), frames the verb did not write are refused."""
+    the keys that differ (``settings`` flattened), frames the verb did not write are refused
+    unless ``own_store`` is False (a verb that adds frames to an existing store: ``molecules``)."""
     path = dest.root / file_name
     if not path.is_file():
-        if len(dest):
+        if own_store and len(dest):
             raise StoreError(
                 f"{dest.root} already holds {len(dest)} frames that `kd-nnp data {verb}` did "
                 f"not write with a recorded recipe; write to a new --out store"

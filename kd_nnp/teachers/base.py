@@ -37,22 +37,46 @@ class StudentFileError(CalculatorSpecError, FileNotFoundError):
     """``student:PATH`` names a file that does not exist or is not a CHGNet model."""
 
 
+@dataclass(frozen=True)
+class GasPhase:
+    """How a calculator computes an isolated molecule (gas-phase frames, ``phase=gas``).
+
+    ``periodic``: True if the molecule is computed in its periodic box, which is then exact
+    only when every atom is at least ``clearance`` (A) from every image atom (the
+    calculator's interaction range); False if it is computed without periodic boundary
+    conditions (the box is ignored, stress from the virial of the forces). ``clearance`` None:
+    the range is unknown (a ``module:factory`` calculator). ``note`` says where it comes from."""
+
+    periodic: bool
+    clearance: float | None
+    note: str = ""
+
+
 @dataclass
 class Teacher:
-    """A named ASE calculator with its settings, version and load-time check report."""
+    """A named ASE calculator with its settings, version and load-time check report;
+    ``gas`` says how it computes gas-phase frames (:func:`~kd_nnp.teachers.calculators.gas_phase`)."""
 
     name: str
     settings: dict[str, Any]
     version: str
     calculator: Any
     check_report: dict[str, Any] | None = None
+    gas: GasPhase | None = None
 
     def provenance(self) -> dict[str, Any]:
         core = {"name": self.name, "version": self.version, "settings": self.settings}
         return dict(core, hash=stable_hash(core), check=self.check_report)
 
-    def compute(self, atoms: Atoms) -> Labels:
-        """Energy (eV), forces (eV/A), stress (ASE Voigt, eV/A^3) of ``atoms``."""
+    def compute(self, atoms: Atoms, *, gas: bool = False) -> Labels:
+        """Energy (eV), forces (eV/A), stress (ASE Voigt, eV/A^3) of ``atoms``; ``gas``: an
+        isolated molecule in its box (a frame with ``phase=gas``), computed as :attr:`gas` says
+        (:func:`kd_nnp.data.sources.molecules.gas_labels`; a box too small raises)."""
+        if gas:
+            from kd_nnp.data.sources.molecules import gas_labels
+
+            g = self.gas or GasPhase(True, None, "unknown range")
+            return gas_labels(atoms, self.calculator, g.periodic, g.clearance, self.name)
         a = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
         a.calc = self.calculator
         energy = float(a.get_potential_energy())

@@ -26,6 +26,7 @@ chgnet wheel, a model file, or a training checkpoint).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -44,6 +45,7 @@ from kd_nnp.errors import KdNnpError
 from kd_nnp.teachers.base import (
     PIP_EXTRA,
     CalculatorSpecError,
+    GasPhase,
     StudentFileError,
     TeacherImportError,
 )
@@ -385,6 +387,50 @@ def build_teacher_calculator(name: str, settings: Mapping[str, Any] | None = Non
     """The ASE calculator of teacher ``name`` (built-in or ``module:factory``)."""
     factory, merged, _ = resolve_teacher(name, settings)
     return _check_calculator(factory(**merged), f"teacher {name!r}")
+
+
+# ------------------------------------------------------------------ gas phase
+def student_clearance() -> float:
+    """The student's interaction range (A): pretrained CHGNet's atom-graph cutoff (its bond
+    graph, 3 A, lies inside it). A gas-phase box with at least this image clearance has no
+    graph edge across its faces, so the student sees the molecule alone."""
+    return float(_student_cutoff())
+
+
+@functools.lru_cache(maxsize=1)
+def _student_cutoff() -> float:
+    return float(load_chgnet().graph_converter.atom_graph_cutoff)
+
+
+def gas_phase(name: str, calculator: Any) -> GasPhase:
+    """How teacher ``name`` (built as ``calculator``) computes an isolated molecule, from the
+    calculator itself (measured on benzene in docs/data.md):
+
+    - ``so3lr``: periodic box; exact when the clearance is at least its long-range cutoff
+      ``r_max_lr`` (12 A; electrostatics and dispersion are summed in real space up to it,
+      its message passing reaches ``r_max`` = 4.5 A per layer through edges that do not
+      cross such a box): energies equal to the non-periodic ones to float32 precision;
+    - ``chgnet``: periodic box, exact beyond its atom-graph cutoff (6 A);
+    - ``gfn2``: without periodic boundary conditions (periodic GFN2-xTB sums Ewald
+      electrostatics, which no box removes exactly);
+    - ``chgnet_d3`` and the other "+ D3/D4" teachers (``sevennet_d3``, ``sevennet_r2scan_d4``,
+      ``chgnet_r2scan_d4``): without periodic boundary conditions (D3's two-body cutoff is 60
+      bohr = 31.75 A; CHGNet and SevenNet give the same energy with or without periodicity in a
+      box: benzene, 20 A of vacuum, to 4e-6 eV);
+    - ``module:factory``: periodic box, range unknown (``clearance`` None).
+    """
+    if name == "so3lr":
+        r_lr = float(getattr(calculator, "r_max_lr", None) or 0.0)
+        r_sr = float(getattr(calculator, "r_max", None) or 0.0)
+        if r_lr <= 0:
+            raise KdNnpError("so3lr: the calculator has no long-range cutoff r_max_lr")
+        return GasPhase(True, max(r_lr, r_sr), f"SO3LR r_max_lr={r_lr:g} A, r_max={r_sr:g} A")
+    if name == "chgnet":
+        conv = calculator.model.graph_converter
+        return GasPhase(True, float(conv.atom_graph_cutoff), "CHGNet atom-graph cutoff")
+    if name in ("gfn2", "chgnet_d3", "sevennet_d3", "sevennet_r2scan_d4", "chgnet_r2scan_d4"):
+        return GasPhase(False, 0.0, "computed without periodic boundary conditions")
+    return GasPhase(True, None, "interaction range unknown")
 
 
 # ------------------------------------------------------------------ specs

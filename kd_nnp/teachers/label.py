@@ -42,7 +42,8 @@ def _init_worker(
 
 def _label_one(frame_id: str) -> tuple[Frame, Labels]:
     frame = _WORKER["frames"].get(frame_id)
-    return frame, _WORKER["teacher"].compute(frame.atoms)
+    gas = frame.info.get("phase") == "gas"  # an isolated molecule (kd-nnp data molecules)
+    return frame, _WORKER["teacher"].compute(frame.atoms, gas=gas)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kd_nnp.teachers.base import Teacher
-from kd_nnp.teachers.calculators import _check_calculator, resolve_teacher
+from kd_nnp.teachers.calculators import _check_calculator, gas_phase, resolve_teacher
 from kd_nnp.teachers.check import check_teacher
 
 
@@ -37,7 +37,7 @@ def load_teacher(name: str, check: bool = True, **settings: Any) -> Teacher:
     settings = _plain({k: v for k, v in settings.items() if not k.startswith("_")})
     factory, merged, version = resolve_teacher(str(name), settings)
     calc = _check_calculator(factory(**merged), f"teacher {name!r}")
-    teacher = Teacher(str(name), merged, version, calc)
+    teacher = Teacher(str(name), merged, version, calc, gas=gas_phase(str(name), calc))
     if check:
         teacher.check_report = check_teacher(teacher)
     return teacher
