@@ -6,7 +6,6 @@ which strips H off C, is the teacher under which a molecule falls apart.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import replace
 
@@ -218,12 +217,33 @@ def test_teachers_gas_phase(calc):
     assert t.compute(box, gas=True).energy == pytest.approx(t.compute(box).energy, abs=1e-6)
 
 
-def test_generate_store_is_refused(tmp_path, calc):
+def test_molecules_of_a_generated_store_and_generate_resumes_beside_them(tmp_path, calc):
+    """Regression: `data generate`'s resume read every frame id of its store as one of its own,
+    so molecules added by `data molecules` broke it (and its single-point relabelling would have
+    computed them as periodic crystals). Now each verb keeps to its own frames; the crystal of
+    a generated group is its final (teacher-relaxed) frame."""
+    from kd_nnp.data.sources.generate import GenerateSettings, build_generate_store
+
     store = tmp_path / "g"
-    build_pyxtal_store(str(store), "test", ["FORMAM"], None, None)
-    (store / "generate.json").write_text(json.dumps({}))
-    with pytest.raises(StoreError, match="data generate"):
-        _build(store, calc)
+    s = GenerateSettings(
+        databases=("test",),
+        packings=1,
+        space_groups=(14,),
+        space_group_weights=(1.0,),
+        relax_steps=2,
+        keep_every=1,
+    )
+    kw = dict(calculator=calc, calculator_name="chgnet", molecules=["FORMAM"])
+    first = build_generate_store(str(store), s, **kw)
+    assert first.accepted == 1
+    rep = _build(store, calc)
+    frames = {f.frame_id: f for f in FrameStore(store).iter_frames()}
+    gas = [f for f in frames.values() if f.info.get("phase") == "gas"]
+    assert gas and all(f.info["crystal_frame"].startswith("gen:") for f in gas)
+    assert frames[gas[0].info["crystal_frame"]].info["final"]
+    again = build_generate_store(str(store), s, **kw)  # crashed before the fix
+    assert again.done_before == 1 and again.accepted == 0
+    assert rep.frames == len(gas) > 0
 
 
 def test_demo_molecules_option_adds_labelled_gas_frames(tmp_path):

@@ -473,6 +473,18 @@ class LabelSet:
         return {fid: err for fid, err in self._failure_rows() if fid not in ok}
 
 
+def label_set_name(teacher: str) -> str:
+    """Default label-set name of a teacher spec: ``so3lr`` -> ``so3lr``,
+    ``mace.calculators:mace_off`` -> ``mace_calculators_mace_off`` (a plain file name).
+
+    Every writer of labels uses it (``kd-nnp label`` unless ``name=`` is given, ``data
+    generate``, ``data molecules``) and training (``data.label_set: ${teacher.name}``) looks the
+    set up through :func:`kd_nnp.teachers.label.resolve_label_set`, so all agree for
+    ``module:factory`` teachers.
+    """
+    return str(teacher).replace(":", "_").replace(".", "_")
+
+
 def check_recipe(
     dest: FrameStore, file_name: str, recipe: dict[str, Any], verb: str, *, own_store: bool = True
 ) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_nnp.data.classify import ScopeWatch
-from kd_nnp.data.store import Frame, FrameStore, Labels, LabelSet
+from kd_nnp.data.store import Frame, FrameStore, Labels, LabelSet, label_set_name
 from kd_nnp.utils.provenance import environment_record, stable_hash
 
 log = logging.getLogger(__name__)
@@ -71,17 +71,6 @@ class LabelReport:
         for fid, err in list(self.failures.items())[:5]:
             s += f"\n  failed {fid}: {err.splitlines()[0] if err else ''}"
         return s
-
-
-def label_set_name(teacher: str) -> str:
-    """Default label-set name of a teacher spec: ``so3lr`` -> ``so3lr``,
-    ``mace.calculators:mace_off`` -> ``mace_calculators_mace_off`` (a plain file name).
-
-    ``kd-nnp label`` names the set with it (unless ``name=`` is given) and training
-    (``data.label_set: ${teacher.name}``) looks the set up through
-    :func:`resolve_label_set`, so both agree for ``module:factory`` teachers.
-    """
-    return str(teacher).replace(":", "_").replace(".", "_")
 
 
 def resolve_label_set(store: FrameStore, name: str) -> str:

@@ -51,7 +51,7 @@ import numpy as np
 from ase import Atoms
 
 from kd_nnp.data.molecules import graph_key, molecules_of_crystal, one_molecule
-from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError, check_recipe
+from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError, check_recipe, label_set_name
 from kd_nnp.errors import KdNnpError, SettingsError
 from kd_nnp.utils.settings import as_dict
 
@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 SOURCE = "generate"
 RECIPE_FILE = "generate.json"
 LOG_FILE = "generate.jsonl"
+#: ids of the frames this verb writes: gen:<molecule>/p<packing>/s<step>
+FRAME_ID = re.compile(r"^gen:(.+)/p(\d+)/s(\d+)$")
 
 #: Space groups of organic crystals and their approximate frequency in the CSD (%, rounded;
 #: Groom et al., Acta Cryst. B72 (2016) 171, and the CSD's space-group statistics): P21/c,
@@ -494,11 +496,6 @@ def _relax_task(item: tuple[Molecule, Atoms, dict[str, Any], GenerateSettings]) 
 
 
 # ---------------------------------------------------------------- store
-def label_set_name(calculator_name: str) -> str:
-    """A file-safe label-set name for a calculator spec (``pkg.mod:factory`` -> ``pkg.mod_factory``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", calculator_name).strip("_") or "teacher"
-
-
 def _read_log(path: Any) -> list[dict[str, Any]]:
     """Lines of ``generate.jsonl``; a line cut by a kill is ignored."""
     if not path.is_file():
@@ -632,10 +629,12 @@ def build_generate_store(
         done: dict[tuple[str, int], str] = {}
         for rec in _read_log(log_path):
             done[(rec["molecule"], int(rec["packing"]))] = rec["status"]
-        ids = dest.frame_ids()
+        # only this verb's frames (gen:<molecule>/p<k>/s<step>): `data molecules` may have
+        # added gas-phase frames of the generated crystals to the same store and label set
+        ids = [i for i in dest.frame_ids() if FRAME_ID.match(i)]
         for fid in ids:
-            mol_id, pk = fid[len("gen:") :].rsplit("/", 2)[:2]
-            done.setdefault((mol_id, int(pk[1:])), "ok")
+            m = FRAME_ID.match(fid)
+            done.setdefault((m.group(1), int(m.group(2))), "ok")
         # frames written but not labelled (killed between the two transactions)
         status = labels.status()
         unlabelled = [i for i in ids if status.get(i) != "ok"]

@@ -6,7 +6,8 @@ source adds, *into the same store*, the molecules of every crystal:
 
 - one crystal per group: the group's reference geometry, the first frame in store order
   with ``perturbation=parent`` (the teacher-pre-relaxed parent of ``kd-nnp data perturb``
-  and the demo), else the first unperturbed frame (no ``parent_id`` / ``perturbation`` /
+  and the demo) or the final (teacher-relaxed) frame of a packing of ``data generate``, else
+  the first unperturbed frame (no ``parent_id`` / ``perturbation`` /
   ``step`` info: experimental crystals of ``data pyxtal`` / ``data files``, MPtrj);
 - each kind of molecule of it (:func:`kd_nnp.data.molecules.distinct_molecules`: whole,
   unwrapped, ``count`` molecules of the kind in the cell), centred in a cubic periodic box
@@ -177,6 +178,8 @@ def _rank(fr: Frame) -> int | None:
         return None
     if fr.info.get("perturbation") == "parent":
         return 0
+    if fr.source == "generate" and fr.info.get("final"):
+        return 0  # a generated crystal relaxed by the teacher (the final frame of a packing)
     if not {"parent_id", "perturbation", "step"} & set(fr.info):
         return 1
     return None
@@ -399,12 +402,6 @@ def build_molecules_store(
     t0 = time.perf_counter()
     report = MoleculesReport(clearance=clearance)
     dest = FrameStore(store)
-    if (dest.root / "generate.json").is_file():
-        raise StoreError(
-            f"{dest.root} was written by `kd-nnp data generate`, whose resume reads every frame "
-            "id of its store as one of its own: add molecules to a store of crystals made by "
-            "`data pyxtal`, `data files`, `data perturb` or the demo"
-        )
     frames = list(dest.iter_frames())
     crystals = crystal_frames(frames, report.skipped)
     if codes:
