@@ -561,3 +561,34 @@ def reference_dir(baseline_root: str | Path, settings: ForgettingSettings) -> Pa
     """The shared cache folder of the reference for these settings."""
     fset = forgetting_set(settings)
     return Path(baseline_root) / f"forgetting-{stable_hash(_settings_key(fset, settings))}"
+
+
+JOB_LABEL = "student"
+
+
+def job_forgetting(
+    student_spec: str,
+    out_dir: str | Path,
+    baseline_root: str | Path,
+    settings: ForgettingSettings | None = None,
+    *,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The forgetting check of one trained student (the per-job evaluation): the reference
+    is computed once per settings in ``baseline_root/forgetting-<hash>``. Returns the
+    student's summary, the reference's, the relaxed-volume change per structure and where
+    the full result is (``out_dir/forgetting.json``)."""
+    settings = settings or ForgettingSettings()
+    ref_dir = reference_dir(baseline_root, settings)
+    res = run_forgetting({JOB_LABEL: student_spec}, out_dir, settings, reference_dir=ref_dir,
+                         progress=progress)  # fmt: skip
+    per = [r for r in res["per_structure"] if r["method"] == JOB_LABEL]
+    return {
+        "summary": res["methods"][JOB_LABEL],
+        "reference": res["reference_summary"],
+        "vol_change_pct": {r["id"]: r.get("vol_change_pct") for r in per if r["id"] in
+                           res["relaxed"]},  # fmt: skip
+        "n_errors": len(res["errors"]),
+        "path": str((Path(out_dir) / RESULT_FILE).resolve()),
+        "reference_dir": str(ref_dir.resolve()),
+    }
