@@ -586,8 +586,9 @@ def job_forgetting(
     return {
         "summary": res["methods"][JOB_LABEL],
         "reference": res["reference_summary"],
-        "vol_change_pct": {r["id"]: r.get("vol_change_pct") for r in per if r["id"] in
-                           res["relaxed"]},  # fmt: skip
+        "vol_change_pct": {
+            r["id"]: r.get("vol_change_pct") for r in per if r["id"] in res["relaxed"]
+        },  # fmt: skip
         "n_errors": len(res["errors"]),
         "path": str((Path(out_dir) / RESULT_FILE).resolve()),
         "reference_dir": str(ref_dir.resolve()),

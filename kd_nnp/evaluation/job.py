@@ -14,7 +14,8 @@ under ``metrics["evaluation"]`` in the job's ``metrics.json``:
   ``baseline_root/relax-<stable hash>`` that every job of every sweep reuses. Results there are
   keyed by calculator spec (labels are presentation only), and a file lock makes concurrent
   jobs (SLURM arrays) wait for the first one instead of relaxing the same pairs twice;
-- the forgetting check (``forgetting: true``, the default;
+- the forgetting check (``forgetting: true``, the default, or a mapping of
+  :class:`~kd_nnp.evaluation.settings.ForgettingSettings` keys;
   :func:`kd_nnp.evaluation.forgetting.job_forgetting`): the student vs pretrained CHGNet on
   inorganic and hybrid structures and the shared MPtrj frames, into ``RUN/eval/forgetting/``
   (the reference cached once in ``baseline_root/forgetting-<hash>``);
@@ -202,7 +203,11 @@ def evaluate_student(
         from kd_nnp.evaluation.forgetting import job_forgetting
 
         result["forgetting"] = job_forgetting(
-            student_spec, eval_dir / "forgetting", baseline_root, progress=cfg.progress
+            student_spec,
+            eval_dir / "forgetting",
+            baseline_root,
+            cfg.forgetting,
+            progress=cfg.progress,
         )
     return _nan_to_none(result)
 

@@ -226,11 +226,12 @@ class EvalJobSettings:
     elastic: ElasticJobSettings | None = field(
         default=None, metadata={"help": "the Table 2 block (conf/evaluate/table2.yaml)"}
     )
-    forgetting: bool = field(
-        default=True,
+    forgetting: ForgettingSettings | None = field(
+        default_factory=ForgettingSettings,
         metadata={
-            "help": "forgetting check vs pretrained CHGNet on inorganic/hybrid structures "
-            "(ForgettingSettings defaults; the reference is cached in baseline_root)"
+            "help": "forgetting check vs pretrained CHGNet on inorganic/hybrid structures: "
+            "true (ForgettingSettings defaults), false / null (off) or a mapping of "
+            "ForgettingSettings keys; the reference is cached in baseline_root"
         },
     )
     relax: RelaxSettings = field(default_factory=RelaxSettings)
@@ -244,11 +245,28 @@ class EvalJobSettings:
         cls, values: Mapping[str, Any] | None, *, where: str = "evaluate"
     ) -> EvalJobSettings:
         plain = dict(to_plain(values) or {})
+        if "forgetting" in plain:
+            plain["forgetting"] = _forgetting(plain["forgetting"], f"{where}.forgetting")
         if plain.get("elastic") is not None:
             plain["elastic"] = ElasticJobSettings.from_config(
                 plain["elastic"], where=f"{where}.elastic"
             )
         return _lift(cls, "relax", RelaxSettings, plain, where)
+
+
+def _forgetting(value: Any, where: str) -> ForgettingSettings | None:
+    """``evaluate.forgetting``: true -> the defaults, false / null -> off, a mapping -> its keys."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return ForgettingSettings()
+    if isinstance(value, ForgettingSettings):
+        return value
+    if isinstance(value, Mapping):
+        return from_mapping(ForgettingSettings, value, where=where)
+    raise SettingsError(
+        f"{where}={value!r}: use true, false or a mapping of ForgettingSettings keys"
+    )
 
 
 def _lift(cls: type, nested: str, inner: type, values: Any, where: str) -> Any:
