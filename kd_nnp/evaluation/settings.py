@@ -246,7 +246,7 @@ class EvalJobSettings:
     ) -> EvalJobSettings:
         plain = dict(to_plain(values) or {})
         if "forgetting" in plain:
-            plain["forgetting"] = _forgetting(plain["forgetting"], f"{where}.forgetting")
+            plain["forgetting"] = forgetting_from_config(plain["forgetting"], f"{where}.forgetting")
         if plain.get("elastic") is not None:
             plain["elastic"] = ElasticJobSettings.from_config(
                 plain["elastic"], where=f"{where}.elastic"
@@ -254,8 +254,9 @@ class EvalJobSettings:
         return _lift(cls, "relax", RelaxSettings, plain, where)
 
 
-def _forgetting(value: Any, where: str) -> ForgettingSettings | None:
+def forgetting_from_config(value: Any, where: str) -> ForgettingSettings | None:
     """``evaluate.forgetting``: true -> the defaults, false / null -> off, a mapping -> its keys."""
+    value = to_plain(value)
     if value is None or value is False:
         return None
     if value is True:
