@@ -6,11 +6,10 @@ can silently make the model worse on what it was pretrained for (MPtrj: mostly i
 The check compares each student with pretrained CHGNet (the reference, computed automatically)
 on a set of structures outside the organic domain:
 
-- the **built-in set** (:func:`builtin_structures`, offline and deterministic): 13 small
-  inorganic and hybrid crystals built from ideal prototypes (``ase.build.bulk`` /
-  ``ase.spacegroup.crystal``; the methylammonium lead iodide and ammonium chloride cells by
-  hand) plus ``n_perturbed`` strained + rattled copies of each (seeded, supercells of >= 8
-  atoms so that forces are not fixed by symmetry);
+- the **built-in set** (:func:`kd_nnp.data.sources.inorganic.builtin_structures`, offline
+  and deterministic): 14 small inorganic and hybrid crystals built from ideal prototypes
+  plus ``n_perturbed`` strained + rattled copies of each (seeded, supercells of >= 8 atoms
+  so that forces are not fixed by symmetry);
 - the **MPtrj frames** of the shared data (``mptrj_sample/*.extxyz``, real DFT labels) when
   present: there both models are also compared with DFT.
 
@@ -33,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,8 @@ from typing import Any
 import numpy as np
 from ase import Atoms, units
 
+from kd_nnp.data.sources.inorganic import builtin_structures
+from kd_nnp.data.sources.inorganic import perturbed_copy as _perturbed
 from kd_nnp.errors import KdNnpError
 from kd_nnp.evaluation.runner import (
     Structure,
@@ -63,106 +63,15 @@ POINTS_FILE = "points.jsonl"
 RELAX_FILE = "relax.jsonl"
 RESULT_FILE = "forgetting.json"
 TABLE_FILE = "forgetting.md"
-MIN_PERTURBED_ATOMS = 8
 SUBSETS = ("builtin", "mptrj")
 
 
 # ------------------------------------------------------------------ the structures
-def _perovskite(a_site: str, b_site: str, x_site: str, a: float) -> Atoms:
-    from ase.spacegroup import crystal
-
-    return crystal(
-        [a_site, b_site, x_site],
-        basis=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0)],
-        spacegroup=221,
-        cellpar=[a, a, a, 90, 90, 90],
-    )
-
-
-def _methylammonium_lead_iodide(a: float = 6.33) -> Atoms:
-    """Pseudo-cubic CH3NH3PbI3: PbI3 corner-sharing octahedra, the cation along x in the cage
-    (C-N 1.47 A, C-H 1.09 A, N-H 1.03 A, tetrahedral angles, staggered), 12 atoms."""
-    centre = np.array([0.5, 0.5, 0.5]) * a
-    c_pos, n_pos = centre - [0.735, 0, 0], centre + [0.735, 0, 0]
-    cos_t, sin_t = math.cos(math.radians(70.53)), math.sin(math.radians(70.53))
-    hs = []
-    for origin, sign, d, phase in ((c_pos, -1, 1.09, 0.0), (n_pos, 1, 1.03, 60.0)):
-        for k in range(3):
-            phi = math.radians(phase + 120.0 * k)
-            hs.append(origin + d * np.array([sign * cos_t, sin_t * math.cos(phi),
-                                             sin_t * math.sin(phi)]))  # fmt: skip
-    pb = [0.0, 0.0, 0.0]
-    iodide = [[a / 2, 0, 0], [0, a / 2, 0], [0, 0, a / 2]]
-    return Atoms(
-        "PbI3CNH6",
-        positions=[pb, *iodide, c_pos, n_pos, *hs],
-        cell=[a, a, a],
-        pbc=True,
-    )
-
-
-def _ammonium_chloride(a: float = 3.87) -> Atoms:
-    """Ordered (CsCl-type) NH4Cl, P-43m: N in the centre, N-H 1.03 A along the cube
-    diagonals, 6 atoms."""
-    n = np.array([0.5, 0.5, 0.5]) * a
-    dirs = np.array([[1, 1, 1], [-1, -1, 1], [-1, 1, -1], [1, -1, -1]]) / math.sqrt(3.0)
-    return Atoms("ClNH4", positions=[[0, 0, 0], n, *(n + 1.03 * dirs)], cell=[a] * 3, pbc=True)
-
-
-def builtin_structures() -> dict[str, tuple[Atoms, str]]:
-    """``{name: (atoms, group)}``: the unperturbed built-in set (group ``inorganic`` or
-    ``hybrid``), experimental-like lattice constants, at most 12 atoms each."""
-    from ase.build import bulk
-    from ase.spacegroup import crystal
-
-    out: dict[str, tuple[Atoms, str]] = {
-        "Si": (bulk("Si", "diamond", a=5.43), "inorganic"),
-        "GaAs": (bulk("GaAs", "zincblende", a=5.65), "inorganic"),
-        "NaCl": (bulk("NaCl", "rocksalt", a=5.64), "inorganic"),
-        "MgO": (bulk("MgO", "rocksalt", a=4.21), "inorganic"),
-        "LiF": (bulk("LiF", "rocksalt", a=4.03), "inorganic"),
-        "Cu": (bulk("Cu", "fcc", a=3.61), "inorganic"),
-        "Al": (bulk("Al", "fcc", a=4.05), "inorganic"),
-        "Fe": (bulk("Fe", "bcc", a=2.87), "inorganic"),
-        "ZnO": (bulk("ZnO", "wurtzite", a=3.25, c=5.21), "inorganic"),
-        "TiO2-rutile": (
-            crystal(
-                ["Ti", "O"],
-                basis=[(0, 0, 0), (0.305, 0.305, 0)],
-                spacegroup=136,
-                cellpar=[4.594, 4.594, 2.959, 90, 90, 90],
-            ),  # fmt: skip
-            "inorganic",
-        ),
-        "SrTiO3": (_perovskite("Sr", "Ti", "O", 3.905), "inorganic"),
-        "CsPbBr3": (_perovskite("Cs", "Pb", "Br", 5.87), "inorganic"),
-        "MAPbI3": (_methylammonium_lead_iodide(), "hybrid"),
-        "NH4Cl": (_ammonium_chloride(), "hybrid"),
-    }
-    for atoms, _ in out.values():
-        atoms.pbc = True
-    return out
-
-
-def _supercell(atoms: Atoms, min_atoms: int = MIN_PERTURBED_ATOMS) -> Atoms:
-    """Repeat the shortest cell vector until the cell has at least ``min_atoms`` atoms."""
-    reps = [1, 1, 1]
-    while len(atoms) * int(np.prod(reps)) < min_atoms:
-        lengths = atoms.cell.lengths() * reps
-        reps[int(np.argmin(lengths))] += 1
-    return atoms.repeat(reps)
-
-
 def perturbed_copy(atoms: Atoms, name: str, index: int, settings: ForgettingSettings) -> Atoms:
-    """A strained (symmetric strain, components uniform in +/- ``strain``) and rattled
-    (Gaussian, ``rattle_std`` A) supercell; the same for the same (name, index, seed)."""
-    rng = np.random.default_rng([settings.seed, zlib.crc32(name.encode()), index])
-    a = _supercell(atoms)
-    eps = rng.uniform(-settings.strain, settings.strain, (3, 3))
-    eps = 0.5 * (eps + eps.T)
-    a.set_cell(a.cell.array @ (np.eye(3) + eps), scale_atoms=True)
-    a.positions += rng.normal(0.0, settings.rattle_std, a.positions.shape)
-    return a
+    """The ``index``-th strained + rattled copy of a built-in structure for these settings
+    (:func:`kd_nnp.data.sources.inorganic.perturbed_copy`)."""
+    return _perturbed(atoms, name, index, seed=settings.seed, strain=settings.strain,
+                      rattle_std=settings.rattle_std)  # fmt: skip
 
 
 @dataclass
