@@ -185,3 +185,24 @@ def test_mptrj_frames_vs_dft(same_student, shared_data, tmp_path):
     assert same["mptrj_energy_mae_dft_ev_atom"] == ref["mptrj_energy_mae_dft_ev_atom"]
     assert same["mptrj_n"] == 9 and same["mptrj_energy_mae_ev_atom"] == 0.0
     assert math.isfinite(ref["mptrj_energy_mae_dft_ev_atom"])
+
+
+def test_evaluate_forgetting_setting():
+    """`evaluate.forgetting`: true -> defaults (the default), false/null -> off, a mapping ->
+    its keys; anything else, or an unknown key, is a SettingsError naming it."""
+    from kd_nnp.errors import SettingsError
+    from kd_nnp.evaluation.settings import EvalJobSettings
+
+    assert EvalJobSettings().forgetting == ForgettingSettings()
+    assert EvalJobSettings.from_config({}).forgetting == ForgettingSettings()
+    assert EvalJobSettings.from_config({"forgetting": True}).forgetting == ForgettingSettings()
+    assert EvalJobSettings.from_config({"forgetting": False}).forgetting is None
+    assert EvalJobSettings.from_config({"forgetting": None}).forgetting is None
+    got = EvalJobSettings.from_config({"forgetting": {"prototypes": "Si,NaCl", "n_perturbed": 0}})
+    assert got.forgetting == ForgettingSettings(prototypes=("Si", "NaCl"), n_perturbed=0)
+    with pytest.raises(SettingsError, match=r"evaluate.forgetting: unknown .*\['n_perturb'\]"):
+        EvalJobSettings.from_config({"forgetting": {"n_perturb": 0}})
+    with pytest.raises(SettingsError, match="evaluate.forgetting=3: use true, false"):
+        EvalJobSettings.from_config({"forgetting": 3})
+    with pytest.raises(SettingsError, match="forgetting: n_perturbed, strain, rattle_std"):
+        ForgettingSettings(n_perturbed=-1).check()
