@@ -89,6 +89,8 @@ def test_builtin_set_is_deterministic_and_small():
     assert fs.relax_ids == ["Si", "NH4Cl"] and not fs.dft
     with pytest.raises(KdNnpError, match=r"unknown built-in structure\(s\) \['Xx'\]"):
         forgetting_set(ForgettingSettings(prototypes=("Si", "Xx")))
+    with pytest.raises(KdNnpError, match="has no mptrj_sample"):
+        forgetting_set(ForgettingSettings(prototypes=("Si",), shared_dir="/nonexistent/dir"))
 
 
 def test_known_answer_students(same_student, tmp_path):

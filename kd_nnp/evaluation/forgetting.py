@@ -86,13 +86,19 @@ class ForgettingSet:
 
 
 def mptrj_sample_file(settings: ForgettingSettings) -> Path | None:
-    """The shared MPtrj sample (``mptrj_sample/*.extxyz``), or None when absent."""
+    """The shared MPtrj sample (``mptrj_sample/*.extxyz``); None when no shared data folder is
+    found (a fresh clone), an error when ``shared_dir`` names a folder without it."""
     from kd_nnp.utils.paths import shared_data_dir
 
     sd = Path(settings.shared_dir).expanduser() if settings.shared_dir else shared_data_dir()
     if sd is None:
         return None
     files = sorted((sd / "mptrj_sample").glob("*.extxyz"))
+    if not files and settings.shared_dir:  # asked for explicitly: no silent fallback
+        raise KdNnpError(
+            f"forgetting: shared_dir={settings.shared_dir} has no mptrj_sample/*.extxyz "
+            "(give the shared data folder, or --no-mptrj)"
+        )
     return files[0] if files else None
 
 
