@@ -317,4 +317,29 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
         print(f"  {k:<12} {v}")
     for png in sorted((out / "relax").glob("*.png")):
         print(f"  {'plot':<12} {png}")
+    _forgetting(cfg, out, student, result)
     return result
+
+
+def _forgetting(cfg: DictConfig, out: Path, student: Path, result: dict[str, Any]) -> None:
+    """The forgetting check of the student (``demo.forgetting``: true, false or a mapping of
+    ForgettingSettings keys): one printed line, ``result["forgetting"]`` in demo_result.json."""
+    from kd_nnp.evaluation.forgetting import job_forgetting
+    from kd_nnp.evaluation.settings import forgetting_from_config
+
+    settings = forgetting_from_config(cfg.demo.get("forgetting", True), "demo.forgetting")
+    if settings is None:
+        return
+    t = time.perf_counter()
+    fg = job_forgetting(f"student:{student}", out / "forgetting", out / "baselines", settings)
+    result["times_s"]["forgetting"] = time.perf_counter() - t
+    result["forgetting"] = fg
+    s = {k: float("nan") if v is None else v for k, v in fg["summary"].items()}
+    print(
+        f"\nforgetting (student vs pretrained CHGNet on {s['n']} inorganic/hybrid/MPtrj "
+        f"structures): energy MAE {s['energy_mae_ev_atom']:.4f} eV/atom, force MAE "
+        f"{s['force_mae_ev_a']:.4f} eV/A, mean |relaxed-volume change| "
+        f"{s['vol_change_mae_pct']:.2f} % over {s['n_relaxed']} crystals "
+        f"({Path(fg['path']).with_suffix('.md')})"
+    )
+    (out / "demo_result.json").write_text(json.dumps(result, indent=2, default=str))

@@ -5,6 +5,7 @@ it is the only test of the whole pipeline in one run)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,6 +64,14 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert "results" in r.stdout and "outputs:" in r.stdout
     assert "volume distance to the teacher" in r.stdout
     assert result["to_teacher"]["student (distilled)"]["reference"] == "teacher (so3lr)"
+    # the forgetting check (conf/demo/quick.yaml: 5 built-in structures, no perturbed copies,
+    # + the shared MPtrj frames when present): the trained MLP moved the student
+    fg = result["forgetting"]["summary"]
+    assert fg["n"] >= 5 and fg["n_relaxed"] == 5 and result["forgetting"]["n_errors"] == 0
+    for key in ("energy_mae_ev_atom", "force_mae_ev_a", "vol_change_mae_pct"):
+        assert math.isfinite(fg[key]) and fg[key] > 0, key
+    assert fg["energy_mae_ev_atom"] < 1.0  # eV/atom: moved, not broken
+    assert "forgetting (student vs pretrained CHGNet" in r.stdout
     # rerun: every stage reuses its cache (no relabelling, no retraining, no re-relaxing)
     r2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0, r2.stderr[-4000:]

@@ -15,9 +15,10 @@ or in the docs is checked as it is written then. Commands are the lines starting
 What happens to each command:
 
 - **fully run** (tiny substitutions, in a temporary working directory): ``kd-nnp data pyxtal``
-  (``--limit 1`` added) and ``kd-nnp data perturb`` (``--n-strain 1 --n-rattle 0 --limit 1``),
+  (``--limit 1`` added), ``kd-nnp data perturb`` (``--n-strain 1 --n-rattle 0 --limit 1``) and
+  ``kd-nnp data inorganic`` (``--n-perturbed 1 --prototypes Si``),
   so the stores that later lines of the same file use really exist, with their real labels.
-- **parse-checked**, argparse verbs (``data`` subcommands other than the two above, ``evaluate``,
+- **parse-checked**, argparse verbs (``data`` subcommands other than the three above, ``evaluate``,
   ``report``, ``export``) and ``python <script>.py``: the verb's own ``main`` is called with the
   line's arguments and stopped right after ``parse_args`` succeeds (a missing required option,
   an unknown option or a bad choice fails).
@@ -62,6 +63,7 @@ SOFT_RATIOS = ("r_se", "r_sf", "r_ss")
 RUN_DATA = {
     "pyxtal": {"add": ["--limit", "1"], "set": {}},
     "perturb": {"add": ["--limit", "1"], "set": {"--n-strain": "1", "--n-rattle": "0"}},
+    "inorganic": {"add": ["--prototypes", "Si"], "set": {"--n-perturbed": "1"}},
 }
 
 

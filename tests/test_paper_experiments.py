@@ -176,6 +176,7 @@ def test_paper_sweep_with_evaluation_reuses_baselines(labelled_store, tmp_path):
         "validate_before_training=false",
         f"evaluate.split_from={split}", "evaluate.max_atoms=null", "evaluate.fmax=0.3",
         "evaluate.max_steps=20", "evaluate.stress_tol_gpa=5", "~evaluate.baselines.teacher",
+        "evaluate.forgetting={prototypes:[Si,NH4Cl],n_perturbed:1}",  # the check, small
         f"paths.output_dir={tmp_path / 'out'}", f"hydra.sweep.dir={sweep}",
         "hydra.sweep.subdir=${hydra.job.num}_seed${seed}",  # the overrides: a too long name
     ]  # fmt: skip
@@ -190,7 +191,8 @@ def test_paper_sweep_with_evaluation_reuses_baselines(labelled_store, tmp_path):
     evals = [json.loads(p.read_text())["evaluation"] for p in jobs]
     baseline_dirs = set()
     for job, ev in zip(jobs, evals, strict=True):
-        assert set(ev) == {"dataset", "crystals", "settings", "summary", "per_crystal", "baselines"}
+        assert set(ev) == {"dataset", "crystals", "settings", "summary", "per_crystal", "baselines",
+                           "forgetting"}  # fmt: skip
         assert ev["dataset"] == "pyxtal:test" and ev["crystals"] == [HELD_OUT]
         assert ev["settings"]["split_from"] == str(split)
         assert ev["settings"]["fmax"] == 0.3 and ev["settings"]["max_steps"] == 20
@@ -222,6 +224,17 @@ def test_paper_sweep_with_evaluation_reuses_baselines(labelled_store, tmp_path):
     assert evals[0]["baselines"] == evals[1]["baselines"]
     # the students differ (two seeds of one epoch), the pretrained reference does not
     assert evals[0]["summary"]["vol_mae_pct"] != evals[1]["summary"]["vol_mae_pct"]
+    # the forgetting check (default on): the student moved away from pretrained CHGNet, whose
+    # reference results were computed once (by the first job) in the shared baseline root
+    fg = [ev["forgetting"] for ev in evals]
+    for f in fg:
+        assert f["summary"]["energy_mae_ev_atom"] > 0 and f["summary"]["n_relaxed"] == 2
+        assert f["n_errors"] == 0 and set(f["vol_change_pct"]) == {"Si", "NH4Cl"}
+        assert Path(f["path"]).is_file()
+    assert fg[0]["reference"] == fg[1]["reference"] and fg[0]["summary"] != fg[1]["summary"]
+    (ref,) = (tmp_path / "out" / "baselines").glob("forgetting-*/points.jsonl")
+    assert {json.loads(x)["method"] for x in ref.read_text().splitlines()} == {"chgnet"}
+    assert Path(fg[0]["reference_dir"]) == ref.parent.resolve()
 
 
 # ------------------------------------------------------------------ Table 2 (elastic)

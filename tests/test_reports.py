@@ -215,6 +215,11 @@ def _write_job(root: Path, num: int, ratios: dict, n_train: int, seed: int, **kw
             "per_crystal": [],
             "baselines": BASELINES,
         }
+    if "forgetting" in kw:  # (energy MAE eV/atom, force MAE eV/A, mean |dV| %) vs CHGNet
+        e, f, dv = kw["forgetting"]
+        metrics.setdefault("evaluation", {})["forgetting"] = {
+            "summary": {"energy_mae_ev_atom": e, "force_mae_ev_a": f, "vol_change_mae_pct": dv}
+        }
     (job / "metrics.json").write_text(json.dumps(metrics))
     return job
 
@@ -419,3 +424,41 @@ def test_markdown_escapes_pipes_in_headers_and_cells():
     assert second.replace(" ", "") == "|||2|"  # NaN and None print empty
     # already escaped text is not escaped twice
     assert md_table(pd.DataFrame({"a": [r"x \| y"]})).splitlines()[2].count("\\|") == 1
+
+
+def test_forgetting_columns_and_section(tmp_path):
+    """Jobs carrying the forgetting check: per-job columns in jobs.csv / report.md and a
+    per-setting table (mean, std over seeds) in report.md and forgetting.csv."""
+    root = tmp_path / "forget"
+    values = {0: (0.01, 0.1, 1.0), 1: (0.03, 0.3, 3.0), 2: (0.02, None, 2.0)}
+    for seed, fg in values.items():
+        _write_job(root, seed, SOFT, 10, seed, volume=(4.0, 1.0, 0), forgetting=fg)
+    _write_job(root, 3, HARD, 10, 0, volume=(6.0, 6.0, 0))  # evaluated, no forgetting block
+    sweep = load.load_sweep(root)
+    assert sweep.has_forgetting
+    jobs = sweep.jobs.set_index("job")
+    assert jobs.loc["1_n=10,seed=1", "forget_e_mae_ev_atom"] == 0.03
+    assert jobs.loc["2_n=10,seed=2", "forget_dv_mae_pct"] == 2.0
+    assert math.isnan(jobs.loc["2_n=10,seed=2", "forget_f_mae_ev_a"])
+    assert math.isnan(jobs.loc["3_n=10,seed=0", "forget_e_mae_ev_atom"])
+    out = tmp_path / "rep"
+    assert report_main([str(root), "--out", str(out)]) == 0
+    t = pd.read_csv(out / "forgetting.csv")
+    r = _row(t, SOFT, 10)
+    assert r["forget_e_mae_ev_atom_mean"] == pytest.approx(0.02)
+    assert r["forget_e_mae_ev_atom_std"] == pytest.approx(0.01)
+    assert r["forget_f_mae_ev_a_mean"] == pytest.approx(0.2) and r["forget_f_mae_ev_a_n"] == 2
+    assert r["forget_dv_mae_pct_mean"] == pytest.approx(2.0)
+    assert _row(t, HARD, 10)["forget_e_mae_ev_atom_n"] == 0
+    md = (out / "report.md").read_text()
+    assert "## Forgetting: distance from pretrained CHGNet" in md
+    assert "0.02 (0.01)" in md and "forget_dv_mae_pct" in md
+    assert_md_tables_well_formed(md)
+    assert "forget_e_mae_ev_atom" in pd.read_csv(out / "jobs.csv").columns
+    # no job with the check: no section, no file
+    plain = tmp_path / "plain"
+    _write_job(plain, 0, SOFT, 10, 0, volume=(4.0, 1.0, 0))
+    assert not load.load_sweep(plain).has_forgetting
+    assert report_main([str(plain), "--out", str(tmp_path / "rep2")]) == 0
+    assert "Forgetting" not in (tmp_path / "rep2" / "report.md").read_text()
+    assert not (tmp_path / "rep2" / "forgetting.csv").exists()

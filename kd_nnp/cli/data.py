@@ -7,6 +7,7 @@
         [--molecules FORMAM UREAXX02] [--limit 10] [--shard 0/8] [--relax-steps 150] [--workers 2]
     kd-nnp data merge stores/gen-0 stores/gen-1 stores/demo --out stores/corpus
     kd-nnp data molecules --store stores/perturbed --teacher so3lr --n-perturbed 3 [--workers 2]
+    kd-nnp data inorganic --out stores/replay --n-perturbed 4 --seed 1
     kd-nnp data files ../shared/data/x23_vdwdf2 --out stores/x23 --source-name x23
     kd-nnp data mptrj --json MPtrj_2022.9_full.json --out stores/mptrj --include organic,complex
     kd-nnp data mptrj --download --out stores/mptrj        # figshare, online only
@@ -124,6 +125,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     mol.add_argument("--limit", type=int, default=None, help="only the first N crystals")
     mol.add_argument("--workers", type=int, default=1, help="processes (one thread each)")
+    ino = sub.add_parser(
+        "inorganic", help="replay frames: strained/rattled built-in inorganic/hybrid crystals"
+    )
+    ino.add_argument("--out", required=True, type=Path)
+    ino.add_argument("--n-perturbed", type=int, default=4, help="copies per structure")
+    ino.add_argument("--seed", type=int, default=1, help="seed (the forgetting check uses 0)")
+    ino.add_argument("--strain", type=float, default=0.03, help="max |strain component|")
+    ino.add_argument("--rattle-std", type=float, default=0.05, help="position noise, A")
+    ino.add_argument("--prototypes", nargs="*", default=None, help="only these structures")
 
     c = sub.add_parser("cod", help="download COD CIFs by id (online)")
     c.add_argument("--ids", required=True, type=Path)
@@ -314,6 +324,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"merge: {rep.summary()}; store {args.out}")
     elif args.cmd == "molecules":
         _run_molecules(args)
+    elif args.cmd == "inorganic":
+        from kd_nnp.data.sources.inorganic import build_replay_store
+
+        n = build_replay_store(args.out, args.n_perturbed, seed=args.seed, strain=args.strain,
+                               rattle_std=args.rattle_std, prototypes=args.prototypes)  # fmt: skip
+        print(f"inorganic: {n} replay frames written to {args.out}; label them with pretrained "
+              f"CHGNet: kd-nnp label store={args.out} teacher=chgnet")  # fmt: skip
     elif args.cmd == "cod":
         from kd_nnp.data.sources.cod import COD_BASE_URL, download_cod, read_cod_ids
 

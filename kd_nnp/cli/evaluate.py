@@ -1,4 +1,4 @@
-"""``kd-nnp evaluate relax|elastic|table2``: the benchmarks from the command line.
+"""``kd-nnp evaluate relax|elastic|table2|forgetting``: the benchmarks from the command line.
 
 Every protocol option is generated from the settings dataclasses of
 :mod:`kd_nnp.evaluation.settings` (help text included): nothing here spells them again.
@@ -15,6 +15,7 @@ from kd_nnp.evaluation.settings import (
     ElasticJobSettings,
     ElasticSettings,
     EvalJobSettings,
+    ForgettingSettings,
     RelaxSettings,
 )
 from kd_nnp.utils.settings import add_options, from_args
@@ -125,12 +126,42 @@ def _table2_parser(sub: argparse._SubParsersAction) -> None:
     _add_elastic_options(p, workers=1)
 
 
+FORGETTING_HELP = """the forgetting check: energy, force and stress MAE of each calculator vs
+pretrained CHGNet (the reference, always computed) on built-in inorganic and hybrid crystals
+(+ strained/rattled copies) and the shared MPtrj frames (also vs their DFT labels), and the
+relaxed-volume change vs pretrained CHGNet. Writes OUT/forgetting.json and OUT/forgetting.md;
+resumes after a kill."""
+
+
+def _forgetting_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("forgetting", help="how far students moved from pretrained CHGNet "
+                       "outside organic crystals", description=FORGETTING_HELP)  # fmt: skip
+    p.add_argument("--calc", action="append", required=True,
+                   help="calculator spec (repeatable), e.g. student:PATH")  # fmt: skip
+    p.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (1 thread each)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_options(p, ForgettingSettings)
+
+
+def _forgetting(args: argparse.Namespace) -> int:
+    from kd_nnp.evaluation.forgetting import TABLE_FILE, run_forgetting
+
+    settings = from_args(ForgettingSettings, args)
+    run_forgetting(list(args.calc), args.out, settings, workers=args.workers,
+                   progress=not args.quiet)  # fmt: skip
+    print((args.out / TABLE_FILE).read_text().split("\n## Per structure")[0])
+    print(f"wrote {args.out}/forgetting.json, forgetting.md")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kd-nnp evaluate", description=__doc__)
     sub = p.add_subparsers(dest="bench", required=True)
     _relax_parser(sub)
     _elastic_parser(sub)
     _table2_parser(sub)
+    _forgetting_parser(sub)
     return p
 
 
@@ -140,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     set_threads()
     if args.bench == "relax":
         return _relax(args)
+    if args.bench == "forgetting":
+        return _forgetting(args)
     if args.bench == "table2":
         from kd_nnp.evaluation.table2 import run_table2
 

@@ -14,6 +14,11 @@ under ``metrics["evaluation"]`` in the job's ``metrics.json``:
   ``baseline_root/relax-<stable hash>`` that every job of every sweep reuses. Results there are
   keyed by calculator spec (labels are presentation only), and a file lock makes concurrent
   jobs (SLURM arrays) wait for the first one instead of relaxing the same pairs twice;
+- the forgetting check (``forgetting: true``, the default, or a mapping of
+  :class:`~kd_nnp.evaluation.settings.ForgettingSettings` keys;
+  :func:`kd_nnp.evaluation.forgetting.job_forgetting`): the student vs pretrained CHGNet on
+  inorganic and hybrid structures and the shared MPtrj frames, into ``RUN/eval/forgetting/``
+  (the reference cached once in ``baseline_root/forgetting-<hash>``);
 - optionally (``elastic:`` block) the paper's Table 2: stiffness tensors and moduli of the
   shared elastic set for the student, the baselines (cached the same way) and the reference
   columns "Mean model" and "PFP" (:func:`elastic_comparison`).
@@ -24,6 +29,7 @@ The returned dict (NaN -> null)::
      "summary": <summarize() row of the student>,
      "per_crystal": [{"id", "vol_err_pct", "density_err", "rmsd15", "failure", "converged"}],
      "baselines": {label: <summarize() row>},
+     "forgetting": {"summary", "reference", "vol_change_pct", ...},  # forgetting: true
      "elastic": {...}}            # only with an ``elastic:`` block
 """
 
@@ -191,6 +197,16 @@ def evaluate_student(
             cfg.elastic,
             baselines=baselines if cfg.elastic.baselines is None else cfg.elastic.baselines,
             baseline_root=baseline_root,
+            progress=cfg.progress,
+        )
+    if cfg.forgetting:
+        from kd_nnp.evaluation.forgetting import job_forgetting
+
+        result["forgetting"] = job_forgetting(
+            student_spec,
+            eval_dir / "forgetting",
+            baseline_root,
+            cfg.forgetting,
             progress=cfg.progress,
         )
     return _nan_to_none(result)

@@ -5,8 +5,10 @@
 - :class:`ElasticSettings`: the elastic protocol (strains and thresholds);
 - :class:`ElasticJobSettings`: the ``evaluate.elastic`` block (which structures, workers,
   baselines + an :class:`ElasticSettings`), also the options of ``evaluate elastic|table2``;
+- :class:`ForgettingSettings`: the forgetting check (``kd-nnp evaluate forgetting`` options);
 - :class:`EvalJobSettings`: the per-job ``evaluate`` block a training run reads (which
-  crystals, workers, baselines + a :class:`RelaxSettings` + optional elastic block).
+  crystals, workers, baselines + a :class:`RelaxSettings` + optional elastic block + the
+  forgetting flag).
 
 The YAML blocks are flat (``evaluate.fmax``, ``evaluate.elastic.ion_fmax``):
 :meth:`EvalJobSettings.from_config` / :meth:`ElasticJobSettings.from_config` lift the protocol
@@ -134,6 +136,62 @@ class ElasticJobSettings:
 
 
 @dataclass(frozen=True)
+class ForgettingSettings:
+    """The forgetting check (:mod:`kd_nnp.evaluation.forgetting`): how far a student moved from
+    pretrained CHGNet on inorganic and hybrid structures outside its training domain."""
+
+    prototypes: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "comma-separated built-in structure names (unset: all)"},
+    )
+    n_perturbed: int = field(
+        default=2, metadata={"help": "strained + rattled copies per built-in structure"}
+    )
+    strain: float = field(
+        default=0.03, metadata={"help": "max |strain component| of the perturbed copies"}
+    )
+    rattle_std: float = field(
+        default=0.05, metadata={"help": "position noise of the perturbed copies, A"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the perturbed copies"})
+    mptrj: bool = field(
+        default=True,
+        metadata={"help": "add the shared MPtrj frames (DFT labels) when the shared data exists"},
+    )
+    shared_dir: str | None = field(
+        default=None,
+        metadata={"help": "shared data folder (unset: $KD_NNP_SHARED_DATA or ../shared/data)"},
+    )
+    relax: bool = field(
+        default=True,
+        metadata={"help": "relax each unperturbed built-in structure (relaxed-volume change)"},
+    )
+    fmax: float = field(default=0.05, metadata={"help": "force threshold of the relaxations"})
+    max_steps: int = field(default=150, metadata={"help": "LBFGS step budget of each relaxation"})
+    stress_tol_gpa: float = field(
+        default=0.05, metadata={"help": "residual stress threshold of the relaxations, GPa"}
+    )
+
+    def check(self) -> None:
+        if self.n_perturbed < 0 or self.strain < 0 or self.rattle_std < 0:
+            raise SettingsError(
+                f"forgetting: n_perturbed, strain, rattle_std must be >= 0 ({self})"
+            )
+        self.relax_settings().check()
+
+    def protocol(self) -> dict[str, Any]:
+        return as_dict(self)
+
+    def relax_settings(self) -> RelaxSettings:
+        return RelaxSettings(
+            fmax=self.fmax,
+            max_steps=self.max_steps,
+            stress_tol_gpa=self.stress_tol_gpa,
+            rmsd=False,
+        )
+
+
+@dataclass(frozen=True)
 class EvalJobSettings:
     """The per-job ``evaluate`` block: relax held-out crystals with the trained student."""
 
@@ -168,6 +226,14 @@ class EvalJobSettings:
     elastic: ElasticJobSettings | None = field(
         default=None, metadata={"help": "the Table 2 block (conf/evaluate/table2.yaml)"}
     )
+    forgetting: ForgettingSettings | None = field(
+        default_factory=ForgettingSettings,
+        metadata={
+            "help": "forgetting check vs pretrained CHGNet on inorganic/hybrid structures: "
+            "true (ForgettingSettings defaults), false / null (off) or a mapping of "
+            "ForgettingSettings keys; the reference is cached in baseline_root"
+        },
+    )
     relax: RelaxSettings = field(default_factory=RelaxSettings)
 
     def check(self) -> None:
@@ -179,11 +245,29 @@ class EvalJobSettings:
         cls, values: Mapping[str, Any] | None, *, where: str = "evaluate"
     ) -> EvalJobSettings:
         plain = dict(to_plain(values) or {})
+        if "forgetting" in plain:
+            plain["forgetting"] = forgetting_from_config(plain["forgetting"], f"{where}.forgetting")
         if plain.get("elastic") is not None:
             plain["elastic"] = ElasticJobSettings.from_config(
                 plain["elastic"], where=f"{where}.elastic"
             )
         return _lift(cls, "relax", RelaxSettings, plain, where)
+
+
+def forgetting_from_config(value: Any, where: str) -> ForgettingSettings | None:
+    """``evaluate.forgetting``: true -> the defaults, false / null -> off, a mapping -> its keys."""
+    value = to_plain(value)
+    if value is None or value is False:
+        return None
+    if value is True:
+        return ForgettingSettings()
+    if isinstance(value, ForgettingSettings):
+        return value
+    if isinstance(value, Mapping):
+        return from_mapping(ForgettingSettings, value, where=where)
+    raise SettingsError(
+        f"{where}={value!r}: use true, false or a mapping of ForgettingSettings keys"
+    )
 
 
 def _lift(cls: type, nested: str, inner: type, values: Any, where: str) -> Any:
@@ -207,3 +291,4 @@ register_schema("schema/evaluate", "relax_settings", RelaxSettings)
 register_schema("schema/evaluate", "elastic_settings", ElasticSettings)
 register_schema("schema/evaluate", "elastic_job", ElasticJobSettings)
 register_schema("schema/evaluate", "job", EvalJobSettings)
+register_schema("schema/evaluate", "forgetting", ForgettingSettings)

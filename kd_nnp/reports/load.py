@@ -38,6 +38,13 @@ EVAL_KEYS = (
     "n_covered",
     "n_failures",
 )
+#: evaluation.forgetting.summary fields copied into the jobs table ({column: key}): how far
+#: the student moved from pretrained CHGNet outside organic crystals (kd_nnp.evaluation.forgetting)
+FORGETTING_KEYS = {
+    "forget_e_mae_ev_atom": "energy_mae_ev_atom",
+    "forget_f_mae_ev_a": "force_mae_ev_a",
+    "forget_dv_mae_pct": "vol_change_mae_pct",
+}
 #: metrics of the Fig. 4 table when the jobs were evaluated (relaxation benchmark)
 VOLUME_METRICS = ("vol_mae_pct", "vol_mean_pct", "density_mae", "rmsd15_mean")
 #: stand-ins when no job carries an evaluation
@@ -78,6 +85,12 @@ class Sweep:
     @property
     def has_evaluation(self) -> bool:
         return bool(len(self.jobs)) and bool(self.jobs["vol_mae_pct"].notna().any())
+
+    @property
+    def has_forgetting(self) -> bool:
+        """Whether any job carries the forgetting check (``evaluation.forgetting``)."""
+        col = next(iter(FORGETTING_KEYS))
+        return bool(len(self.jobs)) and col in self.jobs and bool(self.jobs[col].notna().any())
 
     @property
     def n_finished(self) -> int:
@@ -321,6 +334,7 @@ def _job_columns(dims: list[str]) -> list[str]:
         "crossover_epoch_train",
         "eval_dataset",
         *EVAL_KEYS,
+        *FORGETTING_KEYS,
         "time_fit_s",
         "path",
     ]
@@ -355,6 +369,9 @@ def _job_row(
     row["eval_dataset"] = evaluation.get("dataset") if evaluation else None
     for key in EVAL_KEYS:
         row[key] = _float(summary.get(key))
+    forgetting = (evaluation.get("forgetting") or {}).get("summary") or {}
+    for col, key in FORGETTING_KEYS.items():
+        row[col] = _float(forgetting.get(key))
     base = []
     for label, bsum in (evaluation.get("baselines") or {}).items():
         if isinstance(bsum, dict):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kd_nnp.reports.load import RATIOS, Sweep
+from kd_nnp.reports.load import FORGETTING_KEYS, RATIOS, Sweep
 from kd_nnp.reports.tables import crossover_table, fig4_table, table1
 from kd_nnp.utils.markdown import md_table
 
@@ -115,6 +115,26 @@ def _write_fig6(
     return body, [out / "crossover.csv", figures.save(fig, out / "fig6.png")]
 
 
+FORGETTING_NOTE = (
+    "Per loss setting and N_train, mean (std) over seeds of the forgetting check "
+    "(`kd-nnp evaluate forgetting`, docs/evaluation.md): `forget_e_mae_ev_atom` energy MAE "
+    "(eV/atom) and `forget_f_mae_ev_a` force MAE (eV/A) vs pretrained CHGNet on inorganic and "
+    "hybrid structures (+ MPtrj frames), `forget_dv_mae_pct` mean |relaxed-volume change| (%) "
+    "vs pretrained CHGNet. Larger = the student moved further from the base model."
+)
+
+
+def _write_forgetting(sweep: Sweep, out: Path) -> tuple[str, list[Path]]:
+    metrics = tuple(FORGETTING_KEYS)
+    t = fig4_table(sweep, metrics)
+    t.to_csv(out / "forgetting.csv", index=False)
+    view = t[["setting", "n_train", "n_jobs"]].copy()
+    for m in metrics:
+        view[f"{m} mean (std)"] = [_best_cell(a, b) for a, b in zip(t[f"{m}_mean"], t[f"{m}_std"])]
+    body = f"{FORGETTING_NOTE} [forgetting.csv](forgetting.csv)\n\n{md_table(view)}"
+    return body, [out / "forgetting.csv"]
+
+
 def write_report(
     sweep: Sweep,
     out: Path,
@@ -151,7 +171,14 @@ def write_report(
         metrics, _ = sweep.metrics()
         cols = ["job", *RATIOS, *sweep.dims, "n_train", "seed", "epochs", *metrics]
         cols += ["crossover_epoch"]
+        if sweep.has_forgetting:
+            cols += list(FORGETTING_KEYS)
         md.append(md_table(sweep.jobs, cols))
+    if sweep.has_forgetting:
+        body, paths = _write_forgetting(sweep, out)
+        written += paths
+        md += ["", "## Forgetting: distance from pretrained CHGNet outside organic crystals", "",
+               body]  # fmt: skip
     if sweep.n_failed:
         md += ["", "## Failed / unfinished jobs", "", md_table(sweep.failed, ["job", "reason"])]
     if sweep.n_finished:
