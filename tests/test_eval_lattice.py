@@ -195,6 +195,10 @@ def test_benchmark_known_answer_resume_and_report(tmp_path):
     # another clearance is another gas-phase protocol: the gas side is recomputed
     run_lattice_benchmark("pyxtal:test", calcs, out, NO_RMSD, LatticeSettings(clearance=12), **kw)
     assert len(read_results(out / "gas.jsonl")) == 8
+    # report-only with the first clearance reads its own gas records, not the latest ones
+    df3 = run_lattice_benchmark("pyxtal:test", calcs, out, NO_RMSD, run=False, **kw)
+    assert (df3["status"] == "ok").all() and (df3["clearance"] == 30.0).all()
+    assert all(g["box_edge"] > 30.0 + 3.0 for gs in df3["gas"] for g in gs)
 
 
 def test_failures_are_errors_with_a_reason(tmp_path):

@@ -59,12 +59,14 @@ from kd_nnp.evaluation.runner import (
     Structure,
     atoms_from_dict,
     get_calc,
+    is_done,
     label_calculators,
     latest,
     run_jobs,
 )
 from kd_nnp.evaluation.settings import LatticeSettings, RelaxSettings
 from kd_nnp.evaluation.structures import Crystal
+from kd_nnp.teachers.calculators import spec_fingerprint
 from kd_nnp.utils import markdown
 
 log = logging.getLogger(__name__)
@@ -307,6 +309,8 @@ def run_lattice_benchmark(
                                                  "count": kind.count})
             )  # fmt: skip
     gas_key = {"fmax": relax.fmax, "max_steps": relax.max_steps, **settings.protocol()}
+    # report-only (run=False) returns every record on disk: keep this calculator + protocol's
+    fingerprints = {label: spec_fingerprint(spec) for label, spec in calculators.items()}
     gas_recs = run_jobs(
         _gas_task,
         calculators,
@@ -327,7 +331,7 @@ def run_lattice_benchmark(
             (r["method"], r["id"]): {k: v for k, v in r.items() if _present(v)}
             for r in relax_df.to_dict("records")
         },
-        gas_records=latest(gas_recs),
+        gas_records=latest([r for r in gas_recs if is_done(r, fingerprints, gas_key)]),
         clearance=settings.clearance,
         relax_key=relax.protocol(),
         gas_key=gas_key,
