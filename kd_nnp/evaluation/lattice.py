@@ -62,6 +62,7 @@ from kd_nnp.evaluation.runner import (
     is_done,
     label_calculators,
     latest,
+    read_results,
     run_jobs,
 )
 from kd_nnp.evaluation.settings import LatticeSettings, RelaxSettings
@@ -276,24 +277,11 @@ def run_lattice_benchmark(
     settings = settings or LatticeSettings()
     calculators = label_calculators(calculators)
     reference = _resolve_reference(settings.reference, calculators)
-    cutoffs = check_clearance(settings.clearance, calculators) if run else {}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     skipped: list[tuple[str, str]] = []
     crystals, _ = as_crystals(structures, skipped, limit=limit, max_atoms=max_atoms, codes=codes)
     for f, why in skipped:
         log.warning("skipped %s: %s", f, why)
-    rdir = Path(relax_dir) if relax_dir is not None else out / "relax"
-    relax_df = run_relax_benchmark(
-        crystals,
-        calculators,
-        rdir,
-        relax,
-        workers=workers,
-        references=False,
-        progress=progress,
-        run=run,
-    )
     kinds: dict[str, list[CrystalMolecule] | str] = {}
     gas_structs: list[Structure] = []
     for c in crystals:
@@ -309,8 +297,31 @@ def run_lattice_benchmark(
                                                  "count": kind.count})
             )  # fmt: skip
     gas_key = {"fmax": relax.fmax, "max_steps": relax.max_steps, **settings.protocol()}
-    # report-only (run=False) returns every record on disk: keep this calculator + protocol's
     fingerprints = {label: spec_fingerprint(spec) for label, spec in calculators.items()}
+    done = {
+        (r["method"], r["id"])
+        for r in read_results(out / GAS_FILE)
+        if is_done(r, fingerprints, gas_key)
+    }
+    pending = run and any((lb, s.id) not in done for lb in calculators for s in gas_structs)
+    # before any relaxation: the clearance against every calculator's cutoff (built here) when
+    # gas jobs are to run; against pretrained CHGNet's alone otherwise (records on disk were
+    # checked when computed)
+    cutoffs = check_clearance(settings.clearance, calculators) if pending else {}
+    if run and settings.clearance < chgnet_cutoff():
+        check_clearance(settings.clearance, {})
+    out.mkdir(parents=True, exist_ok=True)
+    rdir = Path(relax_dir) if relax_dir is not None else out / "relax"
+    relax_df = run_relax_benchmark(
+        crystals,
+        calculators,
+        rdir,
+        relax,
+        workers=workers,
+        references=False,
+        progress=progress,
+        run=run,
+    )
     gas_recs = run_jobs(
         _gas_task,
         calculators,
