@@ -5,7 +5,8 @@
 2. soft labels from the default teacher (``so3lr``), cached in the store;
 3. soft-only distillation of CHGNet's MLP (recipe in ``conf/demo.yaml``, see docs/demo.md);
 4. relaxation benchmark on held-out experimental crystals of ``test.db`` for pretrained
-   CHGNet, the teacher and the distilled student;
+   CHGNet, the teacher and the distilled student, and their lattice energies (the relaxed
+   crystals of the benchmark vs the relaxed gas-phase molecules, ``kd-nnp evaluate lattice``);
 5. a printed table and PNGs (parity plots, loss curves with the crossover), paths printed.
 
 Each stage writes under ``demo.out`` and is skipped or resumed when its output exists.
@@ -212,11 +213,67 @@ def _build_frames(
     done.write_text(json.dumps({"crystals": wanted}))
 
 
+def lattice_result(ldf: Any) -> dict[str, Any]:
+    """The lattice energies of the held-out crystals for demo_result.json: the reference (the
+    teacher), per-method summary, per-crystal values (None: failed) and the Markdown table."""
+    import math
+
+    from kd_nnp.evaluation.lattice import per_crystal_table, summarize_lattice
+    from kd_nnp.utils.markdown import md_table
+
+    reference = ldf.attrs.get("reference")
+    wide = per_crystal_table(ldf)
+    summ = summarize_lattice(ldf, reference)
+
+    def clean(v: Any) -> Any:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    return {
+        "reference": reference,
+        "summary": [{k: clean(v) for k, v in row.items()} for row in summ.to_dict("records")],
+        "per_crystal_kj_mol": {
+            str(cid): {str(m): clean(float(v)) for m, v in row.items()}
+            for cid, row in wide.iterrows()
+        },
+        "failures": {
+            f"{r['method']}/{r['id']}": r["error"]
+            for r in ldf.to_dict("records")
+            if r.get("status") != "ok"
+        },
+        "table_md": md_table(wide.reset_index(), None, "{:.1f}"),
+    }
+
+
+def heldout_table(summary: Any, lat: dict[str, Any]) -> str:
+    """One row per method: the volume figures of the relaxation benchmark and the lattice
+    energy columns (mean E_latt, MAE and signed mean vs the teacher)."""
+    import pandas as pd
+
+    from kd_nnp.utils.markdown import md_table
+
+    lsum = pd.DataFrame(lat["summary"]).set_index("method") if lat["summary"] else None
+    rows = []
+    for r in summary.to_dict("records"):
+        row = {k: r.get(k) for k in ("method", "vol_mae_pct", "vol_mean_pct", "rmsd15_mean")}
+        row["fail"] = r.get("n_failures")
+        if lsum is not None and r["method"] in lsum.index:
+            lr = lsum.loc[r["method"]]
+            row.update(e_latt=lr.get("mean"), e_mae=lr.get("mae"), e_diff=lr.get("mean_diff"),
+                       e_fail=lr.get("failures"))  # fmt: skip
+        rows.append(row)
+    cols = [("method", "method"), ("vol_mae_pct", "V MAE %"), ("vol_mean_pct", "V mean %"),
+            ("rmsd15_mean", "RMSD15 A"), ("fail", "fail"), ("e_latt", "E_latt mean"),
+            ("e_mae", "E_latt MAE vs teacher"), ("e_diff", "E_latt mean diff"),
+            ("e_fail", "E_latt fail")]  # fmt: skip
+    return md_table(pd.DataFrame(rows), cols, "{:.2f}")
+
+
 def run_demo(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
+    from kd_nnp.evaluation.lattice import run_lattice_benchmark
     from kd_nnp.evaluation.relax import run_relax_benchmark
-    from kd_nnp.evaluation.settings import RelaxSettings
+    from kd_nnp.evaluation.settings import LatticeSettings, RelaxSettings
     from kd_nnp.teachers.label import label_store
     from kd_nnp.training.train import run_training
     from kd_nnp.utils.settings import from_mapping
@@ -261,19 +318,29 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     t = time.perf_counter()
     print(f"[4/5] relaxation benchmark on {len(eval_set)} held-out crystals")
     relax = from_mapping(RelaxSettings, cfg.demo.relax, where="demo.relax")
+    methods = {
+        "CHGNet (pretrained)": "chgnet",
+        f"teacher ({cfg.demo.teacher})": f"teacher:{cfg.demo.teacher}",
+        "student (distilled)": f"student:{student}",
+    }
     df = run_relax_benchmark(
-        eval_set,
-        {
-            "CHGNet (pretrained)": "chgnet",
-            f"teacher ({cfg.demo.teacher})": f"teacher:{cfg.demo.teacher}",
-            "student (distilled)": f"student:{student}",
-        },
-        out / "relax",
-        relax,
-        workers=int(cfg.demo.workers),
-        references=False,
+        eval_set, methods, out / "relax", relax, workers=int(cfg.demo.workers), references=False
     )
     times["relax"] = time.perf_counter() - t
+    t = time.perf_counter()
+    # lattice energies: the crystals relaxed above (out/relax is reused, nothing is relaxed
+    # twice) and each distinct molecule relaxed alone in a box
+    lattice = from_mapping(LatticeSettings, cfg.demo.get("lattice"), where="demo.lattice")
+    ldf = run_lattice_benchmark(
+        eval_set,
+        methods,
+        out / "lattice",
+        relax,
+        lattice,
+        relax_dir=out / "relax",
+        workers=int(cfg.demo.workers),
+    )
+    times["lattice"] = time.perf_counter() - t
 
     from kd_nnp.evaluation.stats import paired_volume_distance, summarize
 
@@ -288,8 +355,15 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
         if (out / "relax" / "table.md").exists()
         else summary.to_string()
     )
+    lat = lattice_result(ldf)
     print("[5/5] results\n")
     print(table)
+    print(
+        "\nheld-out summary (lattice energy E_latt in kJ/mol per molecule; MAE vs the teacher):\n"
+    )
+    print(heldout_table(summary, lat))
+    print("\nlattice energy per crystal (kJ/mol; empty: failed, see lattice/table.md):\n")
+    print(lat["table_md"])
     print(f"\nvolume distance to the teacher, crystal by crystal (mean |dV - dV_{teacher_label}|):")
     for label, d in to_teacher.items():
         print(f"  {label:<22} {d['mean_abs_pct']:.2f} % over {d['n']} crystals")
@@ -298,10 +372,12 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
         "total_s": sum(times.values()),
         "summary": json.loads(summary.to_json(orient="records")),
         "to_teacher": to_teacher,
+        "lattice": {k: v for k, v in lat.items() if k != "table_md"},
         "crossover_epoch": metrics.get("crossover_epoch"),
         "paths": {
             "table": str(out / "relax" / "table.md"),
             "relax_dir": str(out / "relax"),
+            "lattice_table": str(out / "lattice" / "table.md"),
             "loss_curves": str(run_dir / "loss_curves.png"),
             "student": str(student),
         },

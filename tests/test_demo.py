@@ -72,8 +72,24 @@ def test_quick_demo_runs_end_to_end(tmp_path):
         assert math.isfinite(fg[key]) and fg[key] > 0, key
     assert fg["energy_mae_ev_atom"] < 1.0  # eV/atom: moved, not broken
     assert "forgetting (student vs pretrained CHGNet" in r.stdout
+    # the lattice-energy column: every method, every held-out crystal, finite and bound
+    lat = result["lattice"]
+    assert lat["reference"] == "teacher (so3lr)" and not lat["failures"], lat["failures"]
+    assert {row["method"] for row in lat["summary"]} == methods
+    for crystal in crystals["eval"]:
+        values = lat["per_crystal_kj_mol"][crystal]
+        for m in methods:
+            assert values[m] is not None and -400 < values[m] < 0, (crystal, m, values)
+    teacher_row = next(r for r in lat["summary"] if r["method"] == "teacher (so3lr)")
+    assert teacher_row["mae"] == 0.0 and teacher_row["n"] == len(crystals["eval"])
+    assert "E_latt mean" in r.stdout and "lattice energy per crystal" in r.stdout
+    assert os.path.exists(result["paths"]["lattice_table"])
+    assert not (out / "lattice" / "relax").exists()  # the benchmark's relaxed crystals are used
     # rerun: every stage reuses its cache (no relabelling, no retraining, no re-relaxing)
+    gas_lines = (out / "lattice" / "gas.jsonl").read_text()
     r2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0, r2.stderr[-4000:]
     again = json.loads((out / "demo_result.json").read_text())
     assert again["times_s"]["train"] < 0.5 * result["times_s"]["train"] + 5
+    assert (out / "lattice" / "gas.jsonl").read_text() == gas_lines
+    assert again["lattice"]["per_crystal_kj_mol"] == lat["per_crystal_kj_mol"]

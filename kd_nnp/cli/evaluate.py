@@ -1,4 +1,4 @@
-"""``kd-nnp evaluate relax|elastic|table2|forgetting``: the benchmarks from the command line.
+"""``kd-nnp evaluate relax|elastic|table2|forgetting|lattice``: the benchmarks from the command line.
 
 Every protocol option is generated from the settings dataclasses of
 :mod:`kd_nnp.evaluation.settings` (help text included): nothing here spells them again.
@@ -16,6 +16,7 @@ from kd_nnp.evaluation.settings import (
     ElasticSettings,
     EvalJobSettings,
     ForgettingSettings,
+    LatticeSettings,
     RelaxSettings,
 )
 from kd_nnp.utils.settings import add_options, from_args
@@ -23,6 +24,8 @@ from kd_nnp.utils.threads import set_threads
 
 # the crystal selection of `evaluate relax` (fields of the per-job evaluate block)
 _RELAX_SELECTION = ("dataset", "limit", "max_atoms", "codes", "workers", "references")
+# the crystal selection of `evaluate lattice` (no test.db reference cells: they hold no energy)
+_LATTICE_SELECTION = tuple(k for k in _RELAX_SELECTION if k != "references")
 # the structure selection of `evaluate elastic|table2`
 _ELASTIC_SELECTION = ("shared_dir", "compounds", "all_files", "max_atoms", "workers")
 
@@ -33,27 +36,57 @@ def _exclude(cls: type, keep: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.name not in keep)
 
 
-def _relax_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("relax", help="relax experimental crystals and compare with experiment")
+def _add_crystal_options(
+    p: argparse.ArgumentParser, selection: tuple[str, ...], defaults: dict[str, object]
+) -> None:
+    """``--calc``, the crystal selection (fields of the per-job evaluate block), the relaxation
+    protocol, ``--out`` and ``--quiet``: what `evaluate relax` and `evaluate lattice` share."""
     p.add_argument(
         "--calc",
         action="append",
         required=True,
         help="calculator spec (repeatable): chgnet, student:PATH, teacher:NAME, module:factory",
     )
-    add_options(
-        p,
-        EvalJobSettings,
-        exclude=_exclude(EvalJobSettings, _RELAX_SELECTION),
-        defaults={"workers": 2, "references": True},
-    )
+    add_options(p, EvalJobSettings, exclude=_exclude(EvalJobSettings, selection), defaults=defaults)
     add_options(p, RelaxSettings)
     p.add_argument("--out", required=True, type=Path, help="output folder (resumable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _relax_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("relax", help="relax experimental crystals and compare with experiment")
+    _add_crystal_options(p, _RELAX_SELECTION, {"workers": 2, "references": True})
     p.add_argument(
         "--report-only",
         action="store_true",
         help="only rebuild tables/plots from OUT/relax.jsonl (no new relaxations)",
+    )
+
+
+LATTICE_HELP = """lattice energies E_latt = (E_crystal - sum_k count_k E_gas_k) / sum_k count_k
+(kJ/mol per molecule): each crystal relaxed with the relaxation protocol (into OUT/relax, or
+--relax-dir: a relaxation benchmark folder of the same crystals and calculators is reused),
+each distinct molecule of the experimental cell relaxed alone in a periodic box with
+--clearance A to its images. Table: one column per method, the spread between methods and
+MAE / signed mean against --reference (default: the first teacher:NAME). Resumable."""
+
+
+def _lattice_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lattice", help="lattice energies (relaxed crystal vs gas-phase molecules)",
+                       description=LATTICE_HELP)  # fmt: skip
+    _add_crystal_options(p, _LATTICE_SELECTION, {"workers": 2})
+    add_options(p, LatticeSettings)
+    p.add_argument(
+        "--relax-dir",
+        type=Path,
+        default=None,
+        help="folder of the crystal relaxations (default OUT/relax; an existing "
+        "`evaluate relax` folder is reused)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rebuild the tables from what is on disk (no new relaxations)",
     )
 
 
@@ -162,6 +195,7 @@ def parser() -> argparse.ArgumentParser:
     _elastic_parser(sub)
     _table2_parser(sub)
     _forgetting_parser(sub)
+    _lattice_parser(sub)
     return p
 
 
@@ -173,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         return _relax(args)
     if args.bench == "forgetting":
         return _forgetting(args)
+    if args.bench == "lattice":
+        return _lattice(args)
     if args.bench == "table2":
         from kd_nnp.evaluation.table2 import run_table2
 
@@ -221,6 +257,31 @@ def _relax(args: argparse.Namespace) -> int:
     for f, why in df.attrs.get("skipped", []):
         print(f"skipped {f}: {why}")
     print(f"\nwrote {args.out}/table.md, table.csv, summary.csv, parity_*.png")
+    return 0
+
+
+def _lattice(args: argparse.Namespace) -> int:
+    from kd_nnp.evaluation.lattice import run_lattice_benchmark
+
+    sel = from_args(EvalJobSettings, args)
+    df = run_lattice_benchmark(
+        sel.dataset,
+        list(args.calc),
+        args.out,
+        from_args(RelaxSettings, args),
+        from_args(LatticeSettings, args),
+        relax_dir=args.relax_dir,
+        workers=sel.workers,
+        limit=sel.limit,
+        max_atoms=sel.max_atoms,
+        codes=sel.codes,
+        progress=not args.quiet,
+        run=not args.report_only,
+    )
+    print((args.out / "table.md").read_text())
+    for f, why in df.attrs.get("skipped", []):
+        print(f"skipped {f}: {why}")
+    print(f"wrote {args.out}/lattice.jsonl, table.md, table.csv, summary.csv")
     return 0
 
 

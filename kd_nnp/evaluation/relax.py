@@ -60,11 +60,13 @@ def _relax_task(item: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def _as_crystals(
+def as_crystals(
     structures: str | Sequence[tuple[str, Atoms]] | Sequence[Crystal],
     skipped: list[tuple[str, str]],
     **filters: Any,
 ) -> tuple[list[Crystal], str | None]:
+    """The crystals of a dataset spec (filtered; unreadable CIFs appended to ``skipped``) or of
+    ``[(id, Atoms)]`` / ``[Crystal]`` (ids must be unique), and the spec (None for a list)."""
     if isinstance(structures, str):
         return load_dataset(structures, skipped=skipped, **filters), structures
     out = []
@@ -111,7 +113,7 @@ def run_relax_benchmark(
     settings = settings or RelaxSettings()
     calculators = label_calculators(calculators)
     skipped: list[tuple[str, str]] = []
-    crystals, dataset = _as_crystals(
+    crystals, dataset = as_crystals(
         structures, skipped, limit=limit, max_atoms=max_atoms, codes=codes
     )
     for f, why in skipped:

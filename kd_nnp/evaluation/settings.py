@@ -8,7 +8,9 @@
 - :class:`ForgettingSettings`: the forgetting check (``kd-nnp evaluate forgetting`` options);
 - :class:`EvalJobSettings`: the per-job ``evaluate`` block a training run reads (which
   crystals, workers, baselines + a :class:`RelaxSettings` + optional elastic block + the
-  forgetting flag).
+  forgetting flag);
+- :class:`LatticeSettings`: the gas-phase side of the lattice-energy protocol (box clearance,
+  reference method); the crystal side is a :class:`RelaxSettings`.
 
 The YAML blocks are flat (``evaluate.fmax``, ``evaluate.elastic.ion_fmax``):
 :meth:`EvalJobSettings.from_config` / :meth:`ElasticJobSettings.from_config` lift the protocol
@@ -270,6 +272,36 @@ def forgetting_from_config(value: Any, where: str) -> ForgettingSettings | None:
     )
 
 
+@dataclass(frozen=True)
+class LatticeSettings:
+    """The gas-phase side of ``kd-nnp evaluate lattice`` (the crystal relaxation and the gas
+    relaxation's force threshold and step limit are a :class:`RelaxSettings`)."""
+
+    clearance: float = field(
+        default=30.0,
+        metadata={
+            "help": "gas-phase box: minimum distance (A) from any atom to any atom of a periodic "
+            "image, for any orientation of the molecule; refused below CHGNet's atom-graph "
+            "cutoff (see docs/evaluation.md for the convergence table)"
+        },
+    )
+    reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "method label the others are compared with (MAE, signed mean); unset: the "
+            "first teacher:NAME calculator, else none"
+        },
+    )
+
+    def check(self) -> None:
+        if not self.clearance > 0:
+            raise SettingsError(f"lattice: clearance={self.clearance} must be > 0 A")
+
+    def protocol(self) -> dict[str, Any]:
+        """What changes a gas-phase energy (the key gas records are reused under)."""
+        return {"clearance": self.clearance}
+
+
 def _lift(cls: type, nested: str, inner: type, values: Any, where: str) -> Any:
     """``cls`` from a flat mapping: the keys of ``inner`` go into the field ``nested``."""
     plain = dict(to_plain(values) or {})
@@ -292,3 +324,4 @@ register_schema("schema/evaluate", "elastic_settings", ElasticSettings)
 register_schema("schema/evaluate", "elastic_job", ElasticJobSettings)
 register_schema("schema/evaluate", "job", EvalJobSettings)
 register_schema("schema/evaluate", "forgetting", ForgettingSettings)
+register_schema("schema/evaluate", "lattice_settings", LatticeSettings)
