@@ -12,7 +12,7 @@ import pytest
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator, all_changes
 from ase.neighborlist import neighbor_list
-from conftest import assert_md_tables_well_formed, requires_shared_data
+from conftest import assert_md_tables_well_formed, requires_shared_data, requires_teacher
 
 from kd_nnp.data.molecules import distinct_molecules, image_clearance, molecule_labels
 from kd_nnp.errors import KdNnpError
@@ -318,3 +318,26 @@ def test_cli_lattice_with_chgnet(tmp_path, capsys):
     assert {r["id"]: r["e_latt_kj_mol"] for r in read_results(out / "lattice.jsonl")} == {
         k: r["e_latt_kj_mol"] for k, r in recs.items()
     }
+
+
+@requires_teacher("chgnet_d3")
+def test_gas_phase_of_a_non_periodic_teacher_is_computed_without_pbc():
+    """The + D3 teachers (like GFN2-xTB) compute an isolated molecule without periodic
+    boundary conditions, as `kd-nnp label` and `data molecules` do (teachers.gas_phase)."""
+    from ase.build import molecule
+
+    from kd_nnp.evaluation.lattice import _gas_task, gas_box, gas_periodic
+    from kd_nnp.evaluation.runner import atoms_to_dict, get_calc
+
+    assert gas_periodic("chgnet", None) and gas_periodic("student:x.pt", None)
+    assert not gas_periodic("teacher:chgnet_d3", get_calc("teacher:chgnet_d3"))
+    water = molecule("H2O")
+    box = gas_box(water.get_chemical_symbols(), water.positions, 8.0)
+    item = {"atoms": atoms_to_dict(box), "spec": "teacher:chgnet_d3",
+            "settings": {"fmax": 10.0, "max_steps": 1}}  # fmt: skip
+    rec = _gas_task(item)
+    free = box.copy()
+    free.pbc = False
+    free.calc = get_calc("teacher:chgnet_d3")
+    assert rec["periodic"] is False
+    assert rec["energy"] == pytest.approx(free.get_potential_energy(), abs=1e-6)

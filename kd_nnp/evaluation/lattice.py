@@ -22,7 +22,10 @@ its bond graph gives a record with ``status == "error"`` and the reason, never a
 Isolation: a clearance below the cutoff of any calculator of the run whose cutoff is known
 (CHGNet's and a student's atom graph, ``model.graph_converter.atom_graph_cutoff``; SO3LR's
 long-range cutoff ``r_max_lr``) is refused, and never below pretrained CHGNet's atom-graph
-cutoff; the default and its measured convergence are in docs/evaluation.md.
+cutoff; the default and its measured convergence are in docs/evaluation.md. Built-in
+teachers that compute molecules without periodic boundary conditions (GFN2-xTB, the + D3/D4
+teachers: :func:`kd_nnp.teachers.calculators.gas_phase`, the rule ``kd-nnp label`` and
+``kd-nnp data molecules`` follow) relax the molecule with ``pbc=False`` (record ``periodic``).
 
 Outputs in ``out_dir``: ``relax/`` (the crystal relaxations and their report, unless
 ``relax_dir`` points elsewhere), ``gas.jsonl`` (gas relaxations, resumable like every runner
@@ -179,6 +182,8 @@ def _gas_task(item: dict[str, Any]) -> dict[str, Any]:
     """Relax one isolated molecule at fixed box (a worker process)."""
     box = atoms_from_dict(item["atoms"])
     calc = get_calc(item["spec"], item.get("fingerprint"))
+    if not gas_periodic(item["spec"], calc):
+        box.pbc = False  # the teacher's own gas phase (kd_nnp.teachers.calculators.gas_phase)
     gas = item["settings"]
     syms = box.get_chemical_symbols()
     key0 = graph_key(syms, box.positions)
@@ -196,6 +201,7 @@ def _gas_task(item: dict[str, Any]) -> dict[str, Any]:
         "fmax_final": info["fmax_final"],
         "wall_s": info["wall_s"],
         "box_edge": float(box.cell.array[0, 0]),
+        "periodic": bool(box.pbc.any()),
         "image_clearance_start": image_clearance(box),
         "image_clearance_final": image_clearance(relaxed),
         "isolation_cutoff": item.get("isolation_cutoff", 0.0),
@@ -203,6 +209,20 @@ def _gas_task(item: dict[str, Any]) -> dict[str, Any]:
         "same_bond_graph": bool(key1 == key0),
         "final_positions": np.round(pos, 5).tolist(),
     }
+
+
+def gas_periodic(spec: str, calc: Any) -> bool:
+    """Whether a calculator computes the gas-phase molecule in its periodic box: built-in
+    teachers as :func:`kd_nnp.teachers.calculators.gas_phase` says (GFN2-xTB and the + D3/D4
+    teachers without periodic boundary conditions: periodic GFN2-xTB sums Ewald electrostatics
+    and D3's two-body cutoff is 31.75 A, which no affordable box removes); everything else
+    (CHGNet, students, SO3LR, ``module:factory``) in the box, whose clearance is checked."""
+    kind, _, name = str(spec).partition(":")
+    if kind != "teacher":
+        return True
+    from kd_nnp.teachers.calculators import TEACHERS, gas_phase
+
+    return name not in TEACHERS or gas_phase(name, calc).periodic
 
 
 def gas_failure(rec: dict[str, Any] | None) -> str:

@@ -14,6 +14,7 @@ log-strain step of 0.2/factor (urea blew up to 7.5 x its volume). See docs/evalu
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -96,8 +97,9 @@ def relax_structure(
         f_round = min(f_round, 0.8 * tol * a.get_volume() / ecf)
     wall = time.perf_counter() - t0
     fmax_final = _max_force(a)
-    stress = a.get_stress(voigt=False) / units.GPa
-    smax = float(np.abs(stress).max())
+    # an isolated molecule without periodic boundary conditions has no cell and no stress
+    stress = a.get_stress(voigt=False) / units.GPa if a.pbc.any() else None
+    smax = float(np.abs(stress).max()) if stress is not None else math.nan
     converged = (
         not aborted
         and fmax_final < fmax
@@ -114,9 +116,9 @@ def relax_structure(
         "wall_s": wall,
         "s_per_step": wall / max(steps, 1),
         "fmax_final": float(fmax_final),
-        "stress_max_gpa": smax,
-        "pressure_gpa": float(-np.trace(stress) / 3.0),
-        "stress_gpa": stress.round(6).tolist(),
+        "stress_max_gpa": smax if stress is not None else None,
+        "pressure_gpa": float(-np.trace(stress) / 3.0) if stress is not None else None,
+        "stress_gpa": stress.round(6).tolist() if stress is not None else None,
         "energy": float(a.get_potential_energy()),
     }
     return a, info
