@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from kd_nnp.data.molecules import molecule_centres
+from kd_nnp.data.molecules import MOL_KEYS_INFO, frame_molecule_keys, molecule_centres
 from kd_nnp.data.store import Frame, FrameStore, StoreError, check_recipe
 from kd_nnp.errors import SettingsError
 from kd_nnp.utils.settings import as_dict, from_mapping
@@ -194,6 +194,10 @@ def perturb_one(
     rng = _rng(s.seed, parent_id)
     base = dict(info or {})
     base["parent_id"] = parent_id
+    if MOL_KEYS_INFO not in base:  # the molecules of the parent: the training guard reads them
+        keys = frame_molecule_keys(atoms)
+        if keys:
+            base[MOL_KEYS_INFO] = ";".join(sorted(keys))
     frames: list[Frame] = []
 
     def add(kind: str, k: int | None, a: Atoms, extra: dict[str, Any]) -> None:
