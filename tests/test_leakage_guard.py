@@ -121,3 +121,12 @@ def test_exclusion_contents_are_part_of_the_job(tmp_path):
     keys.write_text("A-1\nB-2\n")
     with pytest.raises(JobConfigMismatch, match="data_excluded_molecules"):
         run_training(cfg, run)
+
+
+def test_perturbed_frames_record_their_molecules(small_crystals):
+    from kd_nnp.data.sources.perturb import make_perturbations
+
+    atoms = small_crystals["OXALAC11"]
+    frames = make_perturbations([("OXALAC11", atoms)], n_strain=2, n_rattle=1, seed=0)
+    assert len(frames) >= 3
+    assert {f.info[MOL_KEYS_INFO] for f in frames} == {";".join(molecule_keys(atoms))}
