@@ -58,7 +58,7 @@ def cv_crystals(
     dbs: list[str], max_atoms: int | None, codes: list[str] | None = None
 ) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
     """``([(code, atoms)], [(code, why skipped)])``: the checked crystals of ``dbs`` (a code in
-    two databases is kept once, from the first), optionally only ``codes``."""
+    two databases is kept once, from the first) made of molecules, optionally only ``codes``."""
     from kd_nnp.data.sources.pyxtal_db import checked_crystals
 
     out: list[tuple[str, Any]] = []
@@ -68,6 +68,11 @@ def cv_crystals(
         for code, atoms in checked_crystals(db, max_atoms=max_atoms, skipped=skipped):
             if code not in seen and (codes is None or code in codes):
                 seen.add(code)
+                try:  # a covalent network has no molecules to keep out of training
+                    crystal_molecules(atoms)
+                except ValueError as exc:
+                    skipped.append((code, f"no molecules ({exc})"))
+                    continue
                 out.append((code, atoms))
     if codes is not None:
         missing = [c for c in codes if c not in seen]
