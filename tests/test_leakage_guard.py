@@ -130,3 +130,38 @@ def test_perturbed_frames_record_their_molecules(small_crystals):
     frames = make_perturbations([("OXALAC11", atoms)], n_strain=2, n_rattle=1, seed=0)
     assert len(frames) >= 3
     assert {f.info[MOL_KEYS_INFO] for f in frames} == {";".join(molecule_keys(atoms))}
+
+
+class _PullOneAtom:
+    """A 'teacher' whose pre-relaxation drags atom 0 out of its molecule (a bond graph change,
+    as SO3LR's pre-relaxation did to TETBBZ's C-Br bonds)."""
+
+    def __init__(self):
+        from ase.calculators.calculator import Calculator, all_changes
+
+        class Pull(Calculator):
+            implemented_properties = ("energy", "forces")
+
+            def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+                super().calculate(atoms, properties, system_changes)
+                f = np.zeros((len(self.atoms), 3))
+                f[0] = [2.0, 0.0, 0.0]
+                self.results = {"energy": -2.0 * self.atoms.positions[0, 0], "forces": f}
+
+        self.calc = Pull()
+
+
+def test_molecule_keys_come_from_the_parent_not_the_prerelaxed_copy(small_crystals):
+    from kd_nnp.data.sources.perturb import make_perturbations
+
+    atoms = small_crystals["UREAXX02"]
+    frames = make_perturbations(
+        [("UREAXX02", atoms)], n_strain=1, n_rattle=0, seed=0,
+        prerelax_calc=_PullOneAtom().calc, prerelax_steps=10,
+    )  # fmt: skip
+    parent = next(f for f in frames if f.frame_id.endswith("/parent"))
+    moved = np.linalg.norm(parent.atoms.positions[0] - atoms.positions[0])
+    assert moved > 1.0  # the pre-relaxation broke a bond ...
+    assert molecule_keys(parent.atoms) != molecule_keys(atoms)  # ... so its keys changed ...
+    # ... but the frames still name the experimental crystal's molecule
+    assert {f.info[MOL_KEYS_INFO] for f in frames} == {";".join(molecule_keys(atoms))}

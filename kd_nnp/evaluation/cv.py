@@ -2,7 +2,7 @@
 
 Every usable experimental crystal of pyxtal's databases (``cv.dbs``, at most ``cv.max_atoms``
 atoms) is put in one of ``cv.folds`` folds; crystals that share any kind of molecule (graph
-key, :func:`kd_nnp.data.molecules.graph_key`, or SMILES) are one group and stay in one fold, so
+key, :func:`kd_nnp.data.molecules.graph_key`, molecular formula or SMILES) are one group and stay in one fold, so
 no molecule is in two folds. Then, all under ``cv.out``:
 
 1. ``store/``: the recipe's training frames (teacher-pre-relaxed, strained, rattled) of every
@@ -85,12 +85,15 @@ def cv_crystals(
 
 
 def crystal_molecules(atoms: Any) -> list[str]:
-    """The identities of a crystal's molecules: graph keys, and the SMILES when recorded."""
+    """The identities of a crystal's molecules: graph keys, their molecular formulas (the
+    same molecule from two X-ray structures can get two bond graphs; isomers are kept
+    together too) and the SMILES when recorded."""
     from kd_nnp.data.molecules import molecule_keys
 
     keys = molecule_keys(atoms)
+    formulas = sorted({"formula:" + k.rsplit("-", 1)[0] for k in keys})
     smi = atoms.info.get("mol_smi")
-    return keys + ([f"smiles:{smi}"] if smi else [])
+    return keys + formulas + ([f"smiles:{smi}"] if smi else [])
 
 
 def molecule_groups(ids: list[list[str]]) -> list[list[int]]:
@@ -192,6 +195,18 @@ def fold_config(cfg: DictConfig, store: Path, exclude: Path, run_dir: Path) -> D
     for key in ("cv", "demo"):
         resolved.pop(key, None)
     return OmegaConf.create(resolved)
+
+
+def _check_no_leak(run_dir: Path, test_crystals: list[str]) -> None:
+    """The store's groups are the crystals: a fold's student must have seen none of its own."""
+    summ = json.loads((run_dir / "data_summary.json").read_text())
+    seen = set(summ["train_groups"]) | set(summ["val_groups"])
+    leaked = sorted(seen & set(test_crystals))
+    if leaked:
+        raise KdNnpError(
+            f"{run_dir}: trained on frames of its test crystals {leaked} (their molecule keys "
+            "were not excluded); delete the run and the store and rerun"
+        )
 
 
 # ------------------------------------------------------------------------------- summary
@@ -375,6 +390,7 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
               f"left out)")  # fmt: skip
         run_dir = fdir / "train"
         metrics = run_training(fold_config(cfg, store, exclude, run_dir), run_dir)
+        _check_no_leak(run_dir, fd["crystals"])
         print(f"[4/5] fold {k}: relaxing its {len(fd['crystals'])} crystals with its student")
         df = run_relax_benchmark(
             [(c, by_code[c]) for c in fd["crystals"]],

@@ -5,8 +5,9 @@ with the ``frames`` block of ``conf/demo.yaml``), built once and shared by every
 One crystal per task (worker processes, one thread each); each finished crystal is written at
 once, so a killed build loses at most the crystals in flight; ``frames.done.json`` records the
 crystals and frame settings of a finished store, and a store holding another recipe's frames is
-refused rather than mixed. Frames carry their parent's molecule keys (``info["mol_keys"]``), so
-training can drop the molecules of a test fold (``data.exclude_molecules``).
+refused rather than mixed. Frames carry their experimental parent's molecule keys
+(``info["mol_keys"]``, taken before the teacher's pre-relaxation, which can change a bond graph),
+so training can drop the molecules of a test fold (``data.exclude_molecules``).
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ def build_crystal_store(
     store_dir = Path(store_dir)
     done = store_dir / "frames.done.json"
     wanted = [c for c, _ in crystals]
-    recipe = {"frames": dict(frames), "seed": int(seed), "teacher": str(teacher)}
+    # mol_keys: the frames record their experimental parent's molecules (a store built before
+    # recorded the teacher-pre-relaxed ones, whose bond graph can differ): rebuild such a store
+    recipe = {"frames": dict(frames), "seed": int(seed), "teacher": str(teacher),
+              "mol_keys": "parent"}  # fmt: skip
     if done.exists():
         rec = json.loads(done.read_text())
         if rec.get("crystals") == wanted and rec.get("recipe", recipe) == recipe:

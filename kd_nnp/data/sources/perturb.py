@@ -267,6 +267,10 @@ def make_perturbations(
             group, info = pid, {}
         info = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
         info.pop("parent_id", None)
+        if MOL_KEYS_INFO not in info:  # from the given structure: a teacher's pre-relaxation
+            keys = frame_molecule_keys(atoms)  # can change a bond graph (SO3LR: TETBBZ C-Br)
+            if keys:
+                info[MOL_KEYS_INFO] = ";".join(sorted(keys))
         if prerelax_calc is not None and s.prerelax_steps > 0:
             atoms, rec = prerelax(atoms, prerelax_calc, s.prerelax_steps, s.prerelax_fmax)
             info.update(rec)
