@@ -97,48 +97,35 @@ def split_crystals(
     return eval_set, train_set
 
 
-_WORKER_TEACHER: Any = None
+def write_molecule_list(path: Path, crystals: list[Any]) -> list[str]:
+    """The molecule keys of ``crystals`` as ``{"molecules": [...]}``: the training config's
+    ``data.exclude_molecules`` (conf/demo.yaml) reads it, so no frame of a held-out molecule
+    (a generated packing mixed into the store, say) reaches training."""
+    from kd_nnp.data.molecules import molecule_keys
 
-
-def _init_perturb_worker(teacher: str) -> None:
-    global _WORKER_TEACHER
-    from kd_nnp.teachers.registry import load_teacher
-
-    _WORKER_TEACHER = load_teacher(teacher)
-
-
-def _perturb_task(item: dict[str, Any]) -> list[Any]:
-    from kd_nnp.data.sources.perturb import make_perturbations
-
-    f = item["frames"]
-    calc = _WORKER_TEACHER.calculator if (_WORKER_TEACHER and f["prerelax_steps"] > 0) else None
-    return make_perturbations(
-        [(item["code"], item["atoms"])],
-        n_strain=f["n_strain"],
-        n_rattle=f["n_rattle"],
-        seed=item["seed"],
-        volume_range=tuple(f["volume_range"]),
-        shear=f["shear"],
-        rattle_std=f["rattle_std"],
-        prerelax_calc=calc,
-        prerelax_steps=f["prerelax_steps"],
-        source="demo-perturb",
-    )
+    keys = sorted(set().union(*(molecule_keys(a) for a in crystals))) if crystals else []
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"molecules": keys}, indent=1))
+    tmp.replace(path)
+    return keys
 
 
 def build_store(
     cfg: DictConfig, train_crystals: list[tuple[str, Any]], out: Path, workers: int = 1
 ) -> Path:
-    """Teacher-pre-relaxed, strained and rattled frames of each training crystal, and with
-    ``demo.molecules`` set their isolated molecules (:func:`add_molecules`).
+    """The demo's training store ``out/store``: teacher-pre-relaxed, strained and rattled frames
+    of each training crystal (:mod:`kd_nnp.training.crystal_store`) and, with
+    ``demo.molecules`` set, their isolated molecules (:func:`add_molecules`)."""
+    from kd_nnp.training.crystal_store import build_crystal_store
 
-    One crystal per task (worker processes, one thread each); each finished crystal is
-    written at once, so a killed run loses at most the crystals in flight."""
-    store_dir = out / "store"
-    done = store_dir / "frames.done.json"
-    wanted = [c for c, _ in train_crystals]
-    if not (done.exists() and json.loads(done.read_text()).get("crystals") == wanted):
-        _build_frames(cfg, train_crystals, store_dir, done, wanted, workers)
+    store_dir = build_crystal_store(
+        out / "store",
+        train_crystals,
+        OmegaConf.to_container(cfg.demo.frames, resolve=True),
+        seed=int(cfg.demo.seed),
+        teacher=str(cfg.demo.teacher),
+        workers=workers,
+    )
     n_mol = cfg.demo.get("molecules")
     if n_mol is not None:
         add_molecules(store_dir, str(cfg.demo.teacher), int(n_mol), int(cfg.demo.seed), workers)
@@ -173,44 +160,6 @@ def add_molecules(store_dir: Path, teacher: str, n_perturbed: int, seed: int, wo
     )
     print(f"      molecules: {rep.summary()}")
     return rep
-
-
-def _build_frames(
-    cfg: DictConfig,
-    train_crystals: list[tuple[str, Any]],
-    store_dir: Path,
-    done: Path,
-    wanted: list[str],
-    workers: int,
-) -> None:
-    from kd_nnp.data.store import FrameStore
-    from kd_nnp.utils.parallel import run_tasks
-
-    store = FrameStore(store_dir, create=True, description="kd-nnp demo: perturbed pyxtal crystals")
-    have = {fid.split("/")[0] for fid in store.frame_ids()}
-    frames_cfg = OmegaConf.to_container(cfg.demo.frames, resolve=True)
-    todo = [
-        (code, {"code": code, "atoms": atoms, "frames": frames_cfg, "seed": int(cfg.demo.seed)})
-        for code, atoms in train_crystals
-        if code not in have
-    ]
-    failed = []
-    for res in run_tasks(
-        _perturb_task,
-        todo,
-        n_workers=min(int(workers), len(todo)),
-        initializer=_init_perturb_worker,
-        initargs=(str(cfg.demo.teacher),),
-        desc="frames (teacher pre-relaxation)",
-    ):
-        if res.ok:
-            store.add_frames(res.value)
-        else:
-            failed.append(res.key)
-            print(f"      frames of {res.key} failed: {res.error.splitlines()[0]}")
-    if failed:
-        raise RuntimeError(f"building frames failed for {failed}; rerun to retry them")
-    done.write_text(json.dumps({"crystals": wanted}))
 
 
 def lattice_result(ldf: Any) -> dict[str, Any]:
@@ -298,6 +247,7 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     (out / "crystals.json").write_text(
         json.dumps({"eval": [k for k, _ in eval_set], "train": [k for k, _ in train_set]}, indent=2)
     )
+    write_molecule_list(out / "heldout_molecules.json", [a for _, a in eval_set])
     print(f"[1/5] crystals: {len(train_set)} for training, {len(eval_set)} held out")
     store_dir = build_store(cfg, train_set, out, workers=int(cfg.demo.workers))
     times["frames"] = time.perf_counter() - t

@@ -128,6 +128,7 @@ def test_generated_store_frames_labels_groups(built, calc):
         assert f.source == "generate" and f.hard is None
         assert fid.startswith(f"gen:{f.group_id}/p{f.info['packing']}/s{f.info['step']}")
         assert f.info["spg_num"] in (14, 2) and f.info["molecule_source"] in MOLS
+        assert f.info["mol_keys"] == f.group_id  # the training leakage guard reads it
         # whole molecules, Z of them, all the group's molecule
         assert Counter(k for k, _, _ in molecules_of_crystal(f.atoms)) == Counter(
             {f.group_id: f.info["Z"]}

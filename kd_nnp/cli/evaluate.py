@@ -1,4 +1,7 @@
-"""``kd-nnp evaluate relax|elastic|table2|forgetting|lattice``: the benchmarks from the command line.
+"""``kd-nnp evaluate relax|elastic|table2|forgetting|lattice|cv``: the benchmarks from the command line.
+
+``cv`` (leave-molecule-out cross-validation, :mod:`kd_nnp.evaluation.cv`) is a Hydra verb:
+``kd-nnp evaluate cv cv.folds=5 teacher=so3lr ...`` composes ``conf/evaluate/cv.yaml``.
 
 Every protocol option is generated from the settings dataclasses of
 :mod:`kd_nnp.evaluation.settings` (help text included): nothing here spells them again.
@@ -200,6 +203,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["cv"]:  # a Hydra verb: conf/evaluate/cv.yaml + overrides (docs/evaluation.md)
+        from kd_nnp.evaluation.cv import run_cv
+        from kd_nnp.utils.hydra_cli import run_hydra
+
+        return run_hydra("evaluate/cv", run_cv, argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     set_threads()

@@ -264,3 +264,61 @@ def isolated_stress(positions: np.ndarray, forces: np.ndarray, volume: float) ->
     full = -(f.T @ (r - r.mean(axis=0))) / float(volume)
     full = 0.5 * (full + full.T)
     return full[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+
+
+#: frame ``info`` key holding a crystal's molecule keys (sorted graph keys joined by ``;``)
+MOL_KEYS_INFO = "mol_keys"
+
+
+def molecule_keys(atoms: Atoms) -> list[str]:
+    """Sorted graph keys (:func:`graph_key`) of the kinds of molecule of a crystal."""
+    return sorted(m.key for m in distinct_molecules(atoms))
+
+
+def frame_molecule_keys(atoms: Atoms, info: dict | None = None) -> set[str]:
+    """The molecule keys of a frame: its recorded ``info["mol_keys"]`` when the source wrote
+    them (:data:`MOL_KEYS_INFO`), else computed from the atoms. A structure without whole
+    molecules (a covalent network) has the empty set."""
+    rec = (info or {}).get(MOL_KEYS_INFO)
+    if rec:
+        return set(str(rec).split(";"))
+    try:
+        return set(molecule_keys(atoms))
+    except ValueError:
+        return set()
+
+
+def read_molecule_keys(spec: str | Sequence[str]) -> list[str]:
+    """Molecule keys from a list, a JSON file (a list of keys, or an object with a
+    ``molecules`` list) or a text file (one key a line; ``#`` comments); sorted, unique.
+    Raises :class:`~kd_nnp.errors.KdNnpError` naming the file and what is wrong."""
+    import json
+    from pathlib import Path
+
+    from kd_nnp.errors import KdNnpError
+
+    if not isinstance(spec, str):
+        keys = [str(k) for k in spec]
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise KdNnpError(f"molecule list {path}: no such file")
+        text = path.read_text()
+        if path.suffix == ".json":
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise KdNnpError(f"molecule list {path}: not JSON ({exc})") from None
+            obj = obj.get("molecules") if isinstance(obj, dict) else obj
+            if not isinstance(obj, list) or not all(isinstance(k, str) for k in obj):
+                raise KdNnpError(
+                    f"molecule list {path}: expected a list of molecule keys (strings) or "
+                    '{"molecules": [...]}'
+                )
+            keys = obj
+        else:
+            keys = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
+    bad = [k for k in keys if k and (";" in k or k != k.strip())]
+    if bad:
+        raise KdNnpError(f"molecule list {spec}: malformed key {bad[0]!r}")
+    return sorted({k for k in keys if k})

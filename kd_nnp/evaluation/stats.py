@@ -79,3 +79,24 @@ def paired_volume_distance(df: pd.DataFrame, method: str, reference: str) -> dic
         "mean_pct": float(diff.mean()) if len(both) else math.nan,
         "per_crystal_pct": {str(k): float(v) for k, v in diff.items()},
     }
+
+
+def bootstrap_ci(
+    values: Any, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95, absolute: bool = True
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (of ``|values|`` with
+    ``absolute``: the interval of an MAE), resampling the values (crystals) with replacement
+    ``n_boot`` times with a seeded generator. NaN for no values."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if absolute:
+        v = np.abs(v)
+    if not len(v):
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(int(n_boot), len(v)))].mean(axis=1)
+    tail = 0.5 * (1.0 - level)
+    lo, hi = np.quantile(means, [tail, 1.0 - tail])
+    return float(lo), float(hi)

@@ -143,6 +143,32 @@ def collate(items: list[dict[str, Any]]) -> Batch:
     )
 
 
+# --------------------------------------------------------------------------- leakage guard
+def excluded_molecules(spec: str | Sequence[str] | None) -> dict[str, Any] | None:
+    """``data.exclude_molecules`` read: ``{"source", "keys", "n_molecules", "sha"}`` (``sha``:
+    a hash of the sorted keys, part of a run's relaunch fingerprint, so the same file name
+    with other contents is another job); None when unset."""
+    if spec is None:
+        return None
+    from kd_nnp.data.molecules import read_molecule_keys
+    from kd_nnp.utils.provenance import stable_hash
+
+    keys = read_molecule_keys(spec)
+    source = spec if isinstance(spec, str) else "list"
+    return {"source": source, "keys": keys, "n_molecules": len(keys), "sha": stable_hash(keys)}
+
+
+def drop_molecules(frames: list[Frame], keys: set[str]) -> tuple[list[Frame], list[Frame]]:
+    """``(kept, dropped)``: frames containing any molecule of ``keys`` are dropped."""
+    from kd_nnp.data.molecules import frame_molecule_keys
+
+    kept: list[Frame] = []
+    dropped: list[Frame] = []
+    for fr in frames:
+        (dropped if frame_molecule_keys(fr.atoms, fr.info) & keys else kept).append(fr)
+    return kept, dropped
+
+
 # --------------------------------------------------------------------------- datamodule
 class FramesDataModule(L.LightningDataModule):
     """Labelled frames for distillation.
@@ -177,6 +203,13 @@ class FramesDataModule(L.LightningDataModule):
             ``sigma + offsets^T F / V`` from the label's stress and forces, predictions the
             same derivative of the student, exactly). The molecular stress leaves out the
             covalent-bond terms that the student's own relaxation removes (docs/demo.md).
+        exclude_molecules: molecule keys (:func:`kd_nnp.data.molecules.graph_key`) whose
+            frames are dropped before the split: a list, or a JSON / text file of them
+            (:func:`kd_nnp.data.molecules.read_molecule_keys`), e.g. the held-out or
+            cross-validation test molecules, so no crystal of a test molecule (a generated
+            packing, a perturbed frame) reaches training. A frame's molecules are its
+            ``info["mol_keys"]`` or are computed from its atoms; the dropped count is in
+            ``summary["excluded"]``.
         graph_cache / student_model: cache folder and the CHGNet version whose converter
             and (for ``reference=student``) pretrained energies are used.
     """
@@ -199,6 +232,7 @@ class FramesDataModule(L.LightningDataModule):
         force_atoms: int | None = None,
         force_seed: int = 0,
         stress_mode: str = "affine",
+        exclude_molecules: str | Sequence[str] | None = None,
         graph_cache: str | None = None,
         student_model: str = "0.3.0",
         num_workers: int = 0,
@@ -232,6 +266,7 @@ class FramesDataModule(L.LightningDataModule):
         if stress_mode not in ("affine", "molecular"):
             raise ValueError(f"data.stress_mode must be affine or molecular, got {stress_mode!r}")
         self.stress_mode = stress_mode
+        self.exclude_molecules = exclude_molecules
         self.graph_cache_dir = graph_cache
         self.student_model = student_model
         self.num_workers = num_workers
@@ -260,6 +295,16 @@ class FramesDataModule(L.LightningDataModule):
             soft = store.labels(self.label_set).load()
         usable: list[Frame] = []
         skipped = {"too_large": 0, "no_labels": 0}
+        excluded = excluded_molecules(self.exclude_molecules)
+        if excluded is not None:
+            frames, dropped = drop_molecules(frames, set(excluded["keys"]))
+            skipped["excluded_molecule"] = len(dropped)
+            excluded = {k: v for k, v in excluded.items() if k != "keys"}
+            excluded.update(n_frames=len(dropped), groups=sorted({f.group_id for f in dropped}))
+            log.info(
+                "data: %d frames of %d excluded molecules dropped (%s)",
+                len(dropped), excluded["n_molecules"], excluded["source"],
+            )  # fmt: skip
         for fr in frames:
             if self.max_atoms is not None and fr.n_atoms > self.max_atoms:
                 skipped["too_large"] += 1
@@ -333,8 +378,9 @@ class FramesDataModule(L.LightningDataModule):
         self.summary = {
             "store": str(self.store_path),
             "label_set": self.label_set,
-            "n_frames_store": len(frames),
+            "n_frames_store": len(frames) + skipped.get("excluded_molecule", 0),
             "skipped": skipped,
+            "excluded": excluded,
             "n_train": len(self.train_samples),
             "n_val": len(self.val_samples),
             "train_groups": sorted({by_id[s.frame_id].group_id for s in self.train_samples}),

@@ -106,6 +106,7 @@ def run_training(
     from hydra.utils import instantiate
 
     from kd_nnp.training.callbacks import LossCrossover
+    from kd_nnp.training.data import excluded_molecules
     from kd_nnp.training.export import export_student
     from kd_nnp.utils.provenance import check_job_config, environment_record
 
@@ -113,6 +114,9 @@ def run_training(
         raise ValueError("the config has an evaluate block: pass evaluate= (see kd_nnp.cli.train)")
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    excluded = excluded_molecules(cfg.data.get("exclude_molecules"))
+    if excluded is not None:  # the molecules themselves, not only the file name, define the job
+        resolved["data_excluded_molecules"] = {k: excluded[k] for k in ("n_molecules", "sha")}
     if check_job_config(run_dir, resolved, overrides) == "same":
         log.info("%s holds this job already (same resolved config)", run_dir)
     done = run_dir / "metrics.json"
@@ -215,6 +219,8 @@ def run_training(
         "best_checkpoint": best or None,
         "time_s": {"data": t_data, "fit": t_fit},
     }
+    if datamodule.summary.get("excluded"):  # the leakage guard: what it dropped
+        metrics["excluded"] = datamodule.summary["excluded"]
     if evaluate is not None:
         metrics["evaluation"] = evaluate(student_path, run_dir)
     for lg in loggers:

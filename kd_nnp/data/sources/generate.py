@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from kd_nnp.data.molecules import graph_key, molecules_of_crystal, one_molecule
+from kd_nnp.data.molecules import MOL_KEYS_INFO, graph_key, molecules_of_crystal, one_molecule
 from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError, check_recipe, label_set_name
 from kd_nnp.errors import KdNnpError, SettingsError
 from kd_nnp.utils.settings import as_dict
@@ -698,6 +698,7 @@ def build_generate_store(
                 for step, a, lab, fi in res["traj"]:
                     if mol.smiles:
                         fi["mol_smi"] = mol.smiles
+                    fi[MOL_KEYS_INFO] = mol.mol_id  # one kind of molecule: its graph key
                     fr = Frame(
                         f"{_packing_prefix(mol.mol_id, k)}s{step}", a, mol.mol_id, SOURCE, None, fi
                     )

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from kd_nnp.data.molecules import molecule_centres
+from kd_nnp.data.molecules import MOL_KEYS_INFO, frame_molecule_keys, molecule_centres
 from kd_nnp.data.store import Frame, FrameStore, StoreError, check_recipe
 from kd_nnp.errors import SettingsError
 from kd_nnp.utils.settings import as_dict, from_mapping
@@ -194,6 +194,10 @@ def perturb_one(
     rng = _rng(s.seed, parent_id)
     base = dict(info or {})
     base["parent_id"] = parent_id
+    if MOL_KEYS_INFO not in base:  # the molecules of the parent: the training guard reads them
+        keys = frame_molecule_keys(atoms)
+        if keys:
+            base[MOL_KEYS_INFO] = ";".join(sorted(keys))
     frames: list[Frame] = []
 
     def add(kind: str, k: int | None, a: Atoms, extra: dict[str, Any]) -> None:
@@ -263,6 +267,10 @@ def make_perturbations(
             group, info = pid, {}
         info = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
         info.pop("parent_id", None)
+        if MOL_KEYS_INFO not in info:  # from the given structure: a teacher's pre-relaxation
+            keys = frame_molecule_keys(atoms)  # can change a bond graph (SO3LR: TETBBZ C-Br)
+            if keys:
+                info[MOL_KEYS_INFO] = ";".join(sorted(keys))
         if prerelax_calc is not None and s.prerelax_steps > 0:
             atoms, rec = prerelax(atoms, prerelax_calc, s.prerelax_steps, s.prerelax_fmax)
             info.update(rec)
