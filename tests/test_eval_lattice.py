@@ -28,9 +28,9 @@ from kd_nnp.evaluation.lattice import (
     run_lattice_benchmark,
     summarize_lattice,
 )
-from kd_nnp.evaluation.runner import read_results
 from kd_nnp.evaluation.settings import LatticeSettings, RelaxSettings
 from kd_nnp.evaluation.structures import Crystal, load_dataset
+from kd_nnp.utils.jsonl import read_jsonl
 
 EPS = 0.5  # eV: the toy model's binding energy per molecule
 E_ATOM = {1: -1.0, 6: -7.0, 7: -8.0, 8: -9.0}  # eV: its per-element energies
@@ -187,14 +187,14 @@ def test_benchmark_known_answer_resume_and_report(tmp_path):
     text = (out / "table.md").read_text()
     assert "-48.2" in text and assert_md_tables_well_formed(text) >= 3
     # resume: nothing is recomputed
-    sizes = {f: len(read_results(f)) for f in (out / "gas.jsonl", out / "relax" / "relax.jsonl")}
+    sizes = {f: len(read_jsonl(f)) for f in (out / "gas.jsonl", out / "relax" / "relax.jsonl")}
     assert sizes[out / "gas.jsonl"] == 4 and sizes[out / "relax" / "relax.jsonl"] == 4
     df2 = run_lattice_benchmark("pyxtal:test", calcs, out, NO_RMSD, **kw)
-    assert {f: len(read_results(f)) for f in sizes} == sizes
+    assert {f: len(read_jsonl(f)) for f in sizes} == sizes
     assert df2["e_latt_kj_mol"].tolist() == df["e_latt_kj_mol"].tolist()
     # another clearance is another gas-phase protocol: the gas side is recomputed
     run_lattice_benchmark("pyxtal:test", calcs, out, NO_RMSD, LatticeSettings(clearance=12), **kw)
-    assert len(read_results(out / "gas.jsonl")) == 8
+    assert len(read_jsonl(out / "gas.jsonl")) == 8
     # report-only with the first clearance reads its own gas records, not the latest ones
     df3 = run_lattice_benchmark("pyxtal:test", calcs, out, NO_RMSD, run=False, **kw)
     assert (df3["status"] == "ok").all() and (df3["clearance"] == 30.0).all()
@@ -305,7 +305,7 @@ def test_cli_lattice_with_chgnet(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "# Lattice energies" in printed and "no reference method" in printed
-    recs = {r["id"]: r for r in read_results(out / "lattice.jsonl")}
+    recs = {r["id"]: r for r in read_jsonl(out / "lattice.jsonl")}
     assert set(recs) == {CODES[0]}
     for r in recs.values():
         assert r["status"] == "ok" and r["crystal_converged"] and r["gas_converged"]
@@ -315,7 +315,7 @@ def test_cli_lattice_with_chgnet(tmp_path, capsys):
     assert main([*argv, "--report-only"]) == 0
     assert main(argv) == 0
     assert {f: (out / f).read_text() for f in lines} == lines  # nothing recomputed
-    assert {r["id"]: r["e_latt_kj_mol"] for r in read_results(out / "lattice.jsonl")} == {
+    assert {r["id"]: r["e_latt_kj_mol"] for r in read_jsonl(out / "lattice.jsonl")} == {
         k: r["e_latt_kj_mol"] for k, r in recs.items()
     }
 

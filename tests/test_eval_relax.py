@@ -14,7 +14,6 @@ from kd_nnp.data.molecules import connectivity_change
 from kd_nnp.evaluation.protocol import compare_structures, relax_structure
 from kd_nnp.evaluation.relax import run_relax_benchmark
 from kd_nnp.evaluation.rmsd15 import rmsd15
-from kd_nnp.evaluation.runner import read_results
 from kd_nnp.evaluation.settings import RelaxSettings
 from kd_nnp.evaluation.stats import paired_volume_distance, summarize
 from kd_nnp.evaluation.structures import (
@@ -22,6 +21,7 @@ from kd_nnp.evaluation.structures import (
     pyxtal_reference_cells,
 )
 from kd_nnp.teachers.calculators import make_calculator, method_label
+from kd_nnp.utils.jsonl import read_jsonl
 
 VOLUME_FACTOR = 1.05
 
@@ -216,7 +216,7 @@ def test_benchmark_known_answer_resume_and_report(tmp_path):
     lines = (out / "relax.jsonl").read_text().splitlines()
     (out / "relax.jsonl").write_text(lines[0] + "\n" + lines[1][:50])
     run_relax_benchmark("pyxtal:test", {"scaled": "test_eval_relax:scaled_calc"}, out, **kw)
-    recs = read_results(out / "relax.jsonl")
+    recs = read_jsonl(out / "relax.jsonl")
     assert sorted(r["id"] for r in recs) == sorted(mine["id"])
     assert json.loads(lines[0]) == recs[0]
     # report-only over a larger selection: the crystal never run is listed as missing
@@ -226,7 +226,7 @@ def test_benchmark_known_answer_resume_and_report(tmp_path):
     )
     mine3 = df3[df3["method"] == "scaled"]
     assert len(mine3) == 3 and (mine3["status"] == "missing").sum() == 1
-    assert len(read_results(out / "relax.jsonl")) == 2
+    assert len(read_jsonl(out / "relax.jsonl")) == 2
     assert summarize(df3).set_index("method").loc["scaled", "n_errors"] == 1
 
 

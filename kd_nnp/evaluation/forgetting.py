@@ -53,6 +53,7 @@ from kd_nnp.evaluation.runner import (
     shared_cache,
 )
 from kd_nnp.evaluation.settings import ForgettingSettings
+from kd_nnp.utils.jsonl import nan_to_none
 from kd_nnp.utils.provenance import environment_record, stable_hash
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ def run_forgetting(
         "mptrj_file": fset.mptrj_file,
         "note": fset.note,
     }
-    result = _nan_to_none(result)
+    result = nan_to_none(result)
     (out / RESULT_FILE).write_text(json.dumps(result, indent=2))
     (out / TABLE_FILE).write_text(forgetting_markdown(result))
     with (out / "run.json").open("a") as fh:
@@ -400,16 +401,6 @@ def _vs_reference(rows: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
         f"{prefix}force_mae_ev_a": _pooled(weighted, "f_mae", "wf"),
         f"{prefix}stress_mae_gpa": _pooled(weighted, "s_mae_gpa", "ws"),
     }
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_nan_to_none(v) for v in obj]
-    return obj
 
 
 # ------------------------------------------------------------------ the table

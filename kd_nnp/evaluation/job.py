@@ -46,6 +46,7 @@ import pandas as pd
 
 from kd_nnp.errors import SettingsError
 from kd_nnp.evaluation.settings import ElasticJobSettings, EvalJobSettings
+from kd_nnp.utils.jsonl import nan_to_none
 from kd_nnp.utils.provenance import stable_hash
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,6 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     if not len(df):
         return []
     return json.loads(df.to_json(orient="records"))
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_nan_to_none(v) for v in obj]
-    return obj
 
 
 def codes_from_split(path: str | Path) -> list[str]:
@@ -209,7 +200,7 @@ def evaluate_student(
             cfg.forgetting,
             progress=cfg.progress,
         )
-    return _nan_to_none(result)
+    return nan_to_none(result)
 
 
 # ------------------------------------------------------------------ elastic (Table 2)
@@ -306,7 +297,7 @@ def elastic_comparison(
         c for c in ("method", "compound", "id", "status", "vol_err_pct", "negative_moduli")
         if c in df
     ]  # fmt: skip
-    return _nan_to_none(
+    return nan_to_none(
         {
             "columns": columns,
             "mae": {c: {m: float(tab.loc[m, c]) for m in MODULI} for c in columns},

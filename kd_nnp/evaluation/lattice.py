@@ -65,13 +65,13 @@ from kd_nnp.evaluation.runner import (
     is_done,
     label_calculators,
     latest,
-    read_results,
     run_jobs,
 )
 from kd_nnp.evaluation.settings import LatticeSettings, RelaxSettings
 from kd_nnp.evaluation.structures import Crystal
 from kd_nnp.teachers.calculators import spec_fingerprint
 from kd_nnp.utils import markdown
+from kd_nnp.utils.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def run_lattice_benchmark(
     fingerprints = {label: spec_fingerprint(spec) for label, spec in calculators.items()}
     done = {
         (r["method"], r["id"])
-        for r in read_results(out / GAS_FILE)
+        for r in read_jsonl(out / GAS_FILE)
         if is_done(r, fingerprints, gas_key)
     }
     pending = run and any((lb, s.id) not in done for lb in calculators for s in gas_structs)

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from ase import Atoms
 from ase.calculators.calculator import Calculator
@@ -30,6 +30,7 @@ from kd_nnp.teachers.calculators import (
     spec_fingerprint,
     unique_labels,
 )
+from kd_nnp.utils.jsonl import open_append, read_jsonl
 from kd_nnp.utils.parallel import run_tasks
 
 log = logging.getLogger(__name__)
@@ -87,34 +88,6 @@ def is_done(rec: dict[str, Any], fingerprints: dict[str, str], settings: dict[st
 
 
 # ------------------------------------------------------------------ JSON lines
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines results file (a truncated last line from a kill is skipped)."""
-    records: list[dict[str, Any]] = []
-    if not path.is_file():
-        return records
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s:%d: unreadable line skipped (interrupted write?)", path, lineno)
-    return records
-
-
-def open_append(path: Path) -> TextIO:
-    """Open a JSON-lines file for appending, first ending a line cut short by a kill."""
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb") as fh:
-            fh.seek(-1, 2)
-            if fh.read(1) != b"\n":
-                with path.open("a") as fa:
-                    fa.write("\n")
-    return path.open("a")
-
-
 def atoms_to_dict(atoms: Atoms) -> dict[str, Any]:
     return {
         "numbers": atoms.numbers.tolist(),
@@ -157,7 +130,7 @@ def run_jobs(
     A worker's exception becomes a record with ``status == "error"`` (never dropped)."""
     settings = _json_plain(settings)
     fingerprints = {label: spec_fingerprint(spec) for label, spec in calculators.items()}
-    on_disk = read_results(path)
+    on_disk = read_jsonl(path)
     records = [r for r in on_disk if not run or is_done(r, fingerprints, settings)]
     stale = len(on_disk) - len(records)
     if stale:
@@ -238,7 +211,7 @@ def shared_cache(folder: Path, key: dict[str, Any], results: str) -> Iterator[No
         key_file = folder / "key.json"
         if not key_file.exists():
             key_file.write_text(json.dumps(key, indent=2, default=str))
-        for rec in read_results(folder / results):
+        for rec in read_jsonl(folder / results):
             if rec.get("method") != rec.get("spec"):
                 raise KdNnpError(
                     f"{folder / results}: record for {rec.get('id')} has method "

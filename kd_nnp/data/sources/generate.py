@@ -53,6 +53,7 @@ from ase import Atoms
 from kd_nnp.data.molecules import MOL_KEYS_INFO, graph_key, molecules_of_crystal, one_molecule
 from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError, check_recipe, label_set_name
 from kd_nnp.errors import KdNnpError, SettingsError
+from kd_nnp.utils.jsonl import append_jsonl, read_jsonl
 from kd_nnp.utils.settings import as_dict
 
 log = logging.getLogger(__name__)
@@ -496,32 +497,6 @@ def _relax_task(item: tuple[Molecule, Atoms, dict[str, Any], GenerateSettings]) 
 
 
 # ---------------------------------------------------------------- store
-def _read_log(path: Any) -> list[dict[str, Any]]:
-    """Lines of ``generate.jsonl``; a line cut by a kill is ignored."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def _append_log(path: Any, record: dict[str, Any]) -> None:
-    """Append one line (after a newline if a kill left the last line cut) and fsync it."""
-    cut = False
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            cut = fh.read(1) != b"\n"
-    with open(path, "a") as fh:
-        fh.write(("\n" if cut else "") + json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _packing_prefix(mol_id: str, k: int) -> str:
     return f"gen:{mol_id}/p{k}/"
 
@@ -627,7 +602,7 @@ def build_generate_store(
         calc = calculator
         log_path = dest.root / LOG_FILE
         done: dict[tuple[str, int], str] = {}
-        for rec in _read_log(log_path):
+        for rec in read_jsonl(log_path):
             done[(rec["molecule"], int(rec["packing"]))] = rec["status"]
         # only this verb's frames (gen:<molecule>/p<k>/s<step>): `data molecules` may have
         # added gas-phase frames of the generated crystals to the same store and label set
@@ -680,7 +655,7 @@ def build_generate_store(
                         rec.update(status="rejected", cause=rej.cause, detail=str(rej))
                         rec["seconds"] = round(time.perf_counter() - t1, 3)
                         report.rejected[rej.cause] += 1
-                        _append_log(log_path, rec)
+                        append_jsonl(log_path, rec)
                         log.info("generate %s p%d: rejected (%s)", mol.mol_id, k, rej)
                     continue
                 if (mol.mol_id, k) in todo:
@@ -716,7 +691,7 @@ def build_generate_store(
                 record.update(status="rejected", cause=res["cause"], detail=res["detail"])
                 report.rejected[res["cause"]] += 1
             record["seconds"] = round(res["seconds"], 3)
-            _append_log(log_path, record)
+            append_jsonl(log_path, record)
             el = time.perf_counter() - t0
             log.info(
                 "generate %d/%d %s p%d (sg %s): %s in %.1f s (%d accepted, %.1f crystals/h)",
@@ -773,4 +748,4 @@ def build_generate_store(
 
 def read_generate_log(store: str) -> list[dict[str, Any]]:
     """Every packing record of a generated store (``STORE/generate.jsonl``)."""
-    return _read_log(FrameStore(store).root / LOG_FILE)
+    return read_jsonl(FrameStore(store).root / LOG_FILE)

@@ -39,9 +39,7 @@ settings, clearance): another one is refused.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -61,6 +59,7 @@ from kd_nnp.data.molecules import (
 )
 from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError, check_recipe
 from kd_nnp.errors import KdNnpError, SettingsError
+from kd_nnp.utils.jsonl import append_jsonl, read_jsonl
 from kd_nnp.utils.settings import as_dict
 
 log = logging.getLogger(__name__)
@@ -318,30 +317,6 @@ def _task(item: tuple[MoleculeJob, MoleculesSettings, bool, float, float]) -> di
 
 
 # ---------------------------------------------------------------- store
-def _read_log(path: Any) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-    return out
-
-
-def _append_log(path: Any, record: dict[str, Any]) -> None:
-    cut = False
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            cut = fh.read(1) != b"\n"
-    with open(path, "a") as fh:
-        fh.write(("\n" if cut else "") + json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 @dataclass
 class MoleculesReport:
     """What one run did."""
@@ -456,7 +431,7 @@ def build_molecules_store(
             return calc
 
         done: set[tuple[str, int]] = set()
-        for rec in _read_log(log_path):
+        for rec in read_jsonl(log_path):
             done.add((rec["crystal_frame"], int(rec["mol_index"])))
         gas = [f for f in frames if f.info.get("phase") == "gas"]
         for f in gas:
@@ -498,7 +473,7 @@ def build_molecules_store(
                 rec.update(status="rejected", cause=res["cause"], detail=res["detail"])
                 report.rejected[res["cause"]] += 1
             rec["seconds"] = round(res["seconds"], 3)
-            _append_log(log_path, rec)
+            append_jsonl(log_path, rec)
             log.info(
                 "molecules %s mol%d (%s): %s in %.1f s",
                 job.crystal_frame, job.k, job.key,
@@ -542,4 +517,4 @@ def build_molecules_store(
 
 def read_molecules_log(store: str) -> list[dict[str, Any]]:
     """Every molecule record of a store (``STORE/molecules.jsonl``)."""
-    return _read_log(FrameStore(store).root / LOG_FILE)
+    return read_jsonl(FrameStore(store).root / LOG_FILE)
