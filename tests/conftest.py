@@ -34,10 +34,7 @@ TEACHER_MODULES = {
     "dftd3": ("dftd3",),
     "tblite": ("tblite",),
     "sevenn": ("sevenn",),
-    "dftd4": ("dftd4",),
     "sevennet_d3": ("sevenn", "dftd3"),
-    "sevennet_r2scan_d4": ("sevenn", "dftd4"),
-    "chgnet_r2scan_d4": ("dftd4",),
 }
 
 

@@ -1,4 +1,4 @@
-"""Dispersion added once (kd_nnp.teachers.dispersion) and the SevenNet / r2SCAN teachers."""
+"""Dispersion added once (kd_nnp.teachers.dispersion) and the SevenNet + D3 teacher."""
 
 from __future__ import annotations
 
@@ -118,13 +118,3 @@ def test_sevennet_d3_passes_the_load_time_check_and_binds():
     a = atoms.copy()
     a.calc = dispersion_calculator("d3", "PBE", "d3bj")
     assert np.isfinite(e) and a.get_potential_energy() < -0.5  # urea cell: D3 ~ -1 eV
-
-
-@pytest.mark.parametrize("name", ["sevennet_r2scan_d4", "chgnet_r2scan_d4"])
-def test_r2scan_d4_teachers_pass_the_load_time_check(name):
-    from conftest import skip_without_teacher
-
-    skip_without_teacher(name)
-    teacher = load_teacher(name)
-    assert teacher.provenance()["settings"]["method"] == "r2SCAN"
-    assert "dftd4==" in teacher.provenance()["version"]

@@ -10,7 +10,7 @@ given a string. Specs:
   (``torch.save({"model": model.as_dict()})``, what ``kd-nnp export`` and every training run
   write) or a kd_nnp Lightning checkpoint; ``=LABEL`` names it in benchmark tables;
 - ``teacher:NAME``: a built-in teacher (:data:`TEACHERS`: ``so3lr``, ``gfn2``, ``chgnet_d3``,
-  ``sevennet_d3``, ``sevennet_r2scan_d4``, ``chgnet_r2scan_d4``, ``chgnet``) or ``teacher:module:factory``, with its default settings;
+  ``sevennet_d3``, ``chgnet``) or ``teacher:module:factory``, with its default settings;
 - ``module:factory`` (or ``module:factory:arg``): ``importlib.import_module(module).factory()``
   must return an ASE calculator (a single string argument may follow).
 
@@ -226,13 +226,6 @@ def make_chgnet_d3(
     return add_dispersion(_chgnet_calculator(model_name, device), "d3", method, damping)
 
 
-def make_chgnet_d4(model_name: str = "r2scan", device: str = "cpu", method: str = "r2SCAN") -> Any:
-    from kd_nnp.teachers.dispersion import add_dispersion
-
-    _require("dftd4.ase", "chgnet_r2scan_d4", "dftd4")
-    return add_dispersion(_chgnet_calculator(model_name, device), "d4", method)
-
-
 def _sevennet(model: str, modal: str | None, device: str, teacher: str) -> Any:
     mod = _require("sevenn.calculator", teacher, "sevenn")
     with warnings.catch_warnings():
@@ -253,16 +246,6 @@ def make_sevennet_d3(
 
     _require("dftd3.ase", "sevennet_d3", "dftd3")
     return add_dispersion(_sevennet(model, modal, device, "sevennet_d3"), "d3", method, damping)
-
-
-def make_sevennet_d4(
-    model: str = "7net-mf-0", modal: str = "R2SCAN", device: str = "cpu", method: str = "r2SCAN"
-) -> Any:
-    """SevenNet (default: the r2SCAN head of 7net-mf-0) + DFT-D4 with ``method``'s parameters."""
-    from kd_nnp.teachers.dispersion import add_dispersion
-
-    _require("dftd4.ase", "sevennet_r2scan_d4", "dftd4")
-    return add_dispersion(_sevennet(model, modal, device, "sevennet_r2scan_d4"), "d4", method)
 
 
 @dataclass(frozen=True)
@@ -301,20 +284,6 @@ TEACHERS: dict[str, TeacherSpec] = {
         ("sevenn", "dftd3"),
         {"model": "7net-0", "modal": "", "method": "PBE", "damping": "d3bj"},
         "SevenNet-0 + DFT-D3(BJ, PBE parameters, three-body term on)",
-    ),
-    "sevennet_r2scan_d4": TeacherSpec(
-        make_sevennet_d4,
-        ("sevenn", "dftd4"),
-        ("sevenn", "dftd4"),
-        {"model": "7net-mf-0", "modal": "R2SCAN", "method": "r2SCAN"},
-        "SevenNet-MF-0 (r2SCAN head) + DFT-D4(r2SCAN)",
-    ),
-    "chgnet_r2scan_d4": TeacherSpec(
-        make_chgnet_d4,
-        ("chgnet", "dftd4"),
-        ("chgnet", "dftd4"),
-        {"model_name": "r2scan", "method": "r2SCAN"},
-        "CHGNet r2SCAN (shipped with chgnet) + DFT-D4(r2SCAN)",
     ),
 }
 
@@ -413,8 +382,7 @@ def gas_phase(name: str, calculator: Any) -> GasPhase:
     - ``chgnet``: periodic box, exact beyond its atom-graph cutoff (6 A);
     - ``gfn2``: without periodic boundary conditions (periodic GFN2-xTB sums Ewald
       electrostatics, which no box removes exactly);
-    - ``chgnet_d3`` and the other "+ D3/D4" teachers (``sevennet_d3``, ``sevennet_r2scan_d4``,
-      ``chgnet_r2scan_d4``): without periodic boundary conditions (D3's two-body cutoff is 60
+    - ``chgnet_d3`` and ``sevennet_d3``: without periodic boundary conditions (D3's two-body cutoff is 60
       bohr = 31.75 A; CHGNet and SevenNet give the same energy with or without periodicity in a
       box: benzene, 20 A of vacuum, to 4e-6 eV);
     - ``module:factory``: periodic box, range unknown (``clearance`` None).
@@ -428,7 +396,7 @@ def gas_phase(name: str, calculator: Any) -> GasPhase:
     if name == "chgnet":
         conv = calculator.model.graph_converter
         return GasPhase(True, float(conv.atom_graph_cutoff), "CHGNet atom-graph cutoff")
-    if name in ("gfn2", "chgnet_d3", "sevennet_d3", "sevennet_r2scan_d4", "chgnet_r2scan_d4"):
+    if name in ("gfn2", "chgnet_d3", "sevennet_d3"):
         return GasPhase(False, 0.0, "computed without periodic boundary conditions")
     return GasPhase(True, None, "interaction range unknown")
 

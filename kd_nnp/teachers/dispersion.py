@@ -1,15 +1,16 @@
-"""Dispersion added to a teacher: one summed calculator for every "+ D3" / "+ D4" teacher.
+"""Dispersion added to a teacher: one summed calculator for every "+ D3" teacher.
 
 Most universal potentials are fitted to PBE (or r2SCAN) energies, which miss the van der Waals
 attraction that holds molecular crystals together (pretrained CHGNet overestimates organic
-cell volumes by ~20 %). Grimme's DFT-D3 and DFT-D4 corrections restore it. Here they are
-added once, by :func:`add_dispersion`, for any base calculator:
+cell volumes by ~20 %). Grimme's DFT-D3 correction restores it. It is added once, by
+:func:`add_dispersion`, for any base calculator:
 
 - D3: ``dftd3.ase.DFTD3(method=..., damping=...)`` with the parameters of ``method`` (the
   functional the base model imitates: PBE for MPtrj-trained models, r2SCAN for r2SCAN heads);
-  the three-body (ATM) term as dftd3's default (on). D4: ``dftd4.ase.DFTD4(method=...)``.
-  Both packages ship their parameters (no download).
-- Periodicity follows the structure: both libraries read ``atoms.pbc``, so a crystal is summed
+  the three-body (ATM) term as dftd3's default (on); dftd3 ships its parameters.
+- D4 (``dftd4``) was measured and left out: 7.6 s per energy/forces/stress call on a 16-atom
+  urea cell (periodic, 1 thread) against 0.02 s for D3, too slow to label or relax with.
+- Periodicity follows the structure: dftd3 reads ``atoms.pbc``, so a crystal is summed
   over lattice images and a molecule with ``pbc=False`` is treated as isolated.
 - Energies and forces add; stresses add in ASE's Voigt form (6 components, eV/A^3, sign of
   ``sigma = (1/V) dE/d(strain)``); :class:`DispersionSum` refuses a part that returns another
@@ -29,7 +30,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from kd_nnp.teachers.base import TeacherImportError
 
 #: dispersion model -> (python module, distribution, ASE class name)
-MODELS = {"d3": ("dftd3.ase", "dftd3", "DFTD3"), "d4": ("dftd4.ase", "dftd4", "DFTD4")}
+MODELS = {"d3": ("dftd3.ase", "dftd3", "DFTD3")}
 
 
 class DispersionSum(Calculator):
@@ -73,7 +74,7 @@ class DispersionSum(Calculator):
 
 
 def dispersion_calculator(model: str = "d3", method: str = "PBE", damping: str = "d3bj") -> Any:
-    """The ASE calculator of a D3 (``damping``: d3bj, d3zero, ...) or D4 correction."""
+    """The ASE calculator of a D3 correction (``damping``: d3bj, d3zero, ...)."""
     if model not in MODELS:
         raise ValueError(f"dispersion model must be one of {sorted(MODELS)}, not {model!r}")
     module, dist, cls = MODELS[model]
@@ -83,14 +84,12 @@ def dispersion_calculator(model: str = "d3", method: str = "PBE", damping: str =
         raise TeacherImportError(
             f"dispersion {model.upper()} needs the package {dist!r} ({exc}); `pip install {dist}`"
         ) from exc
-    if model == "d3":
-        return getattr(mod, cls)(method=method, damping=damping)
-    return getattr(mod, cls)(method=method)
+    return getattr(mod, cls)(method=method, damping=damping)
 
 
 def add_dispersion(
     base: Calculator, model: str = "d3", method: str = "PBE", damping: str = "d3bj"
 ) -> DispersionSum:
-    """``base`` plus a D3/D4 correction with the parameters of functional ``method``."""
-    label = f"{model.upper()}({method}{', ' + damping if model == 'd3' else ''})"
+    """``base`` plus a D3 correction with the parameters of functional ``method``."""
+    label = f"{model.upper()}({method}, {damping})"
     return DispersionSum(base, dispersion_calculator(model, method, damping), label)
