@@ -210,6 +210,22 @@ def test_shards_merged_give_the_unsharded_store(calc, tmp_path):
         build_generate_store(str(tmp_path / "bad"), s, shard=(2, 2), **kw)
 
 
+def test_generated_label_set_is_named_as_kd_nnp_label_names_it(calc, tmp_path):
+    """Regression: generate named a `pkg.mod:factory` teacher's label set `pkg.mod_factory`,
+    `kd-nnp label` and training look for `pkg_mod_factory`: one label_set_name for both now."""
+    from kd_nnp.data.store import label_set_name
+    from kd_nnp.teachers.label import resolve_label_set
+
+    s = replace(TINY, relax_steps=0, packings=1)
+    spec = "my_pkg.calcs:teacher"
+    build_generate_store(
+        str(tmp_path / "g"), s, calculator=calc, calculator_name=spec, molecules=MOLS[:1]
+    )
+    store = FrameStore(tmp_path / "g")
+    assert store.label_names() == [label_set_name(spec)] == ["my_pkg_calcs_teacher"]
+    assert resolve_label_set(store, spec) == "my_pkg_calcs_teacher"
+
+
 def test_resume_continues_and_a_rerun_adds_nothing(built, calc, tmp_path):
     out, full = built
     path = tmp_path / "part"

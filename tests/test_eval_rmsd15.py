@@ -99,3 +99,29 @@ def test_hydrogens_excluded(crystals):
     h = b.numbers == 1
     b.positions[h] += 0.05
     assert rmsd15(a, b).rmsd < 1e-8
+
+
+def test_a_defect_in_rmsd15_is_raised_not_recorded_as_a_missing_value(monkeypatch):
+    """Regression: add_rmsd15 caught every exception, so a broken import inside RMSD15 (it
+    happened when the molecule finder moved) silently left every crystal without RMSD15.
+    Only structures RMSD15 cannot compare (ValueError) are recorded per crystal."""
+    from ase import Atoms
+
+    from kd_nnp.evaluation import rmsd15 as mod
+    from kd_nnp.evaluation.protocol import add_rmsd15
+
+    def broken(*a, **k):
+        raise ImportError("cannot import name 'bond_cutoffs'")
+
+    monkeypatch.setattr(mod, "rmsd15", broken)
+    a = Atoms("H2", [[0, 0, 0], [0, 0, 0.74]], cell=[8, 8, 8], pbc=True)
+    with pytest.raises(ImportError):
+        add_rmsd15({}, a, a)
+
+    def cannot(*a, **k):
+        raise ValueError("no molecules with heavy atoms found")
+
+    monkeypatch.setattr(mod, "rmsd15", cannot)
+    rec: dict = {}
+    add_rmsd15(rec, a, a)
+    assert rec["rmsd15"] is None and "no molecules" in rec["rmsd15_error"]
