@@ -118,3 +118,12 @@ def test_sevennet_d3_passes_the_load_time_check_and_binds():
     a = atoms.copy()
     a.calc = dispersion_calculator("d3", "PBE", "d3bj")
     assert np.isfinite(e) and a.get_potential_energy() < -0.5  # urea cell: D3 ~ -1 eV
+
+
+@requires_teacher("chgnet_d3")
+def test_a_sum_shows_its_parts_cutoffs():
+    """Regression: with ase's SumCalculator replaced by DispersionSum, the lattice benchmark's
+    isolation check no longer found CHGNet's atom-graph cutoff inside chgnet_d3."""
+    from kd_nnp.evaluation.lattice import calculator_cutoff
+
+    assert calculator_cutoff(build_teacher_calculator("chgnet_d3")) == (6.0, "atom-graph cutoff")

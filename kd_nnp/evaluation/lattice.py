@@ -36,7 +36,6 @@ file), ``lattice.jsonl`` (one record per method and crystal, rewritten from the 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -69,7 +68,7 @@ from kd_nnp.evaluation.runner import (
 )
 from kd_nnp.evaluation.settings import LatticeSettings, RelaxSettings
 from kd_nnp.evaluation.structures import Crystal
-from kd_nnp.teachers.calculators import spec_fingerprint
+from kd_nnp.teachers.calculators import spec_fingerprint, student_clearance
 from kd_nnp.utils import markdown
 from kd_nnp.utils.jsonl import read_jsonl
 
@@ -146,14 +145,6 @@ def calculator_cutoff(calc: Any) -> tuple[float, str] | None:
     return None
 
 
-@functools.cache
-def chgnet_cutoff() -> float:
-    """Pretrained CHGNet's atom-graph cutoff (A), read from the model (once per process)."""
-    from kd_nnp.teachers.calculators import load_chgnet
-
-    return float(load_chgnet().graph_converter.atom_graph_cutoff)
-
-
 def check_clearance(clearance: float, calculators: Mapping[str, str]) -> dict[str, float]:
     """Refuse (:class:`KdNnpError`) a clearance below pretrained CHGNet's atom-graph cutoff or
     below the known cutoff of any calculator of the run; return ``{label: cutoff}`` of those
@@ -165,7 +156,7 @@ def check_clearance(clearance: float, calculators: Mapping[str, str]) -> dict[st
         if found is not None:
             cutoffs[label], why[label] = found
     if not any(w == "atom-graph cutoff" for w in why.values()):
-        cutoffs["CHGNet (pretrained)"] = chgnet_cutoff()
+        cutoffs["CHGNet (pretrained)"] = student_clearance()
         why["CHGNet (pretrained)"] = "atom-graph cutoff"
     worst = max(cutoffs, key=lambda k: cutoffs[k])
     if clearance < cutoffs[worst]:
@@ -328,7 +319,7 @@ def run_lattice_benchmark(
     # gas jobs are to run; against pretrained CHGNet's alone otherwise (records on disk were
     # checked when computed)
     cutoffs = check_clearance(settings.clearance, calculators) if pending else {}
-    if run and settings.clearance < chgnet_cutoff():
+    if run and settings.clearance < student_clearance():
         check_clearance(settings.clearance, {})
     out.mkdir(parents=True, exist_ok=True)
     rdir = Path(relax_dir) if relax_dir is not None else out / "relax"

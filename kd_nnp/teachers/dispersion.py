@@ -44,6 +44,12 @@ class DispersionSum(Calculator):
         self.dispersion = dispersion
         self.label_text = label
 
+    @property
+    def calcs(self) -> list[Calculator]:
+        """The summed parts, as in ASE's ``SumCalculator`` (code that inspects a sum's parts,
+        e.g. for their cutoffs, reads this)."""
+        return [self.base, self.dispersion]
+
     def calculate(
         self,
         atoms: Atoms | None = None,
