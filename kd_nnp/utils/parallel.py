@@ -96,6 +96,9 @@ def run_tasks(
     from tqdm.auto import tqdm
 
     items = list(items)
+    if not items:  # nothing to do: no worker start-up, no model loaded by the initializer
+        return
+    n_workers = min(n_workers, len(items))  # no idle workers loading models for nothing
     bar = tqdm(total=total or len(items), desc=desc, disable=not progress, smoothing=0.1)
     try:
         if n_workers <= 1:
