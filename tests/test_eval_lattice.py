@@ -18,7 +18,6 @@ from kd_nnp.data.molecules import distinct_molecules, image_clearance, molecule_
 from kd_nnp.errors import KdNnpError
 from kd_nnp.evaluation.lattice import (
     EV_TO_KJ_MOL,
-    calculator_cutoff,
     check_clearance,
     combine,
     gas_box,
@@ -30,6 +29,7 @@ from kd_nnp.evaluation.lattice import (
 )
 from kd_nnp.evaluation.settings import LatticeSettings, RelaxSettings
 from kd_nnp.evaluation.structures import Crystal, load_dataset
+from kd_nnp.teachers.calculators import calculator_cutoff, gas_phase
 from kd_nnp.utils.jsonl import read_jsonl
 
 EPS = 0.5  # eV: the toy model's binding energy per molecule
@@ -151,6 +151,10 @@ def test_lattice_options_are_generated_from_the_settings():
 def test_clearance_below_a_cutoff_is_refused():
     calcs = {"toy": "test_eval_lattice:bound_calc"}
     assert calculator_cutoff(BoundMoleculesCalc()) == (4.0, "r_max")
+    # one reading of a calculator's range: a module:factory teacher's gas phase gets it too
+    # (gas_phase had its own per-name table and gave any module:factory an unknown range)
+    g = gas_phase("test_eval_lattice:bound_calc", BoundMoleculesCalc())
+    assert g.periodic and g.clearance == 4.0
     cutoffs = check_clearance(6.0, calcs)  # pretrained CHGNet's atom graph: 6 A, from the model
     assert cutoffs == {"toy": 4.0, "CHGNet (pretrained)": 6.0}
     with pytest.raises(

@@ -68,7 +68,7 @@ from kd_nnp.evaluation.runner import (
 )
 from kd_nnp.evaluation.settings import LatticeSettings, RelaxSettings
 from kd_nnp.evaluation.structures import Crystal
-from kd_nnp.teachers.calculators import spec_fingerprint, student_clearance
+from kd_nnp.teachers.calculators import calculator_cutoff, spec_fingerprint, student_clearance
 from kd_nnp.utils import markdown
 from kd_nnp.utils.jsonl import read_jsonl
 
@@ -124,25 +124,6 @@ def gas_box(symbols: Sequence[str], positions: np.ndarray, clearance: float) -> 
     pos = np.asarray(positions, dtype=float)
     extent = float(np.ptp(pos, axis=0).max()) if len(pos) else 0.0
     return isolate(symbols, pos, clearance + molecule_diameter(pos) - extent)
-
-
-def calculator_cutoff(calc: Any) -> tuple[float, str] | None:
-    """The distance beyond which a calculator sees no atom, when it can be read from it:
-    CHGNet-type models (``model.graph_converter.atom_graph_cutoff``), SO3LR-type
-    (``r_max_lr``, else ``r_max``); a sum of calculators: the largest of its parts' known
-    cutoffs. None when unknown (e.g. tblite's Ewald sums, D3's own real-space cutoffs)."""
-    parts = getattr(calc, "calcs", None) or getattr(getattr(calc, "mixer", None), "calcs", None)
-    if parts:
-        found = [c for c in (calculator_cutoff(p) for p in parts) if c is not None]
-        return max(found) if found else None
-    conv = getattr(getattr(calc, "model", None), "graph_converter", None)
-    if conv is not None and getattr(conv, "atom_graph_cutoff", None) is not None:
-        return float(conv.atom_graph_cutoff), "atom-graph cutoff"
-    for attr in ("r_max_lr", "r_max"):
-        value = getattr(calc, attr, None)
-        if isinstance(value, int | float) and value > 0:
-            return float(value), f"{attr}"
-    return None
 
 
 def check_clearance(clearance: float, calculators: Mapping[str, str]) -> dict[str, float]:

@@ -371,6 +371,32 @@ def _student_cutoff() -> float:
     return float(load_chgnet().graph_converter.atom_graph_cutoff)
 
 
+def calculator_cutoff(calc: Any) -> tuple[float, str] | None:
+    """The distance beyond which a calculator sees no atom, read from the calculator object:
+    CHGNet-type models (``model.graph_converter.atom_graph_cutoff``), SO3LR-type
+    (``r_max_lr``, else ``r_max``); a sum of calculators (``.calcs``, or ASE's
+    ``.mixer.calcs``): the largest of its parts' known cutoffs. None when unknown (e.g.
+    tblite's Ewald sums, D3's own real-space cutoffs). The one reading of a calculator's range:
+    :func:`gas_phase` (how a teacher computes a molecule) and the lattice-energy isolation
+    check both use it."""
+    parts = getattr(calc, "calcs", None) or getattr(getattr(calc, "mixer", None), "calcs", None)
+    if parts:
+        found = [c for c in (calculator_cutoff(p) for p in parts) if c is not None]
+        return max(found) if found else None
+    conv = getattr(getattr(calc, "model", None), "graph_converter", None)
+    if conv is not None and getattr(conv, "atom_graph_cutoff", None) is not None:
+        return float(conv.atom_graph_cutoff), "atom-graph cutoff"
+    for attr in ("r_max_lr", "r_max"):
+        value = getattr(calc, attr, None)
+        if isinstance(value, int | float) and value > 0:
+            return float(value), f"{attr}"
+    return None
+
+
+# teachers computed without periodic boundary conditions for an isolated molecule
+NON_PERIODIC_GAS = ("gfn2", "chgnet_d3", "sevennet_d3")
+
+
 def gas_phase(name: str, calculator: Any) -> GasPhase:
     """How teacher ``name`` (built as ``calculator``) computes an isolated molecule, from the
     calculator itself (measured on benzene in docs/data.md):
@@ -385,20 +411,17 @@ def gas_phase(name: str, calculator: Any) -> GasPhase:
     - ``chgnet_d3`` and ``sevennet_d3``: without periodic boundary conditions (D3's two-body cutoff is 60
       bohr = 31.75 A; CHGNet and SevenNet give the same energy with or without periodicity in a
       box: benzene, 20 A of vacuum, to 4e-6 eV);
-    - ``module:factory``: periodic box, range unknown (``clearance`` None).
+    - ``module:factory``: periodic box, its range read by :func:`calculator_cutoff` when the
+      calculator exposes one, else unknown (``clearance`` None).
     """
-    if name == "so3lr":
-        r_lr = float(getattr(calculator, "r_max_lr", None) or 0.0)
-        r_sr = float(getattr(calculator, "r_max", None) or 0.0)
-        if r_lr <= 0:
-            raise KdNnpError("so3lr: the calculator has no long-range cutoff r_max_lr")
-        return GasPhase(True, max(r_lr, r_sr), f"SO3LR r_max_lr={r_lr:g} A, r_max={r_sr:g} A")
-    if name == "chgnet":
-        conv = calculator.model.graph_converter
-        return GasPhase(True, float(conv.atom_graph_cutoff), "CHGNet atom-graph cutoff")
-    if name in ("gfn2", "chgnet_d3", "sevennet_d3"):
+    if name in NON_PERIODIC_GAS:
         return GasPhase(False, 0.0, "computed without periodic boundary conditions")
-    return GasPhase(True, None, "interaction range unknown")
+    if name == "so3lr" and not float(getattr(calculator, "r_max_lr", None) or 0.0) > 0:
+        raise KdNnpError("so3lr: the calculator has no long-range cutoff r_max_lr")
+    found = calculator_cutoff(calculator)
+    if found is None:
+        return GasPhase(True, None, "interaction range unknown")
+    return GasPhase(True, found[0], f"{name}: {found[1]} {found[0]:g} A")
 
 
 # ------------------------------------------------------------------ specs
