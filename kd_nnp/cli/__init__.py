@@ -17,7 +17,7 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "data": (
         "kd_nnp.cli.data:main",
-        "build a frames store from a source (mptrj, files, pyxtal, perturb, cod)",
+        "build or extend a frames store: mptrj, files, pyxtal, perturb, cod, generate, molecules, inorganic, merge",
     ),
     "label": (
         "kd_nnp.cli.label:main",
@@ -30,7 +30,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("kd_nnp.cli.export:main", "export a checkpoint as a CHGNet model file"),
     "evaluate": (
         "kd_nnp.cli.evaluate:main",
-        "benchmarks: `evaluate relax`, `evaluate elastic`, `evaluate table2`, `evaluate cv`",
+        "benchmarks: relax, elastic, table2, cv, lattice, forgetting",
     ),
     "report": ("kd_nnp.cli.report:main", "aggregate a sweep directory into tables and figures"),
     "demo": (

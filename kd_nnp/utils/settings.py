@@ -84,7 +84,8 @@ def add_options(
             continue
         tp, optional = _base_type(hints[f.name])
         default = defaults.get(f.name, _default(f))
-        text = _help(f)
+        # argparse %-formats help strings: a literal '%' (e.g. "CSD %") crashed --help
+        text = _help(f).replace("%", "%%")
         if tp is bool:
             if default is True:
                 parser.add_argument(
@@ -100,7 +101,8 @@ def add_options(
             parser.set_defaults(**{f.name: bool(default)})
             continue
         origin = typing.get_origin(tp)
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f"{text} (default: {default})"}
+        shown = str(default).replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f"{text} (default: {shown})"}
         if origin in (tuple, list):
             elem = (typing.get_args(tp) or (str,))[0]
             kwargs["type"] = _parse_seq(elem if elem is not Ellipsis else str)
