@@ -75,7 +75,7 @@ def test_shard_of_is_a_stable_hash_of_the_id():
     assert {shard_of(f"crystal/{i}", 1) for i in range(50)} == {0}
 
 
-def test_two_shards_merged_equal_the_unsharded_labels(store: FrameStore):
+def test_two_shards_merged_equal_the_unsharded_labels(store: FrameStore, tmp_path: Path):
     reps = [label_store(store.root, TEACHER, name="emt", shard=(k, 2), **KW) for k in (0, 1)]
     ids = store.frame_ids()
     slices = [{f for f in ids if shard_of(f, 2) == k} for k in (0, 1)]
@@ -104,6 +104,12 @@ def test_two_shards_merged_equal_the_unsharded_labels(store: FrameStore):
     # merging again writes nothing; the label set then counts as done for the shards
     assert merge_label_shards(store.root, "emt").n_written == 0
     assert len(_rows(store.labels("emt").path)) == 12
+    # `data merge` copies the merged set; shards not merged yet would be lost: refused
+    rep = merge_stores(tmp_path / "copy", [store.root])
+    assert rep.labels_written == {"emt": 12, "ref": 12}
+    label_store(store.root, TEACHER, name="late", shard=(0, 2), **KW)
+    with pytest.raises(StoreError, match=r"label shard .*late/0-of-2\.db holds labels"):
+        merge_stores(tmp_path / "copy2", [store.root])
 
 
 def test_killed_shard_resumes_and_merge_waits_for_it(store: FrameStore, tmp_path: Path):
@@ -141,6 +147,10 @@ def test_killed_shard_resumes_and_merge_waits_for_it(store: FrameStore, tmp_path
     assert store.label_names() == []  # refused before writing anything
     # resume through the CLI (the kill left no lock behind)
     assert kd_main(args[3:]) == 0
+    # each shard job logs into its own run folder (array tasks start in the same second)
+    logs = sorted(p.name for p in (store.root / "logs" / "label").iterdir())
+    assert len(logs) == 2 and all(n.endswith("_shard-0-of-2") for n in logs), logs
+    assert all((store.root / "logs" / "label" / n / "label.log").is_file() for n in logs)
     assert sorted(_rows(shard0.path)) == sorted(mine)  # one row per frame
     computed = log.read_text().split()
     # every frame once; at most the one in flight at the kill computed twice

@@ -70,9 +70,17 @@ def _check_store_argument(argv: list[str]) -> None:
             FrameStore(value)  # raises StoreError naming the path
 
 
+def _shard_tag(shard: Any) -> str:
+    """The run folder's suffix of a shard (``3/16`` -> ``_shard-3-of-16``; none: empty)."""
+    return "" if shard is None else "_shard-" + str(shard).strip().replace("/", "-of-")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from omegaconf import OmegaConf
+
     from kd_nnp.utils.hydra_cli import run_hydra
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _check_store_argument(argv)
+    OmegaConf.register_new_resolver("kd_shard_tag", _shard_tag, replace=True)
     return run_hydra("label", _task, argv)

@@ -83,6 +83,7 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path]) -> MergeReport:
     # 1. label-set provenance must agree before anything is written
     sets: dict[str, list[tuple[str, LabelSet]]] = {}
     for src in srcs:
+        _refuse_unmerged_shards(src)
         for name in src.label_names():
             sets.setdefault(name, []).append((str(src.root), src.labels(name)))
     provenance = {name: same_teacher(name, found) for name, found in sets.items()}
@@ -117,6 +118,22 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path]) -> MergeReport:
                 target, [(src, src.labels(name)) for src in srcs if name in src.label_names()]
             )
     return report
+
+
+def _refuse_unmerged_shards(src: FrameStore) -> None:
+    """Label shards (``labels/shards/<name>/``) are not label sets: a source whose shards hold
+    labels its label set lacks would lose them in the merge, so it is refused."""
+    folder = src.root / "labels" / "shards"
+    for d in sorted(p for p in folder.glob("*") if p.is_dir()):
+        name = d.name
+        have = src.labels(name).status() if name in src.label_names() else {}
+        for ls in src.label_shards(name).values():
+            if any(f not in have for f in ls.status()):
+                raise StoreError(
+                    f"{src.root}: label shard {ls.path} holds labels that label set {name!r} "
+                    f"lacks; merge the shards first (`kd-nnp label store={src.root} "
+                    f"teacher=... name={name} merge_shards=true`)"
+                )
 
 
 def same_teacher(name: str, sets: Sequence[tuple[str, LabelSet]]) -> dict[str, Any]:
