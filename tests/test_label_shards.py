@@ -98,6 +98,11 @@ def test_two_shards_merged_equal_the_unsharded_labels(store: FrameStore, tmp_pat
         assert got[fid].energy == ref[fid].energy
         np.testing.assert_array_equal(got[fid].forces, ref[fid].forces)
         np.testing.assert_array_equal(got[fid].stress, ref[fid].stress)
+    # the shared copy, a few rows per transaction, gives the same rows
+    batched = store.labels("batched", create=True)
+    assert copy_labels(batched, [(store, store.labels("ref"))], batch=5) == 12
+    assert sorted(_rows(batched.path)) == sorted(ids)
+    assert {f: v.energy for f, v in batched.load().items()} == {f: v.energy for f, v in ref.items()}
     prov, ref_prov = store.labels("emt").provenance, store.labels("ref").provenance
     assert prov["hash"] == ref_prov["hash"] and prov["shards"] == 2
     assert prov["name"] == TEACHER and prov["label_set"] == "emt"
@@ -106,7 +111,7 @@ def test_two_shards_merged_equal_the_unsharded_labels(store: FrameStore, tmp_pat
     assert len(_rows(store.labels("emt").path)) == 12
     # `data merge` copies the merged set; shards not merged yet would be lost: refused
     rep = merge_stores(tmp_path / "copy", [store.root])
-    assert rep.labels_written == {"emt": 12, "ref": 12}
+    assert rep.labels_written == {"batched": 12, "emt": 12, "ref": 12}
     label_store(store.root, TEACHER, name="late", shard=(0, 2), **KW)
     with pytest.raises(StoreError, match=r"label shard .*late/0-of-2\.db holds labels"):
         merge_stores(tmp_path / "copy2", [store.root])

@@ -22,6 +22,7 @@ dropped:
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,9 @@ def _same_labels(a: Labels, b: Labels) -> bool:
     return True
 
 
-def copy_labels(target: LabelSet, sources: Sequence[tuple[FrameStore, LabelSet]]) -> int:
+def copy_labels(
+    target: LabelSet, sources: Sequence[tuple[FrameStore, LabelSet]], *, batch: int = 1000
+) -> int:
     """Copy the rows of label sets ``sources`` (each with the store holding its frames) into
     ``target``; the caller holds ``target``'s writer lock and has checked the teachers
     (:func:`same_teacher`). Returns the number of rows written.
@@ -176,14 +179,19 @@ def copy_labels(target: LabelSet, sources: Sequence[tuple[FrameStore, LabelSet]]
     failure of the target; a frame labelled in both is kept once when the labels agree
     (``rtol`` 1e-7) and refused with :class:`StoreError` naming both files when they differ;
     a failure never replaces labels. Rows of frames the source's store lacks are skipped.
-    Resumable: rerunning copies only what is missing."""
+    Written ``batch`` rows per transaction; resumable: rerunning copies only what is missing."""
+    done = target.status()
+    statuses = [ls.status() for _, ls in sources]
+    # the target's labels of frames a source labelled too, read once (not once per source)
+    overlap = {f for st in statuses for f, v in st.items() if v == "ok" and done.get(f) == "ok"}
+    have = target.load(overlap) if overlap else {}
+    n_ok = Counter(f for st in statuses for f, v in st.items() if v == "ok")
+    again = {f for f, c in n_ok.items() if c > 1}  # labelled by several sources
     written = 0
-    for fs, ls in sources:
-        done = target.status()
-        status = ls.status()
-        both = [f for f, st in status.items() if st == "ok" and done.get(f) == "ok"]
+    for (fs, ls), status in zip(sources, statuses, strict=True):
+        both = [f for f, v in status.items() if v == "ok" and done.get(f) == "ok"]
         if both:
-            have, new = target.load(both), ls.load(both)
+            new = ls.load(both)
             bad = [f for f in both if not _same_labels(have[f], new[f])]
             if bad:
                 raise StoreError(
@@ -193,19 +201,26 @@ def copy_labels(target: LabelSet, sources: Sequence[tuple[FrameStore, LabelSet]]
                 )
         todo = [
             f
-            for f, st in status.items()
-            if (st == "ok" and done.get(f) != "ok") or (st == "failed" and f not in done)
+            for f, v in status.items()
+            if (v == "ok" and done.get(f) != "ok") or (v == "failed" and f not in done)
         ]
         if not todo:
             continue
         ok = ls.load(todo)
         failed = ls.failures()
-        rows = []
+        rows: list[tuple[Frame, Labels | None, str | None, float]] = []
         for fr in fs.iter_frames([f for f in todo if f in fs]):
             fid = fr.frame_id
             if fid in ok:
                 rows.append((fr, ok[fid], None, 0.0))
+                done[fid] = "ok"
+                if fid in again:  # compared with the later sources' labels
+                    have[fid] = ok[fid]
             elif fid in failed:
                 rows.append((fr, None, failed[fid], 0.0))
+                done[fid] = "failed"
+            if len(rows) >= batch:  # bounded memory; a killed copy keeps what it wrote
+                written += target.write(rows)
+                rows.clear()
         written += target.write(rows)
     return written
