@@ -178,6 +178,11 @@ def test_merge_refuses_inconsistent_shards(store: FrameStore, capsys):
     with pytest.raises(StoreError, match=r"label set 'emt' differs between .*0-of-2\.db.*1-of-2"):
         merge_label_shards(store.root, "emt")
     assert store.label_names() == []
+    store.label_shard("emt", 1, 2).path.unlink()
+    label_store(store.root, TEACHER, name="emt", shard=(1, 2), **KW)
+    with pytest.raises(StoreError, match=r"labelled by teacher 'test_teachers_label:slow_emt', "):
+        merge_label_shards(store.root, "emt", teacher="test_teachers:emt")
+    assert merge_label_shards(store.root, "emt", teacher=TEACHER).n_written == 12
     # no shards at all
     with pytest.raises(StoreError, match="no shards of label set 'other'"):
         merge_label_shards(store.root, "other")

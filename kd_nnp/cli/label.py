@@ -39,7 +39,7 @@ def _task(cfg: Any) -> LabelReport | ShardMergeReport:
     check = bool(tcfg.pop("check", True))
     settings = {k: v for k, v in tcfg.items() if not str(k).startswith("_")}
     if cfg.merge_shards:
-        merged = merge_label_shards(cfg.store, cfg.name or label_set_name(tname))
+        merged = merge_label_shards(cfg.store, cfg.name or label_set_name(tname), teacher=tname)
         print(merged.summary())
         return merged
     report = label_store(

@@ -262,7 +262,9 @@ class ShardMergeReport:
         )
 
 
-def merge_label_shards(store: str | Path, name: str) -> ShardMergeReport:
+def merge_label_shards(
+    store: str | Path, name: str, *, teacher: str | None = None
+) -> ShardMergeReport:
     """Join the shard files ``labels/shards/<name>/<k>-of-<n>.db`` of ``store`` into the label
     set ``labels/<name>.db`` (``kd-nnp label ... merge_shards=true``).
 
@@ -272,7 +274,8 @@ def merge_label_shards(store: str | Path, name: str) -> ShardMergeReport:
     finishes it), or shards (or the label set) made by teachers of other settings hashes. Rows
     are copied by :func:`kd_nnp.data.sources.merge.copy_labels` (the one implementation shared
     with ``kd-nnp data merge``): a frame labelled twice must agree and is kept once. Resumable
-    and idempotent; the shard files are kept."""
+    and idempotent; the shard files are kept. ``teacher``: the teacher the shards must have
+    been labelled with (its name as given to ``label_store``), checked when given."""
     fs = FrameStore(store)
     shards = fs.label_shards(name)
     folder = fs.shard_dir(name)
@@ -321,6 +324,11 @@ def merge_label_shards(store: str | Path, name: str) -> ShardMergeReport:
     if target.path.exists():
         where.insert(0, (str(target.path), target))
     prov = same_teacher(name, where)
+    if teacher is not None and prov.get("name") not in (None, teacher):
+        raise StoreError(
+            f"the shards of label set {name!r} ({folder}) were labelled by teacher "
+            f"{prov.get('name')!r}, not {teacher!r}: merge them with that teacher (or name=)"
+        )
     report = ShardMergeReport(name, target.path, n_shards=n, n_frames=len(ids))
     with target.writer_lock():
         target.set_provenance(dict(prov, shards=n))
