@@ -192,8 +192,10 @@ def test_merge_refuses_inconsistent_shards(store: FrameStore, capsys):
         merge_label_shards(store.root, "emt")
     # CLI: bad specs are one-line errors (exit 1)
     base = ["label", f"store={store.root}", "teacher=custom", f"teacher.name={TEACHER}"]
+    logs = store.root / "logs"
     assert kd_main([*base, "shard=2/2"]) == 1
     assert "shard must be K/N with 0 <= K < N, got 2/2" in capsys.readouterr().err
+    assert not logs.exists()  # refused before Hydra made a run folder
     assert kd_main([*base, "shard=0/2", "merge_shards=true"]) == 1
     assert "give one of them" in capsys.readouterr().err
 

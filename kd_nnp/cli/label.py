@@ -60,14 +60,17 @@ def _task(cfg: Any) -> LabelReport | ShardMergeReport:
     return report
 
 
-def _check_store_argument(argv: list[str]) -> None:
-    """Refuse a mistyped ``store=`` before Hydra creates its run folder ``STORE/logs``."""
+def _check_arguments(argv: list[str]) -> None:
+    """Refuse a mistyped ``store=`` or ``shard=`` before Hydra creates its run folder
+    ``STORE/logs/label/...``."""
     if any(a in ("-h", "--help", "--hydra-help", "-c", "--cfg", "--info") for a in argv):
         return
     for a in argv:
         key, eq, value = a.partition("=")
         if eq and key.lstrip("+") == "store" and "," not in value and "$" not in value:
             FrameStore(value)  # raises StoreError naming the path
+        if eq and key.lstrip("+") == "shard" and value not in ("null", "") and "$" not in value:
+            parse_shard(value)  # raises SettingsError
 
 
 def _shard_tag(shard: Any) -> str:
@@ -81,6 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     from kd_nnp.utils.hydra_cli import run_hydra
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    _check_store_argument(argv)
+    _check_arguments(argv)
     OmegaConf.register_new_resolver("kd_shard_tag", _shard_tag, replace=True)
     return run_hydra("label", _task, argv)
