@@ -29,7 +29,7 @@ from kd_nnp.data.sources.generate import GenerateSettings
 from kd_nnp.data.sources.molecules import MoleculesSettings
 from kd_nnp.data.sources.perturb import PerturbSettings
 from kd_nnp.data.store import FrameStore
-from kd_nnp.errors import KdNnpError
+from kd_nnp.errors import KdNnpError, SettingsError
 from kd_nnp.utils.settings import add_options, from_args
 
 
@@ -152,13 +152,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _shard(text: str) -> tuple[int, int]:
+    from kd_nnp.utils.shard import parse_shard
+
     try:
-        k, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shard must be K/N (e.g. 0/8), got {text!r}") from None
-    if not (n >= 1 and 0 <= k < n):
-        raise argparse.ArgumentTypeError(f"shard must be K/N with 0 <= K < N, got {text!r}")
-    return k, n
+        return parse_shard(text)
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def store_info(path: str | Path) -> str:

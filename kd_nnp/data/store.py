@@ -5,6 +5,7 @@ Layout::
     STORE/
       frames.db              # ASE database: one row per frame (atoms + hard/DFT labels)
       labels/<name>.db       # ASE database per teacher label set (soft labels), same frame ids
+      labels/shards/<name>/<k>-of-<n>.db  # shards of a label set (``kd-nnp label shard=K/N``)
       store.json             # format version and a free-form description
 
 Why ASE databases (see docs/data.md): every user can open them with ``ase db``,
@@ -28,6 +29,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -313,6 +315,31 @@ class FrameStore:
             )
         return LabelSet(path, name)
 
+    # ------------------------------------------------------------ label shards
+    def shard_dir(self, name: str) -> Path:
+        """``labels/shards/<name>/``: the shard files of label set ``name`` (outside
+        ``labels/*.db``, so a shard is never taken for a label set)."""
+        return self.root / "labels" / "shards" / name
+
+    def label_shard(self, name: str, k: int, n: int) -> LabelSet:
+        """Shard ``k`` of ``n`` of label set ``name``: ``labels/shards/<name>/<k>-of-<n>.db``,
+        written by ``kd-nnp label ... shard=K/N`` alone (one process per file)."""
+        return LabelSet(self.shard_dir(name) / f"{int(k)}-of-{int(n)}.db", name)
+
+    def label_shards(self, name: str) -> dict[tuple[int, int], LabelSet]:
+        """``(k, n)`` -> shard of label set ``name`` for every shard file there is; a file
+        there that is not ``<k>-of-<n>.db`` raises :class:`StoreError` naming it."""
+        out: dict[tuple[int, int], LabelSet] = {}
+        for path in sorted(self.shard_dir(name).glob("*.db")):
+            m = _SHARD_FILE.fullmatch(path.name)
+            if m is None or not 0 <= int(m.group(1)) < int(m.group(2)):
+                raise StoreError(f"{path}: not a shard file (<k>-of-<n>.db with 0 <= k < n)")
+            out[(int(m.group(1)), int(m.group(2)))] = LabelSet(path, name)
+        return out
+
+
+_SHARD_FILE = re.compile(r"(\d+)-of-(\d+)\.db")
+
 
 class LabelSet:
     """Soft labels of one teacher for frames of a store (``labels/<name>.db``).
@@ -367,13 +394,18 @@ class LabelSet:
             return {}
         return dict(self._db().metadata)
 
-    def set_provenance(self, prov: dict[str, Any]) -> None:
+    def check_provenance(self, prov: dict[str, Any]) -> None:
+        """Refuse (:class:`StoreError`) labels of a teacher whose provenance hash differs
+        from the one this label set was made with."""
         old = self.provenance
         if old.get("hash") and prov.get("hash") and old["hash"] != prov["hash"]:
             raise StoreError(
                 f"{self.path}: label set was made with other teacher settings "
                 f"(hash {old['hash']} vs {prov['hash']}); use another label-set name"
             )
+
+    def set_provenance(self, prov: dict[str, Any]) -> None:
+        self.check_provenance(prov)
         self._db().metadata = prov
 
     def _failure_rows(self) -> list[tuple[str, str]]:

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from kd_nnp.data.classify import ScopeWatch
-from kd_nnp.data.store import Frame, FrameStore, Labels, LabelSet, label_set_name
+from kd_nnp.data.sources.merge import copy_labels, same_teacher
+from kd_nnp.data.store import Frame, FrameStore, Labels, LabelSet, StoreError, label_set_name
 from kd_nnp.utils.provenance import environment_record, stable_hash
+from kd_nnp.utils.shard import check_shard, shard_of
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +107,18 @@ def label_store(
     check: bool = True,
     flush_every: int = 1,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> LabelReport:
     """Label every not-yet-labelled frame of ``store`` with ``teacher`` (see module doc).
 
     One writer per label set: a second run on the same set while one runs is refused
-    (:meth:`~kd_nnp.data.store.LabelSet.writer_lock`), so no frame is labelled twice."""
+    (:meth:`~kd_nnp.data.store.LabelSet.writer_lock`), so no frame is labelled twice.
+
+    ``shard=(k, n)`` labels only the frames of shard ``k`` of ``n``
+    (:func:`kd_nnp.utils.shard.shard_of` of the frame id) into their own file
+    ``labels/shards/<name>/<k>-of-<n>.db``, which no other process writes (SQLite locking is
+    unreliable on NFS); frames the label set itself already holds are skipped.
+    :func:`merge_label_shards` joins the shards into the label set."""
     from kd_nnp.teachers.calculators import check_spec
     from kd_nnp.utils.threads import set_threads
 
@@ -118,11 +127,24 @@ def label_store(
     fs = FrameStore(store)
     check_spec(f"teacher:{teacher}")  # a bad name fails before anything is written
     name = name or label_set_name(teacher)
-    labels: LabelSet = fs.labels(name, create=True)
+    merged: LabelSet | None = None
+    if shard is None:
+        labels: LabelSet = fs.labels(name, create=True)
+    else:
+        k, n = check_shard(*shard)
+        other = sorted({nn for _, nn in fs.label_shards(name)} - {n})
+        if other:
+            raise StoreError(
+                f"{fs.shard_dir(name)} holds shards of {other[0]} (<k>-of-{other[0]}.db), "
+                f"this run asks for shard {k}/{n}: use the same N for every shard of a label "
+                "set (or another label-set name)"
+            )
+        labels = fs.label_shard(name, k, n)
+        merged = fs.labels(name, create=True)
     with labels.writer_lock():
         return _label_locked(
             fs, labels, teacher, settings, workers, threads, retry_failed, limit, check,
-            flush_every, progress,
+            flush_every, progress, shard, merged,
         )  # fmt: skip
 
 
@@ -138,6 +160,8 @@ def _label_locked(
     check: bool,
     flush_every: int,
     progress: bool,
+    shard: tuple[int, int] | None = None,
+    merged: LabelSet | None = None,
 ) -> LabelReport:
     from kd_nnp.teachers.registry import load_teacher
     from kd_nnp.utils.parallel import run_tasks
@@ -148,10 +172,19 @@ def _label_locked(
     old = labels.provenance
     if old.get("check") and not prov.get("check"):
         prov["check"] = old["check"]
+    if merged is not None:
+        merged.check_provenance(prov)  # a shard of a label set made by another teacher
     labels.set_provenance(dict(prov, label_set=name, environment=environment_record()))
 
     status = labels.status()
     ids = fs.frame_ids()
+    if shard is not None:
+        k, n = shard
+        ids = [i for i in ids if shard_of(i, n) == k]
+        # frames the label set itself holds (labelled before sharding, or merged) are done
+        for fid, st in (merged.status() if merged is not None else {}).items():
+            if status.get(fid) != "ok" and not (st == "failed" and retry_failed):
+                status[fid] = st
     report = LabelReport(name, labels.path, n_frames=len(ids))
     report.n_done_before = sum(
         1 for i in ids if status.get(i) == "ok" or (status.get(i) == "failed" and not retry_failed)
@@ -208,4 +241,99 @@ def _label_locked(
         report.n_ok = sum(1 for i in done if new.get(i) == "ok")
         report.n_failed = sum(1 for i in done if new.get(i) == "failed")
         report.failures = {k: v for k, v in labels.failures().items() if k in done}
+    return report
+
+
+@dataclass
+class ShardMergeReport:
+    name: str
+    path: Path
+    n_shards: int = 0
+    n_frames: int = 0
+    n_written: int = 0
+    n_ok: int = 0
+    n_failed: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"label set {self.name!r} ({self.path}): {self.n_shards} shards merged, "
+            f"{self.n_written} rows written; {self.n_ok} of {self.n_frames} frames labelled, "
+            f"{self.n_failed} failed"
+        )
+
+
+def merge_label_shards(
+    store: str | Path, name: str, *, teacher: str | None = None
+) -> ShardMergeReport:
+    """Join the shard files ``labels/shards/<name>/<k>-of-<n>.db`` of ``store`` into the label
+    set ``labels/<name>.db`` (``kd-nnp label ... merge_shards=true``).
+
+    Refused (:class:`~kd_nnp.data.store.StoreError`, before anything is written) when there is
+    no shard, shards of several N, a shard file missing (named), a shard holding a frame of
+    another shard, a shard that has not labelled all its frames (named, with the command that
+    finishes it), or shards (or the label set) made by teachers of other settings hashes. Rows
+    are copied by :func:`kd_nnp.data.sources.merge.copy_labels` (the one implementation shared
+    with ``kd-nnp data merge``): a frame labelled twice must agree and is kept once. Resumable
+    and idempotent; the shard files are kept. ``teacher``: the teacher the shards must have
+    been labelled with (its name as given to ``label_store``), checked when given."""
+    fs = FrameStore(store)
+    shards = fs.label_shards(name)
+    folder = fs.shard_dir(name)
+    if not shards:
+        raise StoreError(
+            f"{fs.root}: no shards of label set {name!r} in {folder}; label them first "
+            f"(`kd-nnp label store={fs.root} ... shard=K/N`)"
+        )
+    ns = sorted({n for _, n in shards})
+    if len(ns) > 1:
+        raise StoreError(
+            f"{folder} holds shards of different N ({', '.join(f'*-of-{n}.db' for n in ns)}): "
+            "one labelling split per label set; remove the files of the wrong split"
+        )
+    n = ns[0]
+    missing = [fs.label_shard(name, k, n).path for k in range(n) if (k, n) not in shards]
+    if missing:
+        raise StoreError(
+            f"label set {name!r}: {len(missing)} of {n} shard files missing "
+            f"({', '.join(str(p) for p in missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+            f"run `kd-nnp label store={fs.root} ... shard=K/{n}` for them, then merge again"
+        )
+    target = fs.labels(name, create=True)
+    ids = fs.frame_ids()
+    known = set(ids)
+    done_before = target.status()
+    ordered = [shards[(k, n)] for k in range(n)]
+    for k, ls in enumerate(ordered):
+        status = ls.status()
+        stray = [f for f in status if f in known and shard_of(f, n) != k]
+        if stray:
+            raise StoreError(
+                f"{ls.path} holds frame {stray[0]!r} of shard {shard_of(stray[0], n)}/{n} "
+                f"({len(stray)} such frames): not a shard {k}/{n} of this store's frames"
+            )
+        lacking = [
+            f for f in ids if shard_of(f, n) == k and f not in status and f not in done_before
+        ]
+        if lacking:
+            raise StoreError(
+                f"{ls.path} lacks {len(lacking)} frames of shard {k}/{n} (e.g. {lacking[0]!r}): "
+                f"finish it (`kd-nnp label store={fs.root} ... shard={k}/{n}` resumes it), "
+                "then merge again"
+            )
+    where = [(str(ls.path), ls) for ls in ordered]
+    if target.path.exists():
+        where.insert(0, (str(target.path), target))
+    prov = same_teacher(name, where)
+    if teacher is not None and prov.get("name") not in (None, teacher):
+        raise StoreError(
+            f"the shards of label set {name!r} ({folder}) were labelled by teacher "
+            f"{prov.get('name')!r}, not {teacher!r}: merge them with that teacher (or name=)"
+        )
+    report = ShardMergeReport(name, target.path, n_shards=n, n_frames=len(ids))
+    with target.writer_lock():
+        target.set_provenance(dict(prov, shards=n))
+        report.n_written = copy_labels(target, [(fs, ls) for ls in ordered])
+        status = target.status()
+    report.n_ok = sum(1 for f in ids if status.get(f) == "ok")
+    report.n_failed = sum(1 for f in ids if status.get(f) == "failed")
     return report

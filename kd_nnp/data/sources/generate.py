@@ -55,6 +55,7 @@ from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError, check_recip
 from kd_nnp.errors import KdNnpError, SettingsError
 from kd_nnp.utils.jsonl import append_jsonl, read_jsonl
 from kd_nnp.utils.settings import as_dict
+from kd_nnp.utils.shard import check_shard
 
 log = logging.getLogger(__name__)
 
@@ -581,9 +582,7 @@ def build_generate_store(
     if limit is not None:
         mols = mols[: int(limit)]
     if shard is not None:
-        k, n = (int(x) for x in shard)
-        if not (n >= 1 and 0 <= k < n):
-            raise SettingsError(f"shard must be K/N with 0 <= K < N, got {k}/{n}")
+        k, n = check_shard(*shard)
         mols = mols[k::n]
     report.n_molecules = len(mols)
     if not mols:
