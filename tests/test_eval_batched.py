@@ -77,6 +77,11 @@ def test_batched_benchmark_follows_the_ase_trajectory(tmp_path):
         np.testing.assert_allclose(b["final_positions"], a["final_positions"], atol=1e-5)
         assert b["energy"] == pytest.approx(a["energy"], abs=1e-6)
     assert sorted(df_a.columns) == sorted(df_b.columns)
+    # 7 force calls per crystal (start + 6 steps), both crystals in each forward (one extra
+    # if the second thread started after the first forward)
+    stats = df_b.attrs["batched"]
+    assert stats["crystals"] == 2 and 7 <= stats["forwards"] <= 8 and stats["forward_s"] > 0
+    assert "batched" not in df_a.attrs
     # the ase settings again: their own records are reused, the batched ones are not taken
     df_c = run_relax_benchmark("pyxtal:test", {"CHGNet": "chgnet"}, out, ase, **kw)
     assert len((out / RESULTS_FILE).read_text().splitlines()) == 4
@@ -157,6 +162,7 @@ def test_run_batched_isolates_errors_and_counts_batches(chgnet, small):
         assert res[code].value[0] == a.get_potential_energy()
     # 7 force calls, at most 2 crystals in flight: at least 4 forwards, fewer than 7
     assert 4 <= stats["forwards"] < 7 and stats["mean_batch"] > 1.0
+    assert stats["crystals"] == 3 and sum(stats["batch_sizes"]) == 7
 
 
 @pytest.mark.slow

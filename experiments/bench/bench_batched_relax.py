@@ -34,8 +34,10 @@ def time_batched_relax(
 ) -> dict[str, Any]:
     """Seconds to relax the pyxtal ``test.db`` crystals ``codes`` with pretrained CHGNet on
     ``device``: batched (``batch_size`` per forward) and sequential (one per forward), after
-    one warm-up forward (CUDA start-up is not timed); the ratio sequential / batched and the
-    largest relative difference of the final volumes (0 when every trajectory is the same)."""
+    one warm-up forward (CUDA start-up is not timed); the ratio sequential / batched, the
+    largest relative difference of the final volumes (0 when every trajectory is the same)
+    and each run's forwards and seconds spent in them (``*_stats``): the rest is the
+    per-crystal CPU work (graphs, LBFGS, cell filter) that batching does not share."""
     from kd_nnp.evaluation.batched import BatchedCHGNet
     from kd_nnp.evaluation.relax import run_relax_benchmark
     from kd_nnp.evaluation.settings import RelaxSettings
@@ -61,6 +63,7 @@ def time_batched_relax(
                 references=False, progress=False, report=False,
             )  # fmt: skip
             res[f"{name}_s"] = time.perf_counter() - t0
+            res[f"{name}_stats"] = df.attrs["batched"]  # forwards, forward_s, mean_batch
             res[name] = {
                 r["id"]: {"volume": r["volume_pred"], "steps": r["steps"],
                           "converged": bool(r["converged"]), "status": r["status"]}
@@ -91,6 +94,11 @@ def main() -> None:
           f"batched (batch_size {res['batch_size']}) {res['batched_s']:.1f} s, "
           f"ratio {res['ratio']:.2f}x; final volumes differ by at most "
           f"{res['max_rel_volume_diff']:.1e} (relative)")  # fmt: skip
+    for name in ("sequential", "batched"):
+        st = res[f"{name}_stats"]
+        print(f"  {name}: {st['forwards']} forwards (mean batch {st['mean_batch']:.2f}), "
+              f"{st['forward_s']:.1f} s in them, {res[name + '_s'] - st['forward_s']:.1f} s "
+              "elsewhere (graphs, LBFGS, filter, records, model load)")  # fmt: skip
     for c, r in res["batched"].items():
         print(f"  {c}: {res['natoms'][c]} atoms, {r['steps']} steps, V {r['volume']:.3f} A^3, "
               f"converged {r['converged']}")  # fmt: skip

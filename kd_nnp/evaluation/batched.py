@@ -136,6 +136,7 @@ class _Batcher:
         self.finished: list[TaskResult] = []
         self._next = 0
         self.forwards = 0
+        self.forward_s = 0.0  # seconds in the batched forwards (graphs are built in threads)
         self.batch_sizes: list[int] = []
         self.closed = False  # the consumer stopped: every request is refused
 
@@ -204,6 +205,7 @@ class _Batcher:
         ids = list(batch)
         self.forwards += 1
         self.batch_sizes.append(len(ids))
+        t0 = time.perf_counter()
         try:
             return dict(zip(ids, self.engine.evaluate([batch[i] for i in ids]), strict=True))
         except Exception:  # noqa: BLE001 - find the structure that fails, one at a time
@@ -214,6 +216,8 @@ class _Batcher:
                 except Exception as exc:  # noqa: BLE001 - that crystal's error record
                     out[i] = exc
             return out
+        finally:
+            self.forward_s += time.perf_counter() - t0
 
 
 class _BatchSlot(Calculator):
@@ -258,7 +262,8 @@ def run_batched(
     :class:`~kd_nnp.utils.parallel.TaskResult` per job as it finishes (an exception becomes
     that job's error, as in :func:`~kd_nnp.utils.parallel.run_tasks`). ``task`` calls
     ``relaxed()`` once it needs no more forces (then it leaves the batch). ``stats`` (a dict)
-    receives the number of forwards and their mean batch size."""
+    accumulates ``crystals``, ``forwards``, ``forward_s`` (seconds in the forwards), the
+    ``batch_sizes`` and their ``mean_batch``."""
     if batch_size < 1:
         raise KdNnpError(f"batch_size={batch_size} must be >= 1")
     batcher = _Batcher(BatchedCHGNet(model, device))
@@ -287,8 +292,12 @@ def run_batched(
         batcher.close()
         pool.shutdown(wait=True, cancel_futures=True)
     if stats is not None:
-        stats["forwards"] = batcher.forwards
-        stats["mean_batch"] = float(np.mean(batcher.batch_sizes)) if batcher.batch_sizes else 0.0
+        stats["crystals"] = stats.get("crystals", 0) + len(jobs)
+        stats["forwards"] = stats.get("forwards", 0) + batcher.forwards
+        stats["forward_s"] = stats.get("forward_s", 0.0) + batcher.forward_s
+        stats["batch_sizes"] = stats.get("batch_sizes", []) + batcher.batch_sizes
+        sizes = stats["batch_sizes"]
+        stats["mean_batch"] = float(np.mean(sizes)) if sizes else 0.0
 
 
 def chgnet_model(spec: str, fingerprint: str | None = None) -> Any:

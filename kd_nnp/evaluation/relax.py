@@ -148,12 +148,14 @@ def run_relax_benchmark(
         for c in crystals
     ]
     executor = None
+    batched_stats = None
     if settings.backend == "batched":
         from kd_nnp.evaluation.batched import check_batchable
 
         for spec in calculators.values():
             check_batchable(spec)
-        executor = _batched_executor(settings, progress)
+        batched_stats: dict[str, Any] = {}
+        executor = _batched_executor(settings, progress, batched_stats)
     existing = run_jobs(
         _relax_task,
         calculators,
@@ -192,16 +194,19 @@ def run_relax_benchmark(
         records += pyxtal_reference_cells(dataset, [c.id for c in crystals])
     df = records_to_frame(records)
     df.attrs["skipped"] = skipped
+    if batched_stats:  # the batched backend ran: forwards, their seconds and batch sizes
+        df.attrs["batched"] = {k: v for k, v in batched_stats.items() if k != "batch_sizes"}
     if report:
         write_report(df, out, skipped=skipped)
     return df
 
 
 def _batched_executor(
-    settings: RelaxSettings, progress: bool
+    settings: RelaxSettings, progress: bool, stats: dict[str, Any]
 ) -> Callable[[list[tuple[Any, dict[str, Any]]]], Iterator[Any]]:
     """Run relaxation jobs with the batched backend: the jobs of each calculator together,
-    ``settings.batch_size`` crystals per CHGNet forward on ``settings.device``."""
+    ``settings.batch_size`` crystals per CHGNet forward on ``settings.device``; ``stats``
+    accumulates :func:`kd_nnp.evaluation.batched.run_batched`'s counts."""
 
     def run(jobs: list[tuple[Any, dict[str, Any]]]) -> Iterator[Any]:
         from tqdm.auto import tqdm
@@ -224,6 +229,7 @@ def _batched_executor(
                     model,
                     batch_size=settings.batch_size,
                     device=settings.device,
+                    stats=stats,
                 ):
                     bar.update(1)
                     yield res
