@@ -108,6 +108,11 @@ def test_non_chgnet_spec_is_refused(tmp_path):
             report=False,
         )
     assert not (tmp_path / RESULTS_FILE).exists()  # refused before anything ran
+    with pytest.raises(SettingsError, match="backend='fire'"):  # never run as ase silently
+        run_relax_benchmark(
+            "pyxtal:test", ["chgnet"], tmp_path, RelaxSettings(backend="fire"), codes=SMALL
+        )
+    assert not (tmp_path / RESULTS_FILE).exists()
 
 
 def test_relax_settings_backend_checks():

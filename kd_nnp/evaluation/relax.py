@@ -121,6 +121,7 @@ def run_relax_benchmark(
     failures, never dropped).
     """
     settings = settings or RelaxSettings()
+    settings.check()  # built in Python, not from_mapping: an unknown backend is refused here
     calculators = label_calculators(calculators)
     skipped: list[tuple[str, str]] = []
     crystals, dataset = as_crystals(
