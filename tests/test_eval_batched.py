@@ -170,6 +170,33 @@ def test_run_batched_isolates_errors_and_counts_batches(chgnet, small):
     assert stats["crystals"] == 3 and sum(stats["batch_sizes"]) == 7
 
 
+def test_run_batched_stopped_early_leaves_no_thread_waiting(chgnet, small):
+    """The consumer stops after the first result (a kill, an exception while writing): the
+    crystals in flight get an error instead of waiting forever, and no thread is left."""
+    import threading
+
+    calls: list[str] = []
+
+    def task(item, calc, relaxed):
+        if len(item["atoms"]) == 24:
+            raise ValueError("first out")
+        a = item["atoms"].copy()
+        a.calc = calc
+        for _ in range(50):
+            a.positions[0] += 0.001
+            a.get_potential_energy()
+            calls.append(a.get_chemical_formula())
+        return len(calls)
+
+    gen = run_batched(task, [(c.id, {"atoms": c.atoms}) for c in small], chgnet.model,
+                      batch_size=3)  # fmt: skip
+    first = next(gen)
+    gen.close()
+    assert first.key == "FORMAM" and not first.ok
+    assert len(calls) < 100  # the two 50-step tasks were stopped, not run to the end
+    assert not [t for t in threading.enumerate() if t.name.startswith("relax")]
+
+
 @pytest.mark.slow
 def test_batched_relaxed_volumes_match_the_ase_path(tmp_path):
     """Full relaxations (default protocol) of three crystals, batched vs ase: both converge
