@@ -155,6 +155,13 @@ def run_relax_benchmark(
 
         for spec in calculators.values():
             check_batchable(spec)
+        if workers > 1:
+            log.warning(
+                "backend=batched relaxes all crystals in this process (batch_size=%d); "
+                "workers=%d is not used",
+                settings.batch_size,
+                workers,
+            )
         batched_stats: dict[str, Any] = {}
         executor = _batched_executor(settings, progress, batched_stats)
     existing = run_jobs(
