@@ -342,8 +342,8 @@ def rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         row(f"{len(ba['natoms'])} crystals in one CHGNet forward (E, F, S) vs one at a time",
             f"{gain:.2f}x", f"{ba['single_s'] * 1e3:.0f} ms one by one, {ba['batched_s'] * 1e3:.0f}"
             f" ms batched ({'+'.join(map(str, ba['natoms']))} atoms, 1 thread); same energies "
-            f"within {ba['max_energy_diff_eV_atom']:.1e} eV/atom; batching relaxations is not "
-            "used: lockstep relaxations would pay only above ~1.2x", None)  # fmt: skip
+            f"within {ba['max_energy_diff_eV_atom']:.1e} eV/atom; the ase backend (worker "
+            "processes) stays the CPU default, the batched backend is for GPUs", None)  # fmt: skip
     return out
 
 

@@ -31,7 +31,7 @@ from kd_nnp.teachers.calculators import (
     unique_labels,
 )
 from kd_nnp.utils.jsonl import open_append, read_jsonl
-from kd_nnp.utils.parallel import run_tasks
+from kd_nnp.utils.parallel import TaskResult, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +122,17 @@ def run_jobs(
     progress: bool = True,
     desc: str = "jobs",
     run: bool = True,
+    executor: Callable[[list[tuple[Any, dict[str, Any]]]], Iterator[TaskResult]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``task({"spec", "atoms", "settings", **payload})`` for every (calculator,
     structure) pair without a reusable record in ``path``; return the reusable and new
     records (with ``run=False`` every record on disk, nothing computed).
 
-    A worker's exception becomes a record with ``status == "error"`` (never dropped)."""
+    ``executor(jobs)`` (default: ``task`` in ``workers`` processes,
+    :func:`~kd_nnp.utils.parallel.run_tasks`) runs the ``(key, item)`` jobs and yields a
+    :class:`~kd_nnp.utils.parallel.TaskResult` per job as it finishes (the batched
+    relaxation backend). A worker's exception becomes a record with ``status == "error"``
+    (never dropped)."""
     settings = _json_plain(settings)
     fingerprints = {label: spec_fingerprint(spec) for label, spec in calculators.items()}
     on_disk = read_jsonl(path)
@@ -158,7 +163,12 @@ def run_jobs(
     jobs.sort(key=lambda t: -t[0][3])  # longest first keeps workers busy at the end
     path.parent.mkdir(parents=True, exist_ok=True)
     with open_append(path) as fh:
-        for res in run_tasks(task, jobs, n_workers=workers, desc=desc, progress=progress):
+        results = (
+            executor(jobs)
+            if executor is not None
+            else run_tasks(task, jobs, n_workers=workers, desc=desc, progress=progress)
+        )
+        for res in results:
             label, spec, sid, natoms, meta = res.key
             rec = {
                 "method": label,

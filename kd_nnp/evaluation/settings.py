@@ -20,12 +20,15 @@ keys into the nested dataclass and refuse unknown keys.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kd_nnp.errors import SettingsError
 from kd_nnp.utils.settings import as_dict, from_mapping, register_schema, to_plain
+
+RELAX_BACKENDS = ("ase", "batched")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,21 @@ class RelaxSettings:
         },
     )
     rmsd: bool = field(default=True, metadata={"help": "RMSD15 overlay of 15-molecule clusters"})
+    backend: str = field(
+        default="ase",
+        metadata={
+            "help": "ase: one crystal per worker process; batched: the crystals of a "
+            "CHGNet-based calculator (chgnet, student:PATH) share one CHGNet forward per step "
+            "(same LBFGS protocol, kd_nnp.evaluation.batched)"
+        },
+    )
+    batch_size: int = field(
+        default=32,
+        metadata={"help": "backend=batched: crystals relaxed together (one forward per step)"},
+    )
+    device: str = field(
+        default="cpu", metadata={"help": "backend=batched: torch device (cpu, cuda, cuda:N)"}
+    )
 
     def check(self) -> None:
         if self.fmax <= 0 or self.max_steps < 1 or self.stress_tol_gpa <= 0:
@@ -53,15 +71,35 @@ class RelaxSettings:
             )
         if self.exp_cell_factor is not None and self.exp_cell_factor <= 0:
             raise SettingsError(f"relaxation: exp_cell_factor={self.exp_cell_factor} must be > 0")
+        if self.backend not in RELAX_BACKENDS:
+            raise SettingsError(
+                f"relaxation: backend={self.backend!r}; use one of {', '.join(RELAX_BACKENDS)}"
+            )
+        if self.batch_size < 1:
+            raise SettingsError(f"relaxation: batch_size={self.batch_size} must be >= 1")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise SettingsError(f"relaxation: device={self.device!r}; use cpu, cuda or cuda:N")
+        if self.backend == "ase" and self.device != "cpu":
+            raise SettingsError(
+                f"relaxation: device={self.device!r} needs backend=batched (the ase backend "
+                "relaxes on the CPU, one crystal per worker process)"
+            )
 
     def protocol(self) -> dict[str, Any]:
-        """What changes a relaxed structure: the key results on disk are reused under."""
-        return {
+        """What changes a relaxed structure: the key results on disk are reused under. The
+        batched backend adds itself and its device (float differences); ``batch_size`` is
+        left out like ``workers``: each crystal's trajectory does not depend on which others
+        share its forward (tested). The ase backend adds nothing, so results on disk from
+        before the backend setting existed are still reused."""
+        out: dict[str, Any] = {
             "fmax": self.fmax,
             "max_steps": self.max_steps,
             "stress_tol_gpa": self.stress_tol_gpa,
             "exp_cell_factor": self.exp_cell_factor,
         }
+        if self.backend != "ase":
+            out.update(backend=self.backend, device=self.device)
+        return out
 
 
 @dataclass(frozen=True)
