@@ -33,6 +33,7 @@ the device of the graphs and the model: CUDA works as the CPU does.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from chgnet.graph import CrystalGraph
@@ -62,13 +63,13 @@ class _ForceStress(torch.autograd.Function):
     (by the VJP of :func:`_frame`); backward: ``dg = J_R(-dF) + J_eps(c/V dsigma)``."""
 
     @staticmethod
-    def forward(ctx, g: Tensor, forces: Tensor, stress: Tensor, model: CHGNet,
+    def forward(ctx: Any, g: Tensor, forces: Tensor, stress: Tensor, model: CHGNet,
                 graph: CrystalGraph, scale: float) -> tuple[Tensor, Tensor]:  # fmt: skip
         ctx.model, ctx.graph, ctx.scale = model, graph, scale
         return forces.clone(), stress.clone()
 
     @staticmethod
-    def backward(ctx, d_forces: Tensor, d_stress: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, d_forces: Tensor, d_stress: Tensor) -> tuple[Tensor | None, ...]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         dg = _backbone_jvp(ctx.model, ctx.graph, -d_forces, d_stress * ctx.scale)
