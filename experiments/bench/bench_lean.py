@@ -104,11 +104,11 @@ def _peak(device: Any) -> float:
 
 def time_training_step(
     backend: str, batch_size: int, device: str = "cpu", *, steps: int = 3, seed: int = 0,
-    grads_out: str | Path | None = None,
+    stress: bool = True, grads_out: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """One training configuration measured in this process: ``steps`` optimizer steps of
-    ``DistillationModule(backend=backend)`` on ``batch_size`` frames (E + F + S) on
-    ``device``. Returns step times (s), the median after the first, the step's peak memory
+    ``DistillationModule(backend=backend)`` on ``batch_size`` frames (E + F, + S unless
+    ``stress=False``) on ``device``. Returns step times (s), the median after the first, the step's peak memory
     above the resident level before it (MB; CPU: RSS, CUDA: allocated), the atoms of the
     batch and the step-0 loss; ``grads_out`` saves the step-0 MLP gradients (torch.save)."""
     import functools
@@ -122,7 +122,7 @@ def time_training_step(
     torch.manual_seed(seed)
     module = DistillationModule(
         student={"model_name": "0.3.0", "freeze": "mlp"},
-        loss=DistillationLoss(r_he=0, r_hf=0, r_se=1, r_sf=1, r_ss=0.1),
+        loss=DistillationLoss(r_he=0, r_hf=0, r_se=1, r_sf=1, r_ss=0.1 if stress else 0.0),
         optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
         backend=backend,
     ).to(dev)
@@ -147,7 +147,7 @@ def time_training_step(
         times.append(time.perf_counter() - t)
     peak = _peak(dev)
     return {
-        "backend": backend, "batch_size": batch_size, "device": str(dev),
+        "backend": backend, "batch_size": batch_size, "device": str(dev), "stress": stress,
         "n_atoms": int(batch.n_atoms.sum()), "step_s": times,
         "median_s": statistics.median(times[1:] if len(times) > 1 else times),
         "base_mb": base, "peak_mb": peak, "step_peak_mb": peak - base, "loss0": loss0,
@@ -157,7 +157,7 @@ def time_training_step(
 def child_step(cfg: dict[str, Any]) -> dict[str, Any]:
     return time_training_step(
         cfg["backend"], cfg["batch_size"], cfg.get("device", "cpu"), steps=cfg["steps"],
-        grads_out=cfg.get("grads_out"),
+        stress=cfg.get("stress", True), grads_out=cfg.get("grads_out"),
     )  # fmt: skip
 
 
@@ -193,7 +193,8 @@ def run(cfg: dict[str, Any], workdir: Path) -> dict[str, Any]:
                     continue
             grads = workdir / f"grads_{backend}_{bs}.pt"
             child_cfg = {"backend": backend, "batch_size": bs, "steps": cfg["steps"],
-                         "device": device, "grads_out": str(grads)}  # fmt: skip
+                         "device": device, "stress": cfg.get("stress", True),
+                         "grads_out": str(grads)}  # fmt: skip
             t = time.perf_counter()
             try:
                 rec = common.run_child(HERE, "step", child_cfg, workdir / "logs",
@@ -264,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", default="8,16,32")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-stress", action="store_true", help="E + F only (no stress term)")
     ap.add_argument("--out", default="outputs/bench/lean")
     args = ap.parse_args(argv)
     cfg = {"batch_sizes": [int(x) for x in args.batch_sizes.split(",")], "steps": args.steps,
-           "device": args.device}  # fmt: skip
+           "device": args.device, "stress": not args.no_stress}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = run(cfg, out.resolve())

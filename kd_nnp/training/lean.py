@@ -64,7 +64,7 @@ class _ForceStress(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, g: Tensor, forces: Tensor, stress: Tensor, model: CHGNet,
-                graph: CrystalGraph, scale: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+                graph: CrystalGraph, scale: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
         ctx.model, ctx.graph, ctx.scale = model, graph, scale
         return forces.clone(), stress.clone()
 
@@ -97,8 +97,8 @@ def _frame(model: CHGNet, graph: CrystalGraph, *, forces: bool, stress: bool
         leaves = [t for t, want in ((disp, forces), (strain, stress)) if want]
         vjp = torch.autograd.grad(h, leaves, grad_outputs=g.detach())
     del h  # the frame's backbone graph is gone here
-    volume = float(torch.dot(lat[0], torch.linalg.cross(lat[1], lat[2])))
-    scale = EV_PER_A3_TO_GPA / volume
+    lat = lat.detach()  # chgnet's volume: a constant of the frame (no host sync on CUDA)
+    scale = EV_PER_A3_TO_GPA / torch.dot(lat[0], torch.linalg.cross(lat[1], lat[2]))
     f_val = -vjp[0] if forces else lat.new_zeros((n, 3))
     s_val = vjp[-1] * scale if stress else lat.new_zeros((3, 3))
     f, s = _ForceStress.apply(g, f_val, s_val, model, graph, scale)
