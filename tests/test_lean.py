@@ -3,8 +3,11 @@ gradient equal to ``full``'s (chgnet's own second-order autograd) on a batch of 
 different sizes, and one Lightning step moves the parameters as ``full``'s does.
 
 Tolerance (float32 rounding; the two paths sum the same terms in another order): every
-compared quantity agrees to 1e-5 of its largest magnitude (measured: forces 8e-6 eV/A of
-30, stress 3e-5 GPa of 44, MLP gradients 3e-6 of 6.5, i.e. <= 1e-6 relative)."""
+compared quantity agrees to 1e-5 of its largest magnitude, or to 1e-4 in its own units
+(eV/atom, eV/A, GPa, gradient) where that is larger: the molecule-rigid stress (a few GPa) is
+the difference of terms of ~40 GPa, so it keeps their absolute rounding (measured: forces 8e-6
+eV/A of 30, affine stress 3e-5 GPa of 44, molecular stress 3e-5 GPa of 2.9, MLP gradients 3e-6
+of 6.5)."""
 
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ from kd_nnp.training.lean import predict_lean
 from kd_nnp.training.loss import DistillationLoss
 from kd_nnp.training.module import DistillationModule
 from kd_nnp.training.stress import molecule_offsets
+from kd_nnp.training.student import load_student
 
-REL = 1e-5
+REL, ATOL = 1e-5, 1e-4
 # three frames of different sizes (16, 24, 16 atoms), rattled so forces are far from 0
 CODES = ("OXALAC11", "FORMAM", "UREAXX02")
 LOSS = {"r_he": 0.5, "r_hf": 0.3, "r_se": 1.0, "r_sf": 1.0, "r_hs": 0.05, "r_ss": 0.1}
@@ -72,7 +76,7 @@ def _batch(model, small_crystals, *, molecular: bool = False, seed: int = 0) -> 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     scale = float(b.abs().max())
     diff = float((a - b).abs().max())
-    assert diff <= REL * max(scale, 1.0), f"{what}: max |diff| {diff:.2e} of max {scale:.2e}"
+    assert diff <= max(REL * scale, ATOL), f"{what}: max |diff| {diff:.2e} of max {scale:.2e}"
 
 
 def _run(module: DistillationModule, batch: Batch, backend: str) -> dict:
@@ -103,9 +107,10 @@ def test_lean_equals_full(small_crystals, freeze, molecular):
     for k, v in full["maes"].items():
         assert float(lean["maes"][k]) == pytest.approx(float(v), rel=REL), k
     want = {"mlp"} | ({"readout_norm"} if freeze == "readout" else set())
-    assert {n.split(".")[0] for n in full["grads"]} == want
+    assert {n.split(".")[1] for n in full["grads"]} == want
     for name, g in full["grads"].items():
-        assert float(g.abs().max()) > 0, name
+        # (the last bias only sees the energy terms, whose signs may cancel to exactly 0)
+        assert float(g.abs().max()) > 0 or not name.endswith("weight"), name
         _close(lean["grads"][name], g, name)
 
 
@@ -138,20 +143,18 @@ def test_lean_lightning_step_equals_full(small_crystals, chgnet_model):
         _close(d_lean[name], d, name)
 
 
-def test_lean_refuses_a_trainable_backbone(small_crystals, chgnet_model):
+def test_lean_refuses_a_trainable_backbone(small_crystals):
     """freeze=all trains the backbone: lean (like cached) is refused with a clear error; and
     predict_lean itself never drops a backbone parameter's gradient silently."""
     with pytest.raises(KdNnpError, match="backend=lean.*frozen backbone.*freeze=all"):
         DistillationModule(student={"freeze": "all"}, backend="lean")
     with pytest.raises(KdNnpError, match="backend must be one of full, lean, cached, auto"):
         DistillationModule(backend="fast")
-    graph = chgnet_model.graph_converter(AseAtomsAdaptor.get_structure(small_crystals["UREAXX02"]))
-    chgnet_model.atom_embedding.weight.requires_grad_(True)
-    try:
-        with pytest.raises(ValueError, match="frozen backbone.*atom_embedding"):
-            predict_lean(chgnet_model, [graph], forces=True, stress=False)
-    finally:
-        chgnet_model.atom_embedding.weight.requires_grad_(False)
+    student = load_student("0.3.0", freeze="mlp")
+    graph = student.graph_converter(AseAtomsAdaptor.get_structure(small_crystals["UREAXX02"]))
+    student.atom_embedding.embedding.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen backbone.*atom_embedding"):
+        predict_lean(student, [graph], forces=True, stress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
