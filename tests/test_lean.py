@@ -157,6 +157,26 @@ def test_lean_refuses_a_trainable_backbone(small_crystals):
         predict_lean(student, [graph], forces=True, stress=False)
 
 
+def test_auto_backend_takes_lean_for_uncached_batches(small_crystals, monkeypatch):
+    """backend=auto: a batch without cached features (a frame over max_feature_bytes) goes
+    through the lean path, never chgnet's second-order full path."""
+    import kd_nnp.training.module as module_mod
+
+    def no_full(*args, **kw):
+        raise AssertionError("predict_full called")
+
+    monkeypatch.setattr(module_mod, "predict_full", no_full)
+    module = DistillationModule(loss=DistillationLoss(r_se=1, r_sf=1), backend="auto")
+    graph = module.student.graph_converter(
+        AseAtomsAdaptor.get_structure(small_crystals["UREAXX02"])
+    )
+    batch = Batch(frame_ids=["u"], n_atoms=torch.tensor([len(small_crystals["UREAXX02"])]),
+                  hard=Targets.empty(1, 16), soft=Targets.empty(1, 16), graphs=[graph])  # fmt: skip
+    pred = module(batch)
+    assert pred.forces.shape == (16, 3) and pred.forces.grad_fn is not None
+    assert float(pred.forces.abs().max()) > 0.01
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_lean_on_cuda_equals_cpu(small_crystals):
     """The lean path on CUDA (tensors follow the batch) gives the CPU's predictions."""

@@ -63,8 +63,8 @@ class DistillationModule(L.LightningModule):
         compute_forces: predict forces (needed by force terms and force MAE metrics).
         compute_stress: ``auto`` (when the loss has stress terms) or a bool.
         backend: ``full`` | ``lean`` | ``cached`` | ``auto`` (cached where the Jacobian fits
-            ``max_feature_bytes``, full elsewhere); the data module attaches the cache of
-            ``cached``/``auto``; ``lean`` needs none.
+            ``max_feature_bytes``, lean for the batches of the other frames); the data module
+            attaches the cache of ``cached``/``auto``; ``lean`` needs none.
         allow_memory_overcommit: go on when the full backend's memory estimate of the
             largest batch exceeds the available memory by far (otherwise KdNnpError before
             training; :mod:`kd_nnp.training.memory_check`).
@@ -160,13 +160,13 @@ class DistillationModule(L.LightningModule):
     def forward(self, batch: Batch) -> Prediction:
         """Energies (B,) eV/atom, forces (Natoms,3) eV/A and stress (B,6) GPa of ``batch``."""
         fw, st = self.compute_forces, self.compute_stress
-        cached = batch.features is not None and self.backend != "full"
+        cached = batch.features is not None and self.backend in ("cached", "auto")
         if cached:
             norm = self.student.readout_norm
             out = predict_from_features(
                 self.student.mlp, norm, batch.features, forces=fw, stress=st
             )
-        elif self.backend == "lean":
+        elif self.backend in ("lean", "auto"):  # auto: frames whose Jacobian is too big
             out = predict_lean(self.student, batch.graphs, forces=fw, stress=st)
         else:
             out = predict_full(self.student, batch.graphs, forces=fw, stress=st)
