@@ -1,6 +1,6 @@
 """``make bench``: kd_nnp's performance benchmarks in one command, one table.
 
-    .venv/bin/python experiments/bench/run_all.py [--quick] [--only training,sweep,relax,labelling]
+    .venv/bin/python experiments/bench/run_all.py [--quick] [--only training,sweep,relax,labelling,lean]
         [--gfn2] [--out outputs/bench]
 
 Sections (each measured side by side in one run, one thread per process, every memory
@@ -17,7 +17,10 @@ still run):
   warm shared caches (bench_sweep.py);
 - ``relax``     ``run_relax_benchmark`` (2 workers) vs a sequential ASE loop, final volumes,
   and the two CHGNet calculators' single-point speed (bench_relax.py);
-- ``labelling`` frames/s and peak RSS per offline teacher (bench_labelling.py).
+- ``labelling`` frames/s and peak RSS per offline teacher (bench_labelling.py);
+- ``lean``      a training step (E+F+S) of ``model.backend=lean`` vs ``full`` at batch 8/16/32
+  of 52-100-atom frames: step time, peak memory, step-0 loss and gradients (bench_lean.py;
+  only with ``--only lean``: ~10 min, ~10 GB).
 
 Writes ``bench.json`` (everything, including per-child logs' paths and errors) and
 ``bench.md`` (the table) to ``--out`` (``bench_quick.*`` with ``--quick``); the work files
@@ -38,12 +41,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_cache  # noqa: E402
 import bench_labelling  # noqa: E402
+import bench_lean  # noqa: E402
 import bench_relax  # noqa: E402
 import bench_sweep  # noqa: E402
 import bench_training  # noqa: E402
 import common  # noqa: E402
 
-SECTIONS = ("training", "cache", "sweep", "relax", "labelling")
+SECTIONS = ("training", "cache", "sweep", "relax", "labelling", "lean")
+# ``lean`` (~10 min, ~10 GB for full at batch 8) runs only when named: --only lean
+DEFAULT_SECTIONS = ("training", "cache", "sweep", "relax", "labelling")
 
 # Training frames: 3 test.db crystals x (1 strained + 1 strained-and-rattled copy). The
 # one-time feature build is O(N x bonds) (~7-60 s per 50-100-atom frame on this machine)
@@ -59,6 +65,7 @@ FULL = {
               "repeats": 3, "ase_inference": True},
     "labelling": {"teachers": ["so3lr", "chgnet_d3"], "codes": ["KONTIQ", "WIDBAO"], "n": 6,
                   "gfn2_n": 1},
+    "lean": {"batch_sizes": [8, 16, 32], "steps": 3},
 }  # fmt: skip
 QUICK = {
     "training": {"codes": ["OXALAC11", "UREAXX02"], "n_strain": 1, "n_rattle": 1,
@@ -71,6 +78,7 @@ QUICK = {
               "ase_inference": True},
     "labelling": {"teachers": ["so3lr", "chgnet_d3"], "codes": ["UREAXX02"], "n": 2,
                   "gfn2_n": 1},
+    "lean": {"batch_sizes": [2], "steps": 2},
 }  # fmt: skip
 
 
@@ -88,6 +96,7 @@ MODULES = {
     "sweep": bench_sweep,
     "relax": bench_relax,
     "labelling": bench_labelling,
+    "lean": bench_lean,
 }
 
 
@@ -145,8 +154,9 @@ def format_table(rows: list[dict[str, Any]], markdown: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke version (< 3 min)")
-    ap.add_argument("--only", default=",".join(SECTIONS),
-                    help=f"comma-separated sections of {','.join(SECTIONS)}")  # fmt: skip
+    ap.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                    help=f"comma-separated sections of {','.join(SECTIONS)} "
+                         f"(default {','.join(DEFAULT_SECTIONS)})")  # fmt: skip
     ap.add_argument("--gfn2", action="store_true", help="also label with GFN2-xTB (slow)")
     ap.add_argument("--out", default="outputs/bench", help="folder of bench.json / bench.md")
     ap.add_argument("--epochs", type=int, default=None, help="override training/sweep epochs")

@@ -64,7 +64,7 @@ def check_full_backend_memory(
         f"({BYTES_PER_ATOM_FULL_FORCES / 2**20:.0f} MiB per atom) but {have / 2**30:.1f} GiB "
         "are available"
     )
-    fix = "lower data.batch_size or data.max_atoms, or use model.backend=cached"
+    fix = "lower data.batch_size or data.max_atoms, or use model.backend=lean or cached"
     if need > OVERCOMMIT_FACTOR * have and not getattr(module, "allow_memory_overcommit", False):
         raise KdNnpError(f"{msg}; {fix} (or set model.allow_memory_overcommit=true to try anyway)")
     log.warning("%s: it may not fit; %s", msg, fix)

@@ -1,8 +1,11 @@
 """``DistillationModule``: the frozen-backbone CHGNet student trained with the distillation loss.
 
-Two exact prediction paths give the same energies, forces, stresses and MLP gradients:
+Three exact prediction paths give the same energies, forces, stresses and MLP gradients:
 
 - ``full``: CHGNet's own forward with autograd forces/stress through the frozen backbone;
+- ``lean``: the backbone forward per frame, forces/stress by one vector-Jacobian product and
+  their MLP gradients by one Jacobian-vector product, second order only through the MLP
+  (:mod:`kd_nnp.training.lean`; no cache, a fraction of ``full``'s memory);
 - ``cached``: features and their Jacobians cached once per frame
   (:mod:`kd_nnp.training.jacobian`, :mod:`kd_nnp.training.cache.features`), so a step touches only the MLP (issue 6).
 
@@ -22,7 +25,9 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from kd_nnp.errors import SettingsError
 from kd_nnp.training.batch import QUANTITIES, TARGETS, Batch, Prediction
+from kd_nnp.training.lean import predict_lean
 from kd_nnp.training.loss import DistillationLoss
 from kd_nnp.training.predict import predict_from_features, predict_full
 from kd_nnp.training.stress import EV_PER_A3_TO_GPA, full_to_voigt
@@ -31,6 +36,7 @@ from kd_nnp.training.student import load_student, trainable_parameter_names
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+BACKENDS = ("full", "lean", "cached", "auto")
 
 
 def _describe(factory: Any) -> Any:
@@ -56,8 +62,9 @@ class DistillationModule(L.LightningModule):
             (``conf/model/scheduler/``).
         compute_forces: predict forces (needed by force terms and force MAE metrics).
         compute_stress: ``auto`` (when the loss has stress terms) or a bool.
-        backend: ``full`` | ``cached`` | ``auto`` (cached where the Jacobian fits
-            ``max_feature_bytes``); the data module attaches the cache.
+        backend: ``full`` | ``lean`` | ``cached`` | ``auto`` (cached where the Jacobian fits
+            ``max_feature_bytes``, lean for the batches of the other frames); the data module
+            attaches the cache of ``cached``/``auto``; ``lean`` needs none.
         allow_memory_overcommit: go on when the full backend's memory estimate of the
             largest batch exceeds the available memory by far (otherwise KdNnpError before
             training; :mod:`kd_nnp.training.memory_check`).
@@ -106,11 +113,15 @@ class DistillationModule(L.LightningModule):
             raise ValueError("the loss has stress terms but compute_stress is false")
         if self.loss_fn.needs_forces and not compute_forces:
             raise ValueError("the loss has force terms but compute_forces is false")
-        if backend not in ("full", "cached", "auto"):
-            raise ValueError(f"backend must be full, cached or auto, got {backend!r}")
+        if backend not in BACKENDS:
+            raise SettingsError(
+                f"model.backend must be one of {', '.join(BACKENDS)}, got {backend!r}"
+            )
         if backend != "full" and self.student_cfg["freeze"] == "all":
-            raise ValueError(
-                "cached features need a frozen backbone: use backend=full with freeze=all"
+            what = "the lean path needs" if backend == "lean" else "cached features need"
+            raise SettingsError(
+                f"model.backend={backend}: {what} a frozen backbone, but student.freeze=all "
+                "trains it: use model.backend=full with freeze=all"
             )
         self.backend = backend
         self.max_feature_bytes = max_feature_bytes
@@ -149,12 +160,14 @@ class DistillationModule(L.LightningModule):
     def forward(self, batch: Batch) -> Prediction:
         """Energies (B,) eV/atom, forces (Natoms,3) eV/A and stress (B,6) GPa of ``batch``."""
         fw, st = self.compute_forces, self.compute_stress
-        cached = batch.features is not None and self.backend != "full"
+        cached = batch.features is not None and self.backend in ("cached", "auto")
         if cached:
             norm = self.student.readout_norm
             out = predict_from_features(
                 self.student.mlp, norm, batch.features, forces=fw, stress=st
             )
+        elif self.backend in ("lean", "auto"):  # auto: frames whose Jacobian is too big
+            out = predict_lean(self.student, batch.graphs, forces=fw, stress=st)
         else:
             out = predict_full(self.student, batch.graphs, forces=fw, stress=st)
         forces = stress = None
@@ -177,13 +190,13 @@ class DistillationModule(L.LightningModule):
 
     @staticmethod
     def _molecular_correction(stress: Tensor, out: dict[str, Any], batch: Batch) -> Tensor:
-        """Full backend, ``data.stress_mode=molecular``: chgnet's affine stress plus
+        """Full and lean backends, ``data.stress_mode=molecular``: chgnet's affine stress plus
         ``sym(offsets^T F) / V`` (the cached backend differentiates along the molecule-rigid
         strains directly; both equal the same derivative)."""
         if batch.mol_offsets is None:
             return stress
         if "f" not in out:
-            raise ValueError("molecular stress on the full backend needs model.compute_forces")
+            raise ValueError("molecular stress on the full/lean backend needs model.compute_forces")
         sizes = batch.n_atoms.tolist()
         offsets = torch.split(batch.mol_offsets.to(stress.device), sizes)
         rows = []

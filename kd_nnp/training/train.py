@@ -141,7 +141,7 @@ def run_training(
     )  # fmt: skip
     module.loss_fn.check_available(datamodule.available())
     module.check_memory(datamodule)
-    if module.backend != "full":
+    if module.backend in ("cached", "auto"):  # full and lean take the graphs
         from kd_nnp.training.cache.attach import attach_feature_cache
 
         t_cache = time.perf_counter()

@@ -3,8 +3,9 @@
 ``attach_feature_cache`` gives the data module a loader that returns each frame's cached
 features (building them once, on disk, content-addressed), so training steps never run the
 frozen backbone. Frames whose Jacobian would exceed ``module.max_feature_bytes`` get no
-features under ``backend=auto`` and their batches take CHGNet's full forward instead (the
-two paths are exact and interchangeable, see tests/test_features.py).
+features under ``backend=auto`` and their batches take the lean path instead
+(:mod:`kd_nnp.training.lean`; the paths are exact and interchangeable, see
+tests/test_features.py and tests/test_lean.py).
 """
 
 from __future__ import annotations
