@@ -487,6 +487,14 @@ def test_full_backend_memory_is_checked_before_training(labelled_store, monkeypa
     assert "largest batch" in caplog.text and "may not fit" in caplog.text
     with pytest.raises(KdNnpError, match="allow_memory_overcommit"):
         mc.check_full_backend_memory(dm, module, available=need // 4)
+    # stress keeps a larger graph (measured 15.2 vs 9.2 MB per atom on 52-100-atom frames)
+    with_stress = DistillationModule(loss=DistillationLoss(r_se=1, r_sf=1, r_ss=1), backend="full")
+    stress_need = mc.BYTES_PER_ATOM_FULL_STRESS * dm.max_batch_atoms()
+    assert stress_need > need
+    assert (
+        mc.check_full_backend_memory(dm, with_stress, available=10 * stress_need)["estimate_bytes"]
+        == stress_need
+    )
     # energy-only or cached training is not concerned
     energy_only = DistillationModule(loss=DistillationLoss(r_se=1, r_sf=0), compute_forces=False)
     assert mc.check_full_backend_memory(dm, energy_only, available=1) is None
