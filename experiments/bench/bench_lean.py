@@ -267,13 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-stress", action="store_true", help="E + F only (no stress term)")
     ap.add_argument("--out", default="outputs/bench/lean")
+    ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args(argv)
     cfg = {"batch_sizes": [int(x) for x in args.batch_sizes.split(",")], "steps": args.steps,
            "device": args.device, "stress": not args.no_stress}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = run(cfg, out.resolve())
-    print(json.dumps({"machine": common.machine_info(), **res}, indent=1, default=str))
+    record = {"machine": common.machine_info(), **res}
+    print(json.dumps(record, indent=1, default=str))
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1, default=str))
     for r in rows(res):
         print(f"{r['what']:<60} {r['value']:<40} {r['compare']}")
     return 0
