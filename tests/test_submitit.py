@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -50,15 +51,24 @@ def test_submitit_local_sweep_of_two_jobs(urea_store, tmp_path):
         lrs.append(yaml.safe_load((job / "config.yaml").read_text())["model"]["optimizer"]["lr"])
         assert "data ready in" in (job / "train.log").read_text()
     assert lrs == [0.01, 0.003]
-    # submitit's own folders: one per job, with its stdout/stderr and pickled result
-    runs = sorted((sweep / ".submitit").iterdir())
+    # submitit's own folders: one per job (and the empty unformatted '%j' it makes), with
+    # the job's stdout/stderr and its pickled call and result: Hydra's objective, val/loss
+    runs = sorted(p for p in (sweep / ".submitit").iterdir() if p.name != "%j")
     assert len(runs) == 2, runs
+    objectives = []
     for run in runs:
         names = {p.name for p in run.iterdir()}
         jid = run.name
-        assert {f"{jid}_0_log.out", f"{jid}_0_log.err", f"{jid}_0_result.pkl"} <= names, names
-        # the job ran in submitit's own process (its log), which finished it
-        assert "completed successfully" in (run / f"{jid}_0_log.err").read_text()
+        assert {f"{jid}_0_log.out", f"{jid}_0_log.err", f"{jid}_0_result.pkl",
+                f"{jid}_submitted.pkl"} <= names, names  # fmt: skip
+        # the job ran in submitit's own process, which finished it
+        assert "Job completed successfully" in (run / f"{jid}_0_log.out").read_text()
+        with open(run / f"{jid}_0_result.pkl", "rb") as fh:
+            status, ret = pickle.load(fh)
+        assert status == "success"
+        objectives.append(ret.return_value)
+    finals = [json.loads((j / "metrics.json").read_text())["final"]["val/loss"] for j in jobs]
+    assert sorted(objectives) == pytest.approx(sorted(finals))
 
     # relaunching the sweep: both jobs are found done and skipped (results untouched)
     stamps = [(j / "metrics.json").stat().st_mtime for j in jobs]

@@ -60,6 +60,13 @@ def child_command(local_rank: int) -> tuple[list[str], str]:
     from hydra.utils import get_original_cwd
 
     hc = HydraConfig.get()
+    if hc.job.config_name != "train":
+        from kd_nnp.errors import KdNnpError
+
+        raise KdNnpError(
+            f"data-parallel training starts its ranks through `kd-nnp train`; `kd-nnp "
+            f"{hc.job.config_name}` cannot (use trainer=cpu or trainer=gpu there)"
+        )
     out = hc.runtime.output_dir
     argv = [sys.executable, "-m", "kd_nnp.cli", str(hc.job.config_name), *hc.overrides.task]
     argv += [
