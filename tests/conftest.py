@@ -182,6 +182,42 @@ def labelled_store(tmp_path_factory, small_crystals, chgnet_model):
     return root
 
 
+@pytest.fixture(scope="session")
+def urea_store(tmp_path_factory, small_crystals, chgnet_model):
+    """11 strained/rattled frames of urea (16 atoms each), hard = pretrained CHGNet, soft
+    ('toy') = hard energies x 1.01 and forces x 1.1 (no teacher package needed). Equal atom
+    counts: a data-parallel step then averages exactly what one process would (tests/test_ddp.py).
+    The 2nd validation frame of ``data.n_val=3 data.grouped=false seed=0`` has no hard
+    labels, so of two data-parallel ranks one validates no hard label.
+    """
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    from kd_nnp.data.store import Frame, FrameStore, Labels
+    from kd_nnp.training.split import split_frames
+
+    root = tmp_path_factory.mktemp("urea_store")
+    ids = [f"UREA/p{k}" for k in range(11)]
+    _, val = split_frames(ids, ids, n_val=3, seed=0, grouped=False)
+    calc = CHGNetCalculator(model=chgnet_model, use_device="cpu")
+    rng = np.random.default_rng(1)
+    frames, soft = [], []
+    for k, fid in enumerate(ids):
+        a = small_crystals["UREAXX02"].copy()
+        a.set_cell(a.cell * (1 + 0.01 * (k - 4)), scale_atoms=True)
+        a.positions += rng.normal(0, 0.03, a.positions.shape)
+        a.calc = calc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lab = Labels(a.get_potential_energy(), a.get_forces(), a.get_stress())
+        fr = Frame(fid, a.copy(), fid, "test", None if fid == val[1] else lab, {})
+        frames.append(fr)
+        soft.append((fr, Labels(lab.energy * 1.01, lab.forces * 1.1, lab.stress), None, 0.0))
+    store = FrameStore(root, create=True)
+    store.add_frames(frames)
+    store.labels("toy", create=True).write(soft)
+    return root
+
+
 # ------------------------------------------------------------------ Markdown tables (D11)
 
 

@@ -174,6 +174,8 @@ class LossCrossover(L.Callback):
         return self.result
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:  # data-parallel: the files are rank 0's (same history)
+            return
         self.write(trainer, pl_module)
         log.info("crossover epochs: %s", self.result.get("crossover_epoch"))
 

@@ -524,20 +524,41 @@ class FramesDataModule(L.LightningDataModule):
         return out
 
     # ----------------------------------------------------------------- loaders
-    def _loader(self, samples: list[Sample], shuffle: bool) -> DataLoader:
+    def _loader(self, samples: list[Sample], shuffle: bool, train: bool = False) -> DataLoader:
+        """Under data-parallel training each rank gets its share from the sampler set here
+        (Lightning keeps a ``DistributedSampler``; its own would shuffle the training frames
+        even with ``shuffle=False``): training frames padded to a multiple of the world size
+        (every rank takes the same number of steps), shuffled per epoch only when ``shuffle``,
+        from ``seed``; validation/test frames each exactly once
+        (:class:`kd_nnp.training.ddp.UnpaddedSampler`)."""
         gen = torch.Generator().manual_seed(self.seed)
+        dataset = FramesDataset(samples, self.feature_loader)
+        sampler: Any = None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            from torch.utils.data import DistributedSampler
+
+            from kd_nnp.training.ddp import UnpaddedSampler
+
+            world, rank = trainer.world_size, trainer.global_rank
+            sampler = (
+                DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=self.seed)
+                if train
+                else UnpaddedSampler(dataset, world, rank)
+            )
         return DataLoader(
-            FramesDataset(samples, self.feature_loader),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
-            generator=gen if shuffle else None,
+            generator=gen if shuffle and sampler is None else None,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_samples, self.shuffle)
+        return self._loader(self.train_samples, self.shuffle, train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_samples, False)

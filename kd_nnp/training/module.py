@@ -242,16 +242,23 @@ class DistillationModule(L.LightningModule):
                 m.reset()
             return
         row: dict[str, Any] = {"split": split, "epoch": self._epoch_index()}
+        names = [f"{split}_{t}_{q}" for t in TARGETS for q in QUANTITIES]
+        lm = self.loss_metrics[f"{split}_loss"]
+        # weights summed over data-parallel ranks: every rank must take the same branches
+        # below (compute() syncs), also a rank whose frames lack a label (or have no frames)
+        weights = torch.stack([self.metrics[n].weight for n in names] + [lm.weight]).detach()
+        if self._trainer is not None:
+            weights = self.trainer.strategy.reduce(weights, reduce_op="sum")
+        seen = dict(zip([*names, "loss"], (float(w) > 0 for w in weights), strict=True))
         for t in TARGETS:
             for q in QUANTITIES:
                 m = self.metrics[f"{split}_{t}_{q}"]
-                if float(m.weight) > 0:
+                if seen[f"{split}_{t}_{q}"]:
                     value = m.compute()
                     self.log(f"{split}/mae_{t}_{q}", value, on_epoch=True, sync_dist=True)
                     row[f"mae_{t}_{q}"] = float(value)
                 m.reset()
-        lm = self.loss_metrics[f"{split}_loss"]
-        if float(lm.weight) > 0:
+        if seen["loss"]:
             value = lm.compute()
             self.log(f"{split}/loss", value, on_epoch=True, prog_bar=True, sync_dist=True)
             row["loss"] = float(value)

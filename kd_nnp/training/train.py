@@ -105,6 +105,7 @@ def run_training(
     import torch
     from hydra.utils import instantiate
 
+    from kd_nnp.training import ddp
     from kd_nnp.training.callbacks import LossCrossover
     from kd_nnp.training.data import excluded_molecules
     from kd_nnp.training.export import export_student
@@ -117,7 +118,8 @@ def run_training(
     excluded = excluded_molecules(cfg.data.get("exclude_molecules"))
     if excluded is not None:  # the molecules themselves, not only the file name, define the job
         resolved["data_excluded_molecules"] = {k: excluded[k] for k in ("n_molecules", "sha")}
-    if check_job_config(run_dir, resolved, overrides) == "same":
+    writer = ddp.env_rank() == 0  # data-parallel: rank 0 alone writes the run folder
+    if writer and check_job_config(run_dir, resolved, overrides) == "same":
         log.info("%s holds this job already (same resolved config)", run_dir)
     done = run_dir / "metrics.json"
     if done.exists() and cfg.get("skip_if_done", True):
@@ -126,7 +128,8 @@ def run_training(
 
     set_threads(cfg.get("threads"))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    (run_dir / "provenance.json").write_text(json.dumps(environment_record(), indent=2))
+    if writer:
+        (run_dir / "provenance.json").write_text(json.dumps(environment_record(), indent=2))
 
     t0 = time.perf_counter()
     module = instantiate(cfg.model)
@@ -153,7 +156,8 @@ def run_training(
             device=str(cfg.get("feature_device", "cpu")),
         )  # fmt: skip
         log.info("feature cache ready in %.1f s", time.perf_counter() - t_cache)
-    (run_dir / "data_summary.json").write_text(json.dumps(datamodule.summary, indent=2))
+    if writer:
+        (run_dir / "data_summary.json").write_text(json.dumps(datamodule.summary, indent=2))
     t_data = time.perf_counter() - t0
 
     callbacks = _instantiate_dict(cfg.get("callbacks"))
@@ -164,6 +168,11 @@ def run_training(
     )
     if cfg.trainer.get("inference_mode", True):
         raise ValueError("trainer.inference_mode must be false: forces need autograd in val/test")
+    if 0 < len(datamodule.val_samples) < trainer.world_size:
+        raise KdNnpError(
+            f"{len(datamodule.val_samples)} validation frame(s) for {trainer.world_size} "
+            "data-parallel ranks: each rank needs one (raise data.n_val or lower trainer.devices)"
+        )
 
     last = run_dir / "checkpoints" / "last.ckpt"
     kept_csv: list[tuple[Path, list[dict]]] = []
@@ -172,7 +181,7 @@ def run_training(
         log.info("resuming from %s (after epoch %d)", last, int(ckpt["epoch"]) + 1)
         if crossover is None:
             log.warning("no LossCrossover callback: the epoch history restarts at the resume")
-        kept_csv = _keep_csv_history(loggers, int(ckpt["epoch"]))
+        kept_csv = _keep_csv_history(loggers, int(ckpt["epoch"])) if writer else []
         del ckpt
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -183,6 +192,9 @@ def run_training(
     t1 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
     t_fit = time.perf_counter() - t1
+    if not trainer.is_global_zero:  # the other data-parallel ranks are done
+        return {}
+    ddp.finish(trainer)  # the ranks this process started have ended (no-op without)
 
     ckpt_cb = trainer.checkpoint_callback
     best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
