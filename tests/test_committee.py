@@ -5,6 +5,7 @@ volume uncertainty of a relaxation."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -54,10 +55,31 @@ def committee_run(labelled_store, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def synthetic_committee(tmp_path_factory):
+    """A committee file of 3 heads: the pretrained MLP with seeded perturbations (what a
+    committee file holds does not depend on how its heads were trained)."""
+    from kd_nnp.teachers.calculators import load_chgnet
+    from kd_nnp.training.committee import export_committee
+
+    base = load_chgnet()
+    heads = []
+    for k in range(3):
+        h = copy.deepcopy(base.mlp)
+        with torch.no_grad():
+            for p in h.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(k)))
+        heads.append(h)
+    path = tmp_path_factory.mktemp("synthetic") / "committee.pt"
+    info = {"size": 3, "bootstrap": False, "head_seeds": [0, 1, 2]}
+    return str(export_committee(base, heads, path, {"note": "test"}, info))
+
+
 def _blob(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+@pytest.mark.slow
 def test_heads_differ_and_equal_single_trainings(committee_run):
     from kd_nnp.teachers.committee import head_model
 
@@ -80,7 +102,7 @@ def test_heads_differ_and_equal_single_trainings(committee_run):
             assert torch.equal(value, pre[name]), name
 
 
-def test_committee_file_round_trip_and_calculator(committee_run, small_crystals, tmp_path):
+def test_committee_file_round_trip_and_calculator(synthetic_committee, small_crystals, tmp_path):
     """The calculator's mean/std equal those of the K single-head CHGNet files (exported
     with ``kd-nnp export --head``), from one backbone pass; the mean export is the mean."""
     from chgnet.model import CHGNet
@@ -89,7 +111,13 @@ def test_committee_file_round_trip_and_calculator(committee_run, small_crystals,
     from kd_nnp.teachers.calculators import load_chgnet, make_calculator, method_label
     from kd_nnp.teachers.committee import CommitteeCalculator
 
-    path = committee_run["committee"]["student"]
+    path = synthetic_committee
+    blob = _blob(path)
+    assert blob["kd_nnp"] == {"note": "test"} and blob["kd_nnp_committee"]["head_seeds"] == [
+        0,
+        1,
+        2,
+    ]
     calc = make_calculator(f"student:{path}")
     assert isinstance(calc, CommitteeCalculator) and calc.size == 3
     files = []
@@ -137,10 +165,10 @@ def test_committee_file_round_trip_and_calculator(committee_run, small_crystals,
     np.testing.assert_allclose(lazy.get_property("stress_std", b), s.std(0), atol=1e-7)
 
 
-def test_export_refuses_bad_heads(committee_run, tmp_path, capsys):
+def test_export_refuses_bad_heads(synthetic_committee, tmp_path, capsys):
     from kd_nnp.cli import main as cli_main
 
-    path = committee_run["committee"]["student"]
+    path = synthetic_committee
     for args, msg in (
         ([], "is a committee file: choose --head"),
         (["--head", "3"], "head must be 0..2 or 'mean'"),
@@ -148,9 +176,11 @@ def test_export_refuses_bad_heads(committee_run, tmp_path, capsys):
     ):
         assert cli_main(["export", path, str(tmp_path / "x.pt"), *args]) == 1
         assert msg in capsys.readouterr().err
-    single = committee_run[5]["student"]
-    assert cli_main(["export", single, str(tmp_path / "x.pt"), "--head", "0"]) == 1
-    assert "is not a committee file" in capsys.readouterr().err
+    single = tmp_path / "head0.pt"
+    assert cli_main(["export", path, str(single), "--head", "0"]) == 0
+    assert cli_main(["export", str(single), str(tmp_path / "x.pt"), "--head", "0"]) == 1
+    captured = capsys.readouterr()
+    assert "is not a committee file" in captured.err and f"wrote {single}" in captured.out
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -177,7 +207,8 @@ def test_mean_mlp_is_exact():
     torch.testing.assert_close(wide(x), torch.stack([h(x) for h in heads]).mean(0))
 
 
-def test_committee_settings_are_checked(labelled_store, tmp_path):
+def test_committee_settings_are_checked(tmp_path):
+    """Refused before any data is read (the store path need not exist)."""
     from kd_nnp.training.committee import CommitteeSettings, bootstrap_indices
 
     with pytest.raises(KdNnpError, match="committee.size must be >= 1"):
@@ -187,8 +218,87 @@ def test_committee_settings_are_checked(labelled_store, tmp_path):
     idx = bootstrap_indices(50, 3)
     assert len(idx) == 50 and len(set(idx)) < 50 and np.array_equal(idx, bootstrap_indices(50, 3))
     with pytest.raises(KdNnpError, match="sizes"):
-        _train(labelled_store, tmp_path, "bad", ["+committee.sizes=2"])
+        _train(tmp_path / "no_store", tmp_path, "bad", ["+committee.sizes=2"])
     with pytest.raises(KdNnpError, match="leave data.shuffle_seed null"):
-        _train(labelled_store, tmp_path, "bad2", ["committee.size=2", "data.shuffle_seed=3"])
+        _train(tmp_path / "no_store", tmp_path, "bad2", ["committee.size=2", "data.shuffle_seed=3"])
     with pytest.raises(KdNnpError, match="export_best"):
-        _train(labelled_store, tmp_path, "bad3", ["committee.size=2", "export_best=true"])
+        _train(tmp_path / "no_store", tmp_path, "bad3", ["committee.size=2", "export_best=true"])
+
+
+class _PressureCommittee:
+    """Known-answer committee: head k's pressure is ``B ln(V_k / V)`` (stable at V_k, bulk
+    modulus B, isotropic), plus forces ``c_k * offset`` from each molecule's centre, which
+    the molecular (rigid-molecule) pressure must add as ``-c_k sum|o|^2 / (3V)``."""
+
+    def __init__(self, v_heads, bulk_gpa, c):
+        from ase import units
+
+        self.v_heads, self.b, self.c = np.asarray(v_heads), bulk_gpa * units.GPa, np.asarray(c)
+        self.results = {}
+
+    def calculate(self, atoms, properties):
+        from kd_nnp.data.molecules import molecule_centres
+
+        _, pos, centres = molecule_centres(atoms)
+        p = self.b * np.log(self.v_heads / atoms.get_volume())
+        stresses = np.zeros((len(p), 6))
+        stresses[:, :3] = -p[:, None]
+        forces = self.c[:, None, None] * (pos - centres)[None]
+        self.results = {"stresses": stresses, "head_forces": forces}
+
+
+def test_volume_spread_known_answer(small_crystals):
+    from ase import units
+
+    from kd_nnp.data.molecules import molecule_centres
+    from kd_nnp.evaluation.protocol import VOLUME_SPREAD_STRAIN, committee_volume_spread
+
+    atoms = small_crystals["UREAXX02"]
+    v0 = atoms.get_volume()
+    _, pos, centres = molecule_centres(atoms)
+    o2 = float(((pos - centres) ** 2).sum())
+    v_heads, c = v0 * np.array([0.98, 1.0, 1.03]), np.array([0.0, 0.01, -0.02])
+    out = committee_volume_spread(atoms, _PressureCommittee(v_heads, 8.0, c))
+    d = VOLUME_SPREAD_STRAIN
+
+    def pressure(v):  # (K,) eV/A^3 at volume v, molecules rigid
+        return 8.0 * units.GPa * np.log(v_heads / v) - c * o2 / (3 * v)
+
+    bulk = -(pressure(v0 * (1 + d)).mean() - pressure(v0 * (1 - d)).mean()) / (2 * d)
+    assert out["bulk_modulus_gpa"] == pytest.approx(bulk / units.GPa, rel=1e-9)
+    assert bulk / units.GPa == pytest.approx(8.0, rel=0.01)
+    expect = 100 * pressure(v0) / bulk
+    np.testing.assert_allclose(out["head_volume_shift_pct"], expect, rtol=1e-9)
+    assert out["volume_std_pct"] == pytest.approx(expect.std(), rel=1e-9)
+    assert out["committee_size"] == 3 and out["volume_std_pct"] > 1.0
+    # an unstable committee mean (B <= 0) gives no number, and the record is flagged
+    neg = committee_volume_spread(atoms, _PressureCommittee(v_heads, -8.0, c))
+    assert neg["volume_std_pct"] is None and neg["bulk_modulus_gpa"] < 0
+    from kd_nnp.evaluation.relax import records_to_frame
+
+    recs = [{"method": "m", "id": i, "status": "ok", "converged": True, "volume_std_pct": s}
+            for i, s in enumerate((0.5, 1.5, None))]  # fmt: skip
+    assert records_to_frame(recs, 1.0)["volume_uncertain"].tolist() == [False, True, True]
+
+
+@pytest.mark.slow
+def test_relaxation_record_of_a_committee(committee_run, small_crystals, tmp_path):
+    """The relaxation benchmark with a committee student: per-crystal volume_std_pct, the
+    flag, and the summary's uncertainty columns (Spearman needs >= 3 crystals)."""
+    from kd_nnp.evaluation.relax import run_relax_benchmark
+    from kd_nnp.evaluation.settings import RelaxSettings
+
+    path = committee_run["committee"]["student"]
+    crystals = [(c, small_crystals[c]) for c in ("FORMAM", "UREAXX02", "OXALAC11")]
+    settings = RelaxSettings(max_steps=15, rmsd=False, volume_std_threshold_pct=1e-6)
+    df = run_relax_benchmark(crystals, {"committee": f"student:{path}"}, tmp_path, settings,
+                             workers=1, references=False, progress=False)  # fmt: skip
+    assert len(df) == 3 and (df["status"] == "ok").all()
+    assert (df["volume_std_pct"] > 0).all() and (df["bulk_modulus_gpa"] > 0).all()
+    assert df["volume_uncertain"].all()  # every spread is above the tiny threshold
+    rec = json.loads((tmp_path / "relax.jsonl").read_text().splitlines()[0])
+    assert rec["committee_size"] == 3
+    assert rec["volume_std_pct"] == pytest.approx(np.std(rec["head_volume_shift_pct"]))
+    summary = (tmp_path / "summary.csv").read_text()
+    assert "spearman_vol_std_abs_err" in summary and "n_volume_uncertain" in summary
+    assert "rho(std, |V err|)" in (tmp_path / "table.md").read_text()

@@ -21,7 +21,8 @@ its features, and takes the K heads' position and strain derivatives in one batc
 backward pass (``torch.autograd.grad(..., is_grads_batched=True)``). Results: the mean
 ``energy``/``forces``/``stress`` and their standard deviations over the heads
 (``energy_std``, ``forces_std``, ``stress_std``; population std, ``ddof=0``), plus the
-per-head ``energies`` (K,) and ``stresses`` (K, 6) (eV, eV/A^3, ASE's Voigt convention).
+per-head ``energies`` (K,), ``head_forces`` (K, N, 3) and ``stresses`` (K, 6) (eV, eV/A,
+eV/A^3, ASE's Voigt convention).
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ class CommitteeCalculator(Calculator):
 
     implemented_properties = (
         "energy", "free_energy", "forces", "stress",
-        "energy_std", "forces_std", "stress_std", "energies", "stresses",
+        "energy_std", "forces_std", "stress_std", "energies", "stresses", "head_forces",
     )  # fmt: skip
 
     def __init__(self, model: Any, derivative_spread: bool = True, **kwargs: Any) -> None:
@@ -220,7 +221,7 @@ class CommitteeCalculator(Calculator):
         pred = model._compute(bg, compute_force=False, compute_stress=False)
         scale = n if model.is_intensive else 1
         e_heads = pred["e"].reshape(k) * scale  # (K,) total energies without AtomRef
-        want = set(properties or ()) & {"forces_std", "stress_std", "stresses"}
+        want = set(properties or ()) & {"forces_std", "stress_std", "stresses", "head_forces"}
         spread = self.derivative_spread or bool(want)
         if spread:  # K position/strain gradients: one batched backward (K VJPs)
             d_pos, d_strain = torch.autograd.grad(
@@ -250,7 +251,10 @@ class CommitteeCalculator(Calculator):
         }
         if spread:
             self.results.update(
-                forces_std=forces.std(0), stress_std=stresses.std(0), stresses=stresses
+                forces_std=forces.std(0),
+                stress_std=stresses.std(0),
+                stresses=stresses,
+                head_forces=forces,
             )
 
 
