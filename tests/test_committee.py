@@ -156,6 +156,15 @@ def test_committee_file_round_trip_and_calculator(synthetic_committee, small_cry
     mean_model = load_chgnet(path=path)
     assert mean_model.model_args["mlp_hidden_dims"] == [192, 192, 192]
     assert method_label(f"student:{path}") == "student(committee)"
+    # per-frame disagreement (the API of a later active selection)
+    from kd_nnp.teachers.committee import committee_disagreement
+
+    (dis,) = committee_disagreement(
+        CommitteeCalculator(calc.model, derivative_spread=False), [atoms]
+    )
+    assert dis["energy_std_per_atom"] == pytest.approx(e.std() / len(atoms), rel=1e-4)
+    assert dis["forces_std_max"] == pytest.approx(np.linalg.norm(f.std(0), axis=1).max(), rel=1e-3)
+    assert dis["stress_std_max"] == pytest.approx(np.abs(s.std(0)).max(), rel=1e-3)
     # mean-only mode: the same mean, the spreads only when asked for
     lazy = CommitteeCalculator(calc.model, derivative_spread=False)
     b = atoms.copy()
