@@ -311,3 +311,13 @@ def test_relaxation_record_of_a_committee(committee_run, small_crystals, tmp_pat
     summary = (tmp_path / "summary.csv").read_text()
     assert "spearman_vol_std_abs_err" in summary and "n_volume_uncertain" in summary
     assert "rho(std, |V err|)" in (tmp_path / "table.md").read_text()
+
+
+def test_evaluate_relax_help_formats():
+    """argparse expands '%' in help texts: the threshold's help once held '%)' and made
+    `kd-nnp evaluate relax --help` crash."""
+    from kd_nnp.cli.evaluate import parser
+
+    relax = parser()._subparsers._group_actions[0].choices["relax"]
+    text = relax.format_help()
+    assert "--volume-std-threshold-pct" in text and "in percent" in text

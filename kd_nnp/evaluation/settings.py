@@ -49,7 +49,7 @@ class RelaxSettings:
         default=1.0,
         metadata={
             "help": "committee students: flag crystals whose volume uncertainty (std over the "
-            "heads, %) exceeds this"
+            "heads, in percent) exceeds this"
         },
     )
 
