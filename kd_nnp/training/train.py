@@ -5,6 +5,9 @@ Each run folder receives: ``config.yaml`` (the resolved config of the job's firs
 ``data_summary.json`` (split, reference alignment), Lightning logs (CSV by default),
 ``checkpoints/``, ``student.pt`` (the exported CHGNet model file), ``loss_curves.png`` /
 ``crossover.json`` and ``metrics.json`` (written last: its presence marks the job done).
+With ``committee.size=K > 1`` the K heads train after one data preparation
+(:mod:`kd_nnp.training.committee`: ``heads/<k>/``, no checkpoints or loggers) and
+``student.pt`` is the committee file.
 
 Launching into a folder that already holds a job: the same job (same resolved config, see
 :func:`kd_nnp.utils.provenance.check_job_config`) is skipped when finished and resumed from
