@@ -52,6 +52,8 @@ def committee_run(labelled_store, tmp_path_factory):
                               ["committee.size=3", "committee.seed=5"])  # fmt: skip
     for seed in (5, 6):
         out[seed] = _train(labelled_store, tmp, f"single{seed}", [f"data.shuffle_seed={seed}"])
+    out["bootstrap"] = _train(labelled_store, tmp, "bootstrap",
+                              ["committee.size=2", "committee.seed=5", "committee.bootstrap=true"])  # fmt: skip
     return out
 
 
@@ -288,6 +290,34 @@ def test_volume_spread_known_answer(small_crystals):
     recs = [{"method": "m", "id": i, "status": "ok", "converged": True, "volume_std_pct": s}
             for i, s in enumerate((0.5, 1.5, None))]  # fmt: skip
     assert records_to_frame(recs, 1.0)["volume_uncertain"].tolist() == [False, True, True]
+
+
+@pytest.mark.slow
+def test_bootstrap_heads_and_resume(committee_run, labelled_store):
+    """Bootstrap heads see a resample (fewer distinct frames, as drawn by their seed) and
+    differ from the plain heads of the same seeds; a killed committee run resumes at the
+    first unfinished head and gives the same committee."""
+    from kd_nnp.teachers.committee import head_model
+    from kd_nnp.training.committee import bootstrap_indices
+
+    m = committee_run["bootstrap"]
+    n = m["n_train"]
+    for rec in m["committee"]["heads"]:
+        assert rec["n_train_unique"] == len(set(bootstrap_indices(n, rec["seed"]))) < n
+    boot = head_model(_blob(m["student"]), 0).mlp.state_dict()
+    plain = head_model(_blob(committee_run["committee"]["student"]), 0).mlp.state_dict()
+    assert max(float((boot[k] - plain[k]).abs().max()) for k in boot) > 1e-4
+    run = committee_run["dir"] / "committee"
+    before = _blob(run / "student.pt")["kd_nnp_committee"]["heads"]
+    (run / "metrics.json").unlink()
+    (run / "heads" / "2" / "head.pt").unlink()
+    again = _train(labelled_store, committee_run["dir"], "committee",
+                   ["committee.size=3", "committee.seed=5"])  # fmt: skip
+    after = _blob(run / "student.pt")["kd_nnp_committee"]["heads"]
+    for a, b in zip(before, after, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert [h["seed"] for h in again["committee"]["heads"]] == [5, 6, 7]
 
 
 @pytest.mark.slow
