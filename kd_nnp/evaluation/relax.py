@@ -36,7 +36,6 @@ from kd_nnp.evaluation.runner import (
 )
 from kd_nnp.evaluation.settings import RelaxSettings
 from kd_nnp.evaluation.structures import Crystal, load_dataset, pyxtal_reference_cells
-from kd_nnp.teachers.committee import CommitteeCalculator
 from kd_nnp.utils.provenance import environment_record
 
 log = logging.getLogger(__name__)
@@ -47,6 +46,8 @@ RESULTS_FILE = "relax.jsonl"
 def _relax_task(item: dict[str, Any]) -> dict[str, Any]:
     """One (calculator, crystal) relaxation in a worker process."""
     import warnings
+
+    from kd_nnp.teachers.committee import CommitteeCalculator
 
     # FrechetCellFilter's matrix log: scipy warns at ~1e-13 relative error on every step
     warnings.filterwarnings("ignore", message="logm result may be inaccurate")
