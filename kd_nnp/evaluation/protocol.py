@@ -22,10 +22,11 @@ import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 
-from kd_nnp.data.molecules import connectivity_change
+from kd_nnp.data.molecules import connectivity_change, molecule_centres
 from kd_nnp.evaluation.settings import RelaxSettings
 from kd_nnp.evaluation.structures import density_g_cm3
 
+VOLUME_SPREAD_STRAIN = 0.01  # relative volume step of the committee's bulk-modulus estimate
 BLOWN_UP_FACTOR = 1.5  # flag: relaxed volume > 1.5 x experimental (or < 1/1.5)
 ABORT_FACTOR = 3.0  # stop relaxing a crystal whose volume went beyond 3 x (or below 1/3)
 
@@ -187,3 +188,46 @@ def failure_reasons(rec: dict[str, Any]) -> list[str]:
     if rec.get("volume_blown_up"):
         out.append("volume blown up")
     return out
+
+
+def committee_volume_spread(pred: Atoms, calc: Any) -> dict[str, Any]:
+    """Volume uncertainty of a crystal relaxed with a committee (``calc``: a
+    :class:`~kd_nnp.teachers.committee.CommitteeCalculator`), from three single points.
+
+    Each head k has a residual pressure ``P_k`` at the committee's relaxed cell; relaxing with
+    that head alone would change the volume by ``dV_k / V = P_k / B`` to first order (B: the
+    bulk modulus). ``P_k`` is the *molecular* pressure (molecules moved rigidly with the
+    cell: ASE stress plus ``sum_i o_i . F_ki / (3V)``, ``o_i`` the offset of atom i from its
+    molecule's centre), and B is the committee mean's, ``-dP/dlnV`` by central differences
+    at volumes ``(1 +- VOLUME_SPREAD_STRAIN) V`` with rigid molecules: the response of a
+    molecular crystal's cell, which the covalent bonds would stiffen if stretched with it.
+    Returns ``volume_std_pct`` (100 x std over heads of ``dV_k / V``, None when B <= 0),
+    ``head_volume_shift_pct``, ``pressure_std_gpa``, ``bulk_modulus_gpa``,
+    ``committee_size``.
+    """
+    from ase import units
+
+    _, pos, centres = molecule_centres(pred)
+    offsets = pos - centres
+    pressures = {}
+    for step in (-1, 0, 1):
+        scale = (1.0 + step * VOLUME_SPREAD_STRAIN) ** (1.0 / 3.0)
+        a = pred.copy()
+        a.set_cell(pred.cell.array * scale, scale_atoms=False)
+        a.positions = centres * scale + offsets
+        a.calc = calc
+        calc.calculate(a, ["energy", "forces", "stress", "stresses", "forces_std"])
+        res = calc.results
+        trace = res["stresses"][:, :3].sum(axis=1)  # (K,) eV/A^3
+        rigid = np.einsum("ij,kij->k", offsets, res["head_forces"]) / a.get_volume()
+        pressures[step] = -(trace + rigid) / 3.0
+    p0 = pressures[0]
+    bulk = -(pressures[1].mean() - pressures[-1].mean()) / (2.0 * VOLUME_SPREAD_STRAIN)
+    shifts = 100.0 * p0 / bulk if bulk > 0 else None
+    return {
+        "committee_size": int(len(p0)),
+        "bulk_modulus_gpa": float(bulk / units.GPa),
+        "pressure_std_gpa": float(p0.std() / units.GPa),
+        "head_volume_shift_pct": None if shifts is None else [float(x) for x in shifts],
+        "volume_std_pct": None if shifts is None else float(shifts.std()),
+    }

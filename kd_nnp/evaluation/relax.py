@@ -21,6 +21,7 @@ from ase.calculators.calculator import Calculator
 
 from kd_nnp.evaluation.protocol import (
     add_rmsd15,
+    committee_volume_spread,
     compare_structures,
     failure_reasons,
     relax_structure,
@@ -55,14 +56,21 @@ def _relax_record(
     relaxation needs no more forces: the batched backend's crystal leaves the batch)."""
     import warnings
 
+    from kd_nnp.teachers.committee import CommitteeCalculator
+
     # FrechetCellFilter's matrix log: scipy warns at ~1e-13 relative error on every step
     warnings.filterwarnings("ignore", message="logm result may be inaccurate")
     exp = atoms_from_dict(item["atoms"])
     settings = RelaxSettings(**item["settings"])
+    committee = isinstance(calc, CommitteeCalculator)
+    if committee:  # the mean while relaxing (a single student's cost), the spread at the end
+        calc.derivative_spread = False
     pred, info = relax_structure(exp, calc, settings)
     if relaxed is not None:
         relaxed()
     rec: dict[str, Any] = {"status": "ok", **info, **compare_structures(exp, pred)}
+    if committee:
+        rec.update(committee_volume_spread(pred, calc))
     if item.get("rmsd", True):
         add_rmsd15(rec, exp, pred)
     rec["final_cell"] = np.round(pred.cell.array, 6).tolist()
@@ -200,7 +208,7 @@ def run_relax_benchmark(
         _fill_missing_rmsd(records, exp_by_id)
     if references and dataset is not None:
         records += pyxtal_reference_cells(dataset, [c.id for c in crystals])
-    df = records_to_frame(records)
+    df = records_to_frame(records, settings.volume_std_threshold_pct)
     df.attrs["skipped"] = skipped
     if batched_stats:  # the batched backend ran: forwards, their seconds and batch sizes
         df.attrs["batched"] = {k: v for k, v in batched_stats.items() if k != "batch_sizes"}
@@ -260,6 +268,7 @@ def _fill_missing_rmsd(records: list[dict[str, Any]], exp_by_id: dict[str, Atoms
 
 
 DROP_COLUMNS = (
+    "head_volume_shift_pct",
     "final_cell",
     "final_positions",
     "stress_gpa",
@@ -269,12 +278,21 @@ DROP_COLUMNS = (
 )
 
 
-def records_to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+def records_to_frame(
+    records: list[dict[str, Any]],
+    volume_std_threshold_pct: float = RelaxSettings.volume_std_threshold_pct,
+) -> pd.DataFrame:
+    """One row per record; a committee's crystals (``volume_std_pct``) get
+    ``volume_uncertain``: the volume uncertainty exceeds the threshold or could not be
+    estimated (a non-positive bulk modulus)."""
     rows = []
     for r in records:
         row = {k: v for k, v in r.items() if k not in DROP_COLUMNS}
         row.setdefault("reference", False)
         row["failure"] = "; ".join(failure_reasons(r))
+        if r.get("status") == "ok" and "volume_std_pct" in r:
+            std = r["volume_std_pct"]
+            row["volume_uncertain"] = std is None or float(std) > volume_std_threshold_pct
         rows.append(row)
     df = pd.DataFrame(rows)
     if "reference" in df:

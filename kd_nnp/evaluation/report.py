@@ -25,6 +25,9 @@ _MD_SUMMARY = [
     ("alpha_mae_deg", "alpha deg"),
     ("beta_mae_deg", "beta deg"),
     ("gamma_mae_deg", "gamma deg"),
+    ("vol_std_mean_pct", "V std %"),
+    ("n_volume_uncertain", "uncertain"),
+    ("spearman_vol_std_abs_err", "rho(std, |V err|)"),
     ("rmsd15_mean", "RMSD15 A"),
     ("rmsd15_matched_mean", "matched/15"),
     ("steps_mean", "steps"),
@@ -61,6 +64,11 @@ def write_report(
         "broken/merged molecules and blown-up volumes (listed below). Rows marked "
         "*(test.db)* are the relaxed cells stored in pyxtal's test.db (volume and density only)."
     )
+    if "vol_std_mean_pct" in summ:
+        md += ["", "Committee students: `V std %` is the mean volume uncertainty (std over the "
+               "heads, `kd_nnp.evaluation.protocol.committee_volume_spread`), `uncertain` the "
+               "crystals above the threshold, `rho(std, |V err|)` the Spearman rank "
+               "correlation of uncertainty and actual |volume error|."]  # fmt: skip
     md += ["", md_table(summ, _MD_SUMMARY), ""]
     fails = df[df["failure"] != ""]
     md += ["## Failures", ""]
@@ -81,6 +89,8 @@ def write_report(
                 ("id", "crystal"),
                 ("natoms", "atoms"),
                 ("vol_err_pct", "V err %"),
+                ("volume_std_pct", "V std %"),
+                ("volume_uncertain", "uncertain"),
                 ("density_err", "rho err"),
                 ("rmsd15", "RMSD15"),
                 ("rmsd15_matched", "matched"),

@@ -63,8 +63,19 @@ class RelaxSettings:
     device: str = field(
         default="cpu", metadata={"help": "backend=batched: torch device (cpu, cuda, cuda:N)"}
     )
+    volume_std_threshold_pct: float = field(
+        default=1.0,
+        metadata={
+            "help": "committee students: flag crystals whose volume uncertainty (std over the "
+            "heads, in percent) exceeds this"
+        },
+    )
 
     def check(self) -> None:
+        if self.volume_std_threshold_pct <= 0:
+            raise SettingsError(
+                f"relaxation: volume_std_threshold_pct={self.volume_std_threshold_pct} must be > 0"
+            )
         if self.fmax <= 0 or self.max_steps < 1 or self.stress_tol_gpa <= 0:
             raise SettingsError(
                 f"relaxation: fmax, stress_tol_gpa must be > 0 and max_steps >= 1 ({self})"

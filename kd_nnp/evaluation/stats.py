@@ -48,6 +48,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             row["n_rmsd15"] = int(r.notna().sum())
             m = pd.to_numeric(ok.get("rmsd15_matched"), errors="coerce")
             row["rmsd15_matched_mean"] = m.mean()
+        row.update(volume_uncertainty(ok))
         for col in ("steps", "wall_s", "stress_max_gpa"):
             row[f"{col}_mean"] = ok[col].astype(float).mean() if col in ok else math.nan
         if "stress_max_gpa" in ok:
@@ -57,6 +58,32 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     if len(out):
         out = out.sort_values(["reference", "method"], kind="stable").reset_index(drop=True)
     return out
+
+
+def volume_uncertainty(ok: pd.DataFrame) -> dict[str, Any]:
+    """A committee's volume uncertainty against its actual error (empty without one): the
+    mean ``volume_std_pct``, how many crystals are flagged (``volume_uncertain``) and the
+    Spearman rank correlation of ``volume_std_pct`` with ``|vol_err_pct|`` (NaN below 3
+    crystals or for constant values)."""
+    if "volume_std_pct" not in ok:
+        return {}
+    std = pd.to_numeric(ok["volume_std_pct"], errors="coerce")
+    have = std.notna()
+    if not have.any():
+        return {}
+    err = ok["vol_err_pct"].astype(float).abs()
+    rho = math.nan
+    if int(have.sum()) >= 3 and std[have].nunique() > 1 and err[have].nunique() > 1:
+        from scipy.stats import spearmanr
+
+        rho = float(spearmanr(std[have], err[have]).statistic)
+    flags = ok["volume_uncertain"] if "volume_uncertain" in ok else pd.Series(dtype=bool)
+    return {
+        "vol_std_mean_pct": float(std[have].mean()),
+        "n_vol_std": int(have.sum()),
+        "n_volume_uncertain": int(flags.fillna(False).astype(bool).sum()),
+        "spearman_vol_std_abs_err": rho,
+    }
 
 
 def paired_volume_distance(df: pd.DataFrame, method: str, reference: str) -> dict[str, Any]:

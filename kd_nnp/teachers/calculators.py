@@ -8,7 +8,9 @@ given a string. Specs:
   per process, no second-order autograd graph);
 - ``student:PATH`` or ``student:PATH=LABEL``: a CHGNet model file
   (``torch.save({"model": model.as_dict()})``, what ``kd-nnp export`` and every training run
-  write) or a kd_nnp Lightning checkpoint; ``=LABEL`` names it in benchmark tables;
+  write) or a kd_nnp Lightning checkpoint; ``=LABEL`` names it in benchmark tables; a
+  committee file (``committee.size=K`` runs, :mod:`kd_nnp.teachers.committee`) gives the
+  committee calculator (mean and standard deviations of the K heads);
 - ``teacher:NAME``: a built-in teacher (:data:`TEACHERS`: ``so3lr``, ``gfn2``, ``chgnet_d3``,
   ``sevennet_d3``, ``chgnet``) or ``teacher:module:factory``, with its default settings;
 - ``module:factory`` (or ``module:factory:arg``): ``importlib.import_module(module).factory()``
@@ -88,6 +90,12 @@ def _torch_load(path: Path) -> Any:
         ) from exc
 
 
+def read_model_file(path: str | Path) -> Any:
+    """The content of a model file, checkpoint or committee file (StudentFileError if it
+    is missing or unreadable)."""
+    return _torch_load(Path(path).expanduser())
+
+
 def load_chgnet(model_name: str = "0.3.0", path: str | Path | None = None) -> Any:
     """CHGNet in float32 on the CPU: the pretrained ``model_name`` (weights shipped in the
     chgnet wheel), or ``path``: a model file (``CHGNet.from_file`` format, what
@@ -101,15 +109,39 @@ def load_chgnet(model_name: str = "0.3.0", path: str | Path | None = None) -> An
             model = CHGNet.load(model_name=model_name, use_device="cpu", verbose=False)
         else:
             p = Path(path).expanduser()
-            blob = _torch_load(p)
-            if isinstance(blob, dict) and "chgnet_model_args" in blob:
-                return student_from_checkpoint(p)
-            if not (isinstance(blob, dict) and "model" in blob):
-                raise StudentFileError(
-                    f"{p}: neither a CHGNet model file (no 'model' entry) nor a kd_nnp checkpoint"
-                )
-            model = CHGNet.from_dict(blob["model"])
+            return _chgnet_from_blob(_torch_load(p), p)
     return model.to(torch.float32)
+
+
+def _chgnet_from_blob(blob: Any, p: Path) -> Any:
+    """The CHGNet of a loaded model file or checkpoint (a committee file: its exact mean)."""
+    import torch
+    from chgnet.model import CHGNet
+
+    if isinstance(blob, dict) and "chgnet_model_args" in blob:
+        return student_from_checkpoint(p)
+    if not (isinstance(blob, dict) and "model" in blob):
+        raise StudentFileError(
+            f"{p}: neither a CHGNet model file (no 'model' entry) nor a kd_nnp checkpoint"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CHGNet.from_dict(blob["model"])
+    return model.to(torch.float32)
+
+
+def student_calculator(path: str | Path) -> Calculator:
+    """The calculator of a student file: a committee file (:mod:`kd_nnp.teachers.committee`,
+    detected by content) gives a :class:`~kd_nnp.teachers.committee.CommitteeCalculator`
+    (mean and spread of the heads), a CHGNet model file or checkpoint an
+    :class:`InferenceCHGNetCalculator`."""
+    from kd_nnp.teachers.committee import CommitteeCalculator, committee_model, is_committee_blob
+
+    p = Path(path).expanduser()
+    blob = _torch_load(p)
+    if is_committee_blob(blob):
+        return CommitteeCalculator(committee_model(blob, str(p)))
+    return InferenceCHGNetCalculator(model=_chgnet_from_blob(blob, p))
 
 
 class InferenceCHGNetCalculator(Calculator):
@@ -445,7 +477,7 @@ def make_calculator(spec: str) -> Calculator:
         return InferenceCHGNetCalculator()
     if kind == "student":
         path, _ = _student_parts(rest)
-        return InferenceCHGNetCalculator(model=load_chgnet(path=path))
+        return student_calculator(path)
     if kind == "teacher":
         if not rest:
             raise CalculatorSpecError("calculator spec 'teacher:NAME' needs a teacher name")

@@ -180,6 +180,8 @@ class FramesDataModule(L.LightningDataModule):
         n_train: number of training frames (None: all of the training pool).
         val_fraction / n_val: size of the validation split.
         seed: draws the split and the training subset.
+        shuffle_seed: seed of the training batch order; None: ``seed`` (a committee's heads
+            share one split and differ in it, :mod:`kd_nnp.training.committee`).
         grouped: split by ``group_id`` (no group in both train and validation).
         reference: soft-energy alignment, ``student`` | ``hard`` | ``none``
             (see :mod:`kd_nnp.training.reference`).
@@ -237,6 +239,7 @@ class FramesDataModule(L.LightningDataModule):
         student_model: str = "0.3.0",
         num_workers: int = 0,
         shuffle: bool = True,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.store_path = Path(store)
@@ -271,6 +274,7 @@ class FramesDataModule(L.LightningDataModule):
         self.student_model = student_model
         self.num_workers = num_workers
         self.shuffle = shuffle
+        self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
         self.reference: ElementReference | None = None
@@ -531,7 +535,8 @@ class FramesDataModule(L.LightningDataModule):
         (every rank takes the same number of steps), shuffled per epoch only when ``shuffle``,
         from ``seed``; validation/test frames each exactly once
         (:class:`kd_nnp.training.ddp.UnpaddedSampler`)."""
-        gen = torch.Generator().manual_seed(self.seed)
+        seed = self.seed if self.shuffle_seed is None else self.shuffle_seed
+        gen = torch.Generator().manual_seed(seed)
         dataset = FramesDataset(samples, self.feature_loader)
         sampler: Any = None
         trainer = self.trainer
@@ -542,7 +547,7 @@ class FramesDataModule(L.LightningDataModule):
 
             world, rank = trainer.world_size, trainer.global_rank
             sampler = (
-                DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=self.seed)
+                DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed)
                 if train
                 else UnpaddedSampler(dataset, world, rank)
             )

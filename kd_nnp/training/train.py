@@ -5,6 +5,9 @@ Each run folder receives: ``config.yaml`` (the resolved config of the job's firs
 ``data_summary.json`` (split, reference alignment), Lightning logs (CSV by default),
 ``checkpoints/``, ``student.pt`` (the exported CHGNet model file), ``loss_curves.png`` /
 ``crossover.json`` and ``metrics.json`` (written last: its presence marks the job done).
+With ``committee.size=K > 1`` the K heads train after one data preparation
+(:mod:`kd_nnp.training.committee`: ``heads/<k>/``, no checkpoints or loggers) and
+``student.pt`` is the committee file.
 
 Launching into a folder that already holds a job: the same job (same resolved config, see
 :func:`kd_nnp.utils.provenance.check_job_config`) is skipped when finished and resumed from
@@ -107,10 +110,19 @@ def run_training(
 
     from kd_nnp.training import ddp
     from kd_nnp.training.callbacks import LossCrossover
+    from kd_nnp.training.committee import committee_settings
     from kd_nnp.training.data import excluded_molecules
     from kd_nnp.training.export import export_student
     from kd_nnp.utils.provenance import check_job_config, environment_record
 
+    committee = committee_settings(cfg)
+    if committee.size > 1 and cfg.get("export_best", False):
+        raise KdNnpError("export_best=true is not available with committee.size > 1")
+    if committee.size > 1 and cfg.data.get("shuffle_seed") is not None:
+        raise KdNnpError(
+            "committee heads set their own batch order (committee.seed + k): "
+            "leave data.shuffle_seed null"
+        )
     if cfg.get("evaluate") and evaluate is None:
         raise ValueError("the config has an evaluate block: pass evaluate= (see kd_nnp.cli.train)")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +171,16 @@ def run_training(
     if writer:
         (run_dir / "data_summary.json").write_text(json.dumps(datamodule.summary, indent=2))
     t_data = time.perf_counter() - t0
+    if committee.size > 1:
+        from kd_nnp.training.committee import train_committee_run
+
+        metrics = train_committee_run(cfg, committee, module, datamodule, run_dir, t_data)
+        if evaluate is not None:
+            metrics["evaluation"] = evaluate(Path(metrics["student"]), run_dir)
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(metrics, indent=2, default=str))
+        tmp.replace(done)
+        return metrics
 
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     crossover = next((c for c in callbacks if isinstance(c, LossCrossover)), None)
