@@ -57,6 +57,7 @@ def _png_ok(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- real sweep
+@pytest.mark.slow  # the real 2-job sweep fixture costs ~50 s: make test-full (suite < 15 min)
 def test_real_sweep_loads_and_reports(real_sweep, tmp_path, capsys):
     sweep = load.load_sweep(real_sweep)
     assert sweep.n_finished == 4 and sweep.n_failed == 0
@@ -106,6 +107,7 @@ def test_real_sweep_loads_and_reports(real_sweep, tmp_path, capsys):
     assert len(cross) == 4 and set(cross["r_he"]) == {0.1, 10}
 
 
+@pytest.mark.slow  # the real 2-job sweep fixture costs ~50 s: make test-full (suite < 15 min)
 def test_partial_sweep_lists_the_unfinished_job(real_sweep, tmp_path):
     part = tmp_path / "partial"
     shutil.copytree(real_sweep, part, ignore=shutil.ignore_patterns("*.pt", "*.ckpt", "report"))
@@ -382,6 +384,7 @@ def test_all_jobs_unfinished_exit_1(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- notebook
+@pytest.mark.slow  # the real 2-job sweep fixture costs ~50 s: make test-full (suite < 15 min)
 def test_notebook_runs_on_the_real_sweep(real_sweep, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
