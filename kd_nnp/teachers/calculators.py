@@ -144,6 +144,28 @@ def student_calculator(path: str | Path) -> Calculator:
     return InferenceCHGNetCalculator(model=_chgnet_from_blob(blob, p))
 
 
+def graph_batch(model: Any, atoms: Atoms) -> tuple[int, Any, float]:
+    """``(n_atoms, batched graph, AtomRef energy)`` of one structure for ``model._compute``:
+    chgnet's graph with position and strain gradients enabled, the composition model's
+    energy (per atom for an intensive model; 0 without one). Shared by the inference and
+    committee calculators, whose forces and stress are autograd derivatives of that graph."""
+    from chgnet.model.model import BatchedGraph
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    structure = AseAtomsAdaptor.get_structure(atoms)
+    graph = model.graph_converter(structure)
+    comp_energy = 0.0
+    if model.composition_model is not None:
+        comp_energy = float(model.composition_model([graph]).detach().reshape(-1)[0])
+    bg = BatchedGraph.from_graphs(
+        [graph],
+        bond_basis_expansion=model.bond_basis_expansion,
+        angle_basis_expansion=model.angle_basis_expansion,
+        compute_stress=True,
+    )
+    return len(structure), bg, comp_energy
+
+
 class InferenceCHGNetCalculator(Calculator):
     """CHGNet energy, forces and stress for inference only.
 
@@ -173,24 +195,11 @@ class InferenceCHGNetCalculator(Calculator):
         system_changes: list[str] = all_changes,
     ) -> None:
         import torch
-        from chgnet.model.model import BatchedGraph
-        from pymatgen.io.ase import AseAtomsAdaptor
 
         super().calculate(atoms, properties, system_changes)
         model = self.model
-        structure = AseAtomsAdaptor.get_structure(self.atoms)
-        graph = model.graph_converter(structure)
-        comp_energy = 0.0
-        if model.composition_model is not None:
-            comp_energy = float(model.composition_model([graph]).detach().reshape(-1)[0])
-        bg = BatchedGraph.from_graphs(
-            [graph],
-            bond_basis_expansion=model.bond_basis_expansion,
-            angle_basis_expansion=model.angle_basis_expansion,
-            compute_stress=True,
-        )
+        n_atoms, bg, comp_energy = graph_batch(model, self.atoms)
         pred = model._compute(bg, compute_force=False, compute_stress=False)
-        n_atoms = len(structure)
         # _compute returns energy per atom for an intensive model (CHGNet 0.3.0 is intensive)
         energy = pred["e"].sum() * (n_atoms if model.is_intensive else 1)
         d_pos, d_strain = torch.autograd.grad(energy, [bg.atom_positions[0], bg.strains[0]])

@@ -201,23 +201,11 @@ class CommitteeCalculator(Calculator):
         properties: list[str] | None = None,
         system_changes: list[str] = all_changes,
     ) -> None:
-        from chgnet.model.model import BatchedGraph
-        from pymatgen.io.ase import AseAtomsAdaptor
+        from kd_nnp.teachers.calculators import graph_batch
 
         super().calculate(atoms, properties, system_changes)
         model, k = self.model, self.size
-        structure = AseAtomsAdaptor.get_structure(self.atoms)
-        graph = model.graph_converter(structure)
-        n = len(structure)
-        comp = 0.0
-        if model.composition_model is not None:
-            comp = float(model.composition_model([graph]).detach().reshape(-1)[0])
-        bg = BatchedGraph.from_graphs(
-            [graph],
-            bond_basis_expansion=model.bond_basis_expansion,
-            angle_basis_expansion=model.angle_basis_expansion,
-            compute_stress=True,
-        )
+        n, bg, comp = graph_batch(model, self.atoms)
         pred = model._compute(bg, compute_force=False, compute_stress=False)
         scale = n if model.is_intensive else 1
         e_heads = pred["e"].reshape(k) * scale  # (K,) total energies without AtomRef
