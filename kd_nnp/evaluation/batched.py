@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
-from ase.stress import full_3x3_to_voigt_6_stress
 
 from kd_nnp.errors import KdNnpError
-from kd_nnp.teachers.calculators import InferenceCHGNetCalculator
+from kd_nnp.teachers.calculators import InferenceCHGNetCalculator, chgnet_results
 from kd_nnp.utils.parallel import TaskResult
 
 BATCHABLE = "chgnet, student:PATH"
@@ -79,48 +78,10 @@ class BatchedCHGNet:
             return self.model.graph_converter(AseAtomsAdaptor.get_structure(atoms))
 
     def evaluate(self, graphs: Sequence[Any]) -> list[dict[str, Any]]:
-        """ASE results (``energy``, ``free_energy``, ``forces``, ``stress`` Voigt) per graph."""
-        import torch
-        from chgnet.model.model import BatchedGraph
-
-        model = self.model
-        graphs = [g.to(self.device) for g in graphs]
-        n_atoms = [int(g.atomic_number.shape[0]) for g in graphs]
-        scale = torch.tensor(
-            [float(n) if model.is_intensive else 1.0 for n in n_atoms], device=self.device
-        )
-        comp = torch.zeros(len(graphs), device=self.device)
-        if model.composition_model is not None:
-            comp = model.composition_model(graphs).detach().reshape(-1)
-        bg = BatchedGraph.from_graphs(
-            graphs,
-            bond_basis_expansion=model.bond_basis_expansion,
-            angle_basis_expansion=model.angle_basis_expansion,
-            compute_stress=True,
-        )
-        pred = model._compute(bg, compute_force=False, compute_stress=False)
-        energies = pred["e"].reshape(-1) * scale  # eV per crystal (the model's part)
-        grads = torch.autograd.grad(
-            energies.sum(), [*bg.atom_positions, *bg.strains], allow_unused=False
-        )
-        n = len(graphs)
-        comp_e = comp.cpu().tolist()
-        out = []
-        for i in range(n):  # the arithmetic of InferenceCHGNetCalculator, for equal results
-            e_total = float(energies[i]) + comp_e[i] * float(scale[i])
-            d_pos = grads[i].detach().cpu().numpy()
-            stress = grads[n + i].detach().cpu().numpy() / float(bg.volumes[i])
-            out.append(
-                {
-                    "energy": e_total,
-                    "free_energy": e_total,
-                    "forces": -d_pos.astype(np.float64),
-                    "stress": full_3x3_to_voigt_6_stress(0.5 * (stress + stress.T)).astype(
-                        np.float64
-                    ),
-                }
-            )
-        return out
+        """ASE results (``energy``, ``free_energy``, ``forces``, ``stress`` Voigt) per graph
+        (:func:`~kd_nnp.teachers.calculators.chgnet_results`, the inference calculator's own
+        computation)."""
+        return chgnet_results(self.model, graphs, self.device)
 
 
 class _Batcher:

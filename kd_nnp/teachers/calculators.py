@@ -33,7 +33,7 @@ import importlib
 import importlib.metadata
 import inspect
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,12 +144,23 @@ def student_calculator(path: str | Path) -> Calculator:
     return InferenceCHGNetCalculator(model=_chgnet_from_blob(blob, p))
 
 
+def batched_graph(model: Any, graphs: Sequence[Any]) -> Any:
+    """chgnet's ``BatchedGraph`` of ``graphs`` for ``model._compute``, with position and
+    strain gradients enabled (forces and stress are autograd derivatives of it)."""
+    from chgnet.model.model import BatchedGraph
+
+    return BatchedGraph.from_graphs(
+        list(graphs),
+        bond_basis_expansion=model.bond_basis_expansion,
+        angle_basis_expansion=model.angle_basis_expansion,
+        compute_stress=True,
+    )
+
+
 def graph_batch(model: Any, atoms: Atoms) -> tuple[int, Any, float]:
     """``(n_atoms, batched graph, AtomRef energy)`` of one structure for ``model._compute``:
-    chgnet's graph with position and strain gradients enabled, the composition model's
-    energy (per atom for an intensive model; 0 without one). Shared by the inference and
-    committee calculators, whose forces and stress are autograd derivatives of that graph."""
-    from chgnet.model.model import BatchedGraph
+    :func:`batched_graph` of chgnet's graph, and the composition model's energy (per atom for
+    an intensive model; 0 without one). The committee calculator's preparation."""
     from pymatgen.io.ase import AseAtomsAdaptor
 
     structure = AseAtomsAdaptor.get_structure(atoms)
@@ -157,13 +168,44 @@ def graph_batch(model: Any, atoms: Atoms) -> tuple[int, Any, float]:
     comp_energy = 0.0
     if model.composition_model is not None:
         comp_energy = float(model.composition_model([graph]).detach().reshape(-1)[0])
-    bg = BatchedGraph.from_graphs(
-        [graph],
-        bond_basis_expansion=model.bond_basis_expansion,
-        angle_basis_expansion=model.angle_basis_expansion,
-        compute_stress=True,
-    )
-    return len(structure), bg, comp_energy
+    return len(structure), batched_graph(model, [graph]), comp_energy
+
+
+def chgnet_results(model: Any, graphs: Sequence[Any], device: str = "cpu") -> list[dict[str, Any]]:
+    """ASE results (``energy``, ``free_energy``, ``forces``, ``stress`` Voigt; eV, eV/A,
+    eV/A^3 with positive = tensile) of ``graphs`` in one CHGNet forward: the energy once,
+    forces and strain derivatives from one first-order autograd call. The computation of
+    :class:`InferenceCHGNetCalculator` (one graph) and of the batched relaxation backend (many),
+    so the two give bit-identical numbers."""
+    import torch
+
+    graphs = [g.to(device) for g in graphs]
+    n_atoms = [int(g.atomic_number.shape[0]) for g in graphs]
+    # _compute returns energy per atom for an intensive model (CHGNet 0.3.0 is intensive)
+    scale = torch.tensor([float(n) if model.is_intensive else 1.0 for n in n_atoms], device=device)
+    comp = torch.zeros(len(graphs), device=device)
+    if model.composition_model is not None:
+        comp = model.composition_model(graphs).detach().reshape(-1)
+    bg = batched_graph(model, graphs)
+    pred = model._compute(bg, compute_force=False, compute_stress=False)
+    energies = pred["e"].reshape(-1) * scale  # eV per structure (the model's part)
+    grads = torch.autograd.grad(energies.sum(), [*bg.atom_positions, *bg.strains])
+    n = len(graphs)
+    comp_e = comp.cpu().tolist()
+    out = []
+    for i in range(n):
+        e_total = float(energies[i]) + comp_e[i] * float(scale[i])
+        d_pos = grads[i].detach().cpu().numpy()
+        stress = grads[n + i].detach().cpu().numpy() / float(bg.volumes[i])
+        out.append(
+            {
+                "energy": e_total,
+                "free_energy": e_total,
+                "forces": -d_pos.astype(np.float64),
+                "stress": full_3x3_to_voigt_6_stress(0.5 * (stress + stress.T)).astype(np.float64),
+            }
+        )
+    return out
 
 
 class InferenceCHGNetCalculator(Calculator):
@@ -194,24 +236,11 @@ class InferenceCHGNetCalculator(Calculator):
         properties: list[str] | None = None,
         system_changes: list[str] = all_changes,
     ) -> None:
-        import torch
+        from pymatgen.io.ase import AseAtomsAdaptor
 
         super().calculate(atoms, properties, system_changes)
-        model = self.model
-        n_atoms, bg, comp_energy = graph_batch(model, self.atoms)
-        pred = model._compute(bg, compute_force=False, compute_stress=False)
-        # _compute returns energy per atom for an intensive model (CHGNet 0.3.0 is intensive)
-        energy = pred["e"].sum() * (n_atoms if model.is_intensive else 1)
-        d_pos, d_strain = torch.autograd.grad(energy, [bg.atom_positions[0], bg.strains[0]])
-        volume = float(bg.volumes[0])
-        e_total = float(energy) + comp_energy * (n_atoms if model.is_intensive else 1)
-        stress = d_strain.detach().numpy() / volume  # eV/A^3, ASE sign convention
-        self.results = {
-            "energy": e_total,
-            "free_energy": e_total,
-            "forces": -d_pos.detach().numpy().astype(np.float64),
-            "stress": full_3x3_to_voigt_6_stress(0.5 * (stress + stress.T)).astype(np.float64),
-        }
+        graph = self.model.graph_converter(AseAtomsAdaptor.get_structure(self.atoms))
+        self.results = chgnet_results(self.model, [graph])[0]
 
 
 # ------------------------------------------------------------------ built-in teachers
