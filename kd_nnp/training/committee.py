@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from kd_nnp.errors import SettingsError
+from kd_nnp.training.export import save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,6 @@ def committee_settings(cfg: Any) -> CommitteeSettings:
 def bootstrap_indices(n: int, seed: int) -> np.ndarray:
     """Indices of a bootstrap resample (n draws with replacement) of n frames."""
     return np.random.default_rng(seed).integers(0, n, size=n)
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def fit_committee(
@@ -137,7 +130,7 @@ def fit_committee(
                 },
             }
             mlp = _copy_mlp(module.student.mlp)
-            _save_atomic(
+            save_atomic(
                 {"seed": seed, "bootstrap": settings.bootstrap, "mlp": mlp.state_dict(),
                  "record": record},
                 done,
@@ -172,9 +165,7 @@ def export_committee(
     a plain CHGNet (:func:`kd_nnp.teachers.committee.committee_blob`)."""
     from kd_nnp.teachers.committee import committee_blob
 
-    path = Path(path)
-    _save_atomic(committee_blob(base, heads, metadata, committee), path)
-    return path
+    return save_atomic(committee_blob(base, heads, metadata, committee), path)
 
 
 def train_committee_run(
@@ -195,8 +186,6 @@ def train_committee_run(
             default_root_dir=str(head_dir),
         )  # fmt: skip
 
-    if cfg.trainer.get("inference_mode", True):
-        raise ValueError("trainer.inference_mode must be false: forces need autograd in val/test")
     t1 = time.perf_counter()
     result = fit_committee(
         settings, int(cfg.seed), module, lambda: instantiate(cfg.model),

@@ -18,11 +18,17 @@ import torch
 from chgnet.model import CHGNet
 
 
-def export_student(model: CHGNet, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (atomically) to ``path`` in chgnet's model-file format."""
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` through a temporary file and a rename: a killed process
+    leaves the old file or the new one, never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save({"model": model.as_dict(), "kd_nnp": metadata or {}}, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
     return path
+
+
+def export_student(model: CHGNet, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (atomically) to ``path`` in chgnet's model-file format."""
+    return save_atomic({"model": model.as_dict(), "kd_nnp": metadata or {}}, path)

@@ -171,6 +171,8 @@ def run_training(
     if writer:
         (run_dir / "data_summary.json").write_text(json.dumps(datamodule.summary, indent=2))
     t_data = time.perf_counter() - t0
+    if cfg.trainer.get("inference_mode", True):  # plain runs and committees alike
+        raise ValueError("trainer.inference_mode must be false: forces need autograd in val/test")
     if committee.size > 1:
         from kd_nnp.training.committee import train_committee_run
 
@@ -188,8 +190,6 @@ def run_training(
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir)
     )
-    if cfg.trainer.get("inference_mode", True):
-        raise ValueError("trainer.inference_mode must be false: forces need autograd in val/test")
     if 0 < len(datamodule.val_samples) < trainer.world_size:
         raise KdNnpError(
             f"{len(datamodule.val_samples)} validation frame(s) for {trainer.world_size} "
