@@ -214,8 +214,12 @@ def test_mean_mlp_is_exact():
 
     wide = MLP(64, hidden_dim=dims, output_dim=1)
     wide.load_state_dict(state)
-    x = torch.randn(10, 64)
-    torch.testing.assert_close(wide(x), torch.stack([h(x) for h in heads]).mean(0))
+    # in float64: the outputs are ~1e2-1e3, so float32 summation order alone differs by ~1e-3
+    # (a CI run failed on 1 of 10 rows at atol 1e-5); float64 makes the identity exact to ~1e-10
+    x = torch.randn(10, 64, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    wide = wide.double()
+    mean = torch.stack([h.double()(x) for h in heads]).mean(0)
+    torch.testing.assert_close(wide(x), mean, rtol=1e-10, atol=1e-8)
 
 
 def test_committee_settings_are_checked(tmp_path):
