@@ -114,3 +114,24 @@ def test_d7_failed_sweep_job_logs_its_exception(labelled_store, tmp_path):
     last = (ok[0] / "train.log").read_text().splitlines()[-1]
     assert f"data.store: '{labelled_store}' -> '{other}'" in last, last
     assert (ok[0] / "metrics.json").stat().st_mtime == done
+
+
+def test_bad_trainer_config_fails_at_once_in_one_line(tmp_path, monkeypatch, capsys):
+    """A trainer/callback config its target refuses used to surface after the whole data read
+    and feature build, as Hydra's InstantiationException traceback; now it is refused before
+    the store is opened (this store does not exist) with one line naming the block."""
+    from kd_nnp.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    store = f"data.store={tmp_path / 'no_store'}"
+    assert main(["train", store, "trainer.accelerator=nonsense", "hydra.run.dir=run1"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("kd-nnp train: error: trainer: lightning.Trainer refused this config:")
+    assert "accelerator='nonsense'" in last and "no_store" not in last
+    early = ["+callbacks.early._target_=lightning.pytorch.callbacks.EarlyStopping",
+             "+callbacks.early.monitor=x", "+callbacks.early.bogus=1"]  # fmt: skip
+    assert main(["train", store, *early, "hydra.run.dir=run2"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: callbacks.early: lightning.pytorch.callbacks.EarlyStopping refused this " \
+        "config: TypeError" in last  # fmt: skip

@@ -178,17 +178,17 @@ def train_committee_run(
 ) -> dict[str, Any]:
     """The committee part of :func:`kd_nnp.training.train.run_training` (data ready): train
     the heads, write ``student.pt`` (the committee file); return the run's metrics."""
-    from hydra.utils import instantiate
+    from kd_nnp.training.train import instantiate_block
 
     def make_trainer(head_dir: Path) -> Any:
-        return instantiate(
-            cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False,
+        return instantiate_block(
+            cfg.trainer, "trainer", callbacks=[], logger=False, enable_checkpointing=False,
             default_root_dir=str(head_dir),
         )  # fmt: skip
 
     t1 = time.perf_counter()
     result = fit_committee(
-        settings, int(cfg.seed), module, lambda: instantiate(cfg.model),
+        settings, int(cfg.seed), module, lambda: instantiate_block(cfg.model, "model"),
         make_trainer, datamodule, run_dir,
         validate_first=bool(cfg.get("validate_before_training", True)),
     )  # fmt: skip

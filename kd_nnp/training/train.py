@@ -28,18 +28,38 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kd_nnp.errors import KdNnpError
+from kd_nnp.errors import KdNnpError, SettingsError
 from kd_nnp.utils.threads import set_threads
 
 log = logging.getLogger(__name__)
 
 
-def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+def instantiate_block(node: Any, where: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node, **kwargs)``; a config the target refuses (an unknown
+    accelerator, a misspelt argument) becomes a :class:`SettingsError` naming the config
+    block ``where`` and the target's own message (one line, exit 1), not Hydra's wrapped
+    traceback."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        target = node.get("_target_", "?") if hasattr(node, "get") else "?"
+        raise SettingsError(
+            f"{where}: {target} refused this config: {type(cause).__name__}: {cause}"
+        ) from err
+
+
+def _instantiate_dict(cfg: DictConfig | None, where: str) -> list[Any]:
     if not cfg:
         return []
-    return [instantiate(v) for v in cfg.values() if v is not None and "_target_" in v]
+    return [
+        instantiate_block(v, f"{where}.{k}")
+        for k, v in cfg.items()
+        if v is not None and "_target_" in v
+    ]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -106,7 +126,6 @@ def run_training(
     """
     import lightning as L
     import torch
-    from hydra.utils import instantiate
 
     from kd_nnp.training import ddp
     from kd_nnp.training.callbacks import LossCrossover
@@ -144,8 +163,16 @@ def run_training(
         (run_dir / "provenance.json").write_text(json.dumps(environment_record(), indent=2))
 
     t0 = time.perf_counter()
-    module = instantiate(cfg.model)
-    datamodule = instantiate(cfg.data)
+    if committee.size == 1:  # built before the data is read: a bad trainer config fails at once
+        callbacks = _instantiate_dict(cfg.get("callbacks"), "callbacks")
+        crossover = next((c for c in callbacks if isinstance(c, LossCrossover)), None)
+        loggers = _instantiate_dict(cfg.get("logger"), "logger")
+        trainer: L.Trainer = instantiate_block(
+            cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
+            default_root_dir=str(run_dir),
+        )  # fmt: skip
+    module = instantiate_block(cfg.model, "model")
+    datamodule = instantiate_block(cfg.data, "data")
     log.info(
         "data: reading %s, building graphs and fitting the energy reference ...", cfg.data.store
     )
@@ -184,12 +211,6 @@ def run_training(
         tmp.replace(done)
         return metrics
 
-    callbacks = _instantiate_dict(cfg.get("callbacks"))
-    crossover = next((c for c in callbacks if isinstance(c, LossCrossover)), None)
-    loggers = _instantiate_dict(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir)
-    )
     if 0 < len(datamodule.val_samples) < trainer.world_size:
         raise KdNnpError(
             f"{len(datamodule.val_samples)} validation frame(s) for {trainer.world_size} "
