@@ -362,3 +362,24 @@ def test_cli_with_workers_killed_by_sigkill_resumes(built, tmp_path):
     ref = {f.frame_id: f for f in FrameStore(ref_store).iter_frames()}
     for fid in ("pyxtal-test:FORMAM/mol0/relaxed", "pyxtal-test:UREAXX02/mol0/rattle1"):
         np.testing.assert_allclose(gas[fid].atoms.positions, ref[fid].atoms.positions, atol=1e-3)
+
+
+def test_salt_with_monatomic_ions_is_skipped_and_counted(tmp_path):
+    """XAFQON (a hydrochloride hydrate) gave a one-atom Cl 'molecule' whose gas frames stopped
+    the demo's training (CHGNet has no graph for a lone atom); such salts are now skipped,
+    counted, and nothing is computed for them (EMT would break any molecule it relaxed)."""
+    store = tmp_path / "s"
+    build_pyxtal_store(str(store), "test", ["XAFQON"], None, None)
+    rep = _build(store, EMT(), calculator_name="emt", label_name="emt")
+    assert rep.skipped == Counter({"salt with monatomic ions": 1})
+    assert rep.accepted == 0 and not rep.rejected
+    assert [f.source for f in FrameStore(store).iter_frames()] == ["pyxtal_test"]
+
+
+def test_lone_atom_frame_is_refused_by_name_when_graphed(tmp_path):
+    from kd_nnp.training.cache.graphs import GraphCache
+
+    lone = Atoms("Cl", [[5, 5, 5]], cell=[30, 30, 30], pbc=True)
+    with pytest.raises(KdNnpError, match=r"frame 'X/parent/mol2/relaxed' \(Cl1, 1 atoms\): CHGNet "
+                       "cannot build its graph: .*isolated atom"):  # fmt: skip
+        GraphCache(tmp_path / "g").get(lone, graph_id="X/parent/mol2/relaxed")

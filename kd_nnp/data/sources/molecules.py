@@ -409,6 +409,15 @@ def build_molecules_store(
             report.skipped["not molecular"] += 1
             log.info("molecules: %s skipped (%s)", cr.frame_id, exc)
             continue
+        lone = sorted({m.symbols[0] for m in kinds if len(m.symbols) == 1})
+        if lone:
+            # a salt with monatomic ions (a hydrochloride's Cl-): an isolated ion is no gas-phase
+            # reference for a charge-neutral potential, and CHGNet has no graph for a lone atom
+            # (training stopped on such a frame); the crystal's other molecules are skipped too,
+            # since they are ions as well
+            report.skipped["salt with monatomic ions"] += 1
+            log.info("molecules: %s skipped (monatomic ions %s)", cr.frame_id, lone)
+            continue
         for k, m in enumerate(kinds):
             jobs.append(
                 MoleculeJob(cr.frame_id, cr.group_id, k, m.key, m.count, m.symbols, m.positions)

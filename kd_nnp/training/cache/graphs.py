@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from kd_nnp.errors import KdNnpError
 from kd_nnp.utils.paths import cache_dir
 
 GRAPH_CACHE_VERSION = 1
@@ -63,7 +64,13 @@ class GraphCache:
             structure = AseAtomsAdaptor.get_structure(atoms)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                graph = self.converter(structure, graph_id=graph_id)
+                try:
+                    graph = self.converter(structure, graph_id=graph_id)
+                except ValueError as err:  # e.g. an atom with no neighbour within the cutoff
+                    raise KdNnpError(
+                        f"frame {graph_id!r} ({structure.composition.formula}, {len(atoms)} "
+                        f"atoms): CHGNet cannot build its graph: {err}"
+                    ) from err
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save(graph.to_dict(), tmp)
