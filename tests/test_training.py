@@ -517,3 +517,33 @@ def test_full_backend_memory_is_checked_before_training(labelled_store, monkeypa
     assert caplog.text.count("may not fit") == 1
     overcommit.check_memory(dm)
     assert caplog.text.count("may not fit") == 1
+
+
+def test_val_loss_does_not_depend_on_batching(labelled_store):
+    """val/loss was the frame-weighted mean of batch losses: a batch without hard labels
+    scored 0 on the hard terms, so the value changed with data.batch_size (and with which
+    frames fell together). It is now the loss formula on the epoch MAEs."""
+    import lightning as L
+
+    out = []
+    for bs in (3, 8):
+        torch.manual_seed(0)
+        dm = _dm(labelled_store, batch_size=bs, n_val=8)
+        hard = [s.hard is not None and s.hard.energy is not None for s in dm.val_samples]
+        assert any(hard) and not all(hard)  # OXALAC02's frames have no hard labels
+        module = DistillationModule(
+            loss=DistillationLoss(r_he=2.0, r_hf=0, r_se=1.0, r_sf=0),
+            optimizer=functools.partial(torch.optim.Adam, lr=1e-4),
+            compute_forces=False,
+            compute_stress=False,
+        )
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+        )  # fmt: skip
+        (res,) = trainer.validate(module, datamodule=dm, verbose=False)
+        want = 2.0 * res["val/mae_hard_energy"] + res["val/mae_soft_energy"]
+        assert res["val/loss"] == pytest.approx(want, rel=1e-6)
+        out.append(res)
+    assert out[0]["val/loss"] == pytest.approx(out[1]["val/loss"], rel=1e-5)
+    assert out[0]["val/mae_hard_energy"] == pytest.approx(out[1]["val/mae_hard_energy"], rel=1e-5)

@@ -250,6 +250,11 @@ class DistillationModule(L.LightningModule):
         if self._trainer is not None:
             weights = self.trainer.strategy.reduce(weights, reduce_op="sum")
         seen = dict(zip([*names, "loss"], (float(w) > 0 for w in weights), strict=True))
+        # the epoch loss is the loss formula applied to the epoch MAEs (sum of ratio x MAE over
+        # every labelled component of the epoch), not the frame-weighted mean of batch losses:
+        # that one depended on the batch size and on how labels fell into batches (a batch
+        # without hard labels scored 0 on the hard terms), so val/loss changed with batching
+        loss = None
         for t in TARGETS:
             for q in QUANTITIES:
                 m = self.metrics[f"{split}_{t}_{q}"]
@@ -257,9 +262,12 @@ class DistillationModule(L.LightningModule):
                     value = m.compute()
                     self.log(f"{split}/mae_{t}_{q}", value, on_epoch=True, sync_dist=True)
                     row[f"mae_{t}_{q}"] = float(value)
+                    r = self.loss_fn.ratio(t, q)
+                    if r > 0:
+                        loss = r * value if loss is None else loss + r * value
                 m.reset()
         if seen["loss"]:
-            value = lm.compute()
+            value = loss if loss is not None else lm.compute() * 0.0
             self.log(f"{split}/loss", value, on_epoch=True, prog_bar=True, sync_dist=True)
             row["loss"] = float(value)
         lm.reset()
