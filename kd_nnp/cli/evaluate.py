@@ -1,4 +1,5 @@
-"""``kd-nnp evaluate relax|elastic|table2|forgetting|lattice|cv``: the benchmarks from the command line.
+"""``kd-nnp evaluate relax|teachers|elastic|table2|forgetting|lattice|cv``: the benchmarks from
+the command line (``teachers``: the teacher bake-off, :mod:`kd_nnp.evaluation.bakeoff`).
 
 ``cv`` (leave-molecule-out cross-validation, :mod:`kd_nnp.evaluation.cv`) is a Hydra verb:
 ``kd-nnp evaluate cv cv.folds=5 teacher=so3lr ...`` composes ``conf/evaluate/cv.yaml``.
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from kd_nnp.evaluation.settings import (
+    BakeoffSettings,
     ElasticJobSettings,
     ElasticSettings,
     EvalJobSettings,
@@ -40,15 +42,22 @@ def _exclude(cls: type, keep: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _add_crystal_options(
-    p: argparse.ArgumentParser, selection: tuple[str, ...], defaults: dict[str, object]
+    p: argparse.ArgumentParser,
+    selection: tuple[str, ...],
+    defaults: dict[str, object],
+    *,
+    calc_help: str | None = None,
 ) -> None:
     """``--calc``, the crystal selection (fields of the per-job evaluate block), the relaxation
-    protocol, ``--out`` and ``--quiet``: what `evaluate relax` and `evaluate lattice` share."""
+    protocol, ``--out`` and ``--quiet``: what `evaluate relax`, `lattice` and `teachers` share
+    (``calc_help``: ``--calc`` is optional, more calculators beside the verb's own)."""
     p.add_argument(
         "--calc",
         action="append",
-        required=True,
-        help="calculator spec (repeatable): chgnet, student:PATH, teacher:NAME, module:factory",
+        required=calc_help is None,
+        default=[],
+        help=calc_help
+        or "calculator spec (repeatable): chgnet, student:PATH, teacher:NAME, module:factory",
     )
     add_options(p, EvalJobSettings, exclude=_exclude(EvalJobSettings, selection), defaults=defaults)
     add_options(p, RelaxSettings)
@@ -91,6 +100,60 @@ def _lattice_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="only rebuild the tables from what is on disk (no new relaxations)",
     )
+
+
+TEACHERS_HELP = """the teacher bake-off: relax the crystals with several teachers (default:
+every built-in teacher; --teachers so3lr,chgnet_d3) and pretrained CHGNet (the baseline row;
+--no-chgnet), then rank them on volume error vs experiment (MAE, signed mean, median,
+bootstrap 95 % interval), RMSD15 and seconds per step, with --lattice also lattice energies of
+the same relaxations. Writes the relaxation benchmark's files (OUT/relax.jsonl, resumable)
+and OUT/ranking.md, ranking.csv. A teacher whose package is missing is an error naming the
+extra, unless --skip-missing (then it is listed). Read the signed mean against
+room-temperature cells: docs/data.md."""
+
+
+def _teachers_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("teachers", help="teacher bake-off: rank teachers on volume, RMSD15, "
+                       "speed", description=TEACHERS_HELP)  # fmt: skip
+    _add_crystal_options(
+        p,
+        _LATTICE_SELECTION,
+        {"workers": 1},
+        calc_help="more calculator specs to rank beside the teachers (repeatable), e.g. "
+        "student:PATH",
+    )
+    add_options(p, BakeoffSettings)
+    add_options(p, LatticeSettings)
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rebuild the ranking from OUT/relax.jsonl (no new relaxations)",
+    )
+
+
+def _teachers(args: argparse.Namespace) -> int:
+    from kd_nnp.evaluation.bakeoff import RANKING_MD, run_bakeoff
+
+    sel = from_args(EvalJobSettings, args)
+    table = run_bakeoff(
+        sel.dataset,
+        args.out,
+        from_args(BakeoffSettings, args),
+        from_args(RelaxSettings, args),
+        from_args(LatticeSettings, args),
+        extra=list(args.calc),
+        workers=sel.workers,
+        limit=sel.limit,
+        max_atoms=sel.max_atoms,
+        codes=sel.codes,
+        progress=not args.quiet,
+        run=not args.report_only,
+    )
+    print((args.out / RANKING_MD).read_text())
+    for f, why in table.attrs.get("skipped", []):
+        print(f"skipped {f}: {why}")
+    print(f"wrote {args.out}/ranking.md, ranking.csv, relax.jsonl, table.md")
+    return 0
 
 
 def _add_elastic_options(p: argparse.ArgumentParser, *, workers: int) -> None:
@@ -195,6 +258,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kd-nnp evaluate", description=__doc__)
     sub = p.add_subparsers(dest="bench", required=True)
     _relax_parser(sub)
+    _teachers_parser(sub)
     _elastic_parser(sub)
     _table2_parser(sub)
     _forgetting_parser(sub)
@@ -214,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     set_threads()
     if args.bench == "relax":
         return _relax(args)
+    if args.bench == "teachers":
+        return _teachers(args)
     if args.bench == "forgetting":
         return _forgetting(args)
     if args.bench == "lattice":

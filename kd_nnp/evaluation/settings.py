@@ -10,7 +10,8 @@
   crystals, workers, baselines + a :class:`RelaxSettings` + optional elastic block + the
   forgetting flag);
 - :class:`LatticeSettings`: the gas-phase side of the lattice-energy protocol (box clearance,
-  reference method); the crystal side is a :class:`RelaxSettings`.
+  reference method); the crystal side is a :class:`RelaxSettings`;
+- :class:`BakeoffSettings`: which teachers the bake-off ranks (``kd-nnp evaluate teachers``).
 
 The YAML blocks are flat (``evaluate.fmax``, ``evaluate.elastic.ion_fmax``):
 :meth:`EvalJobSettings.from_config` / :meth:`ElasticJobSettings.from_config` lift the protocol
@@ -351,6 +352,45 @@ class LatticeSettings:
         return {"clearance": self.clearance}
 
 
+@dataclass(frozen=True)
+class BakeoffSettings:
+    """Which calculators the teacher bake-off (``kd-nnp evaluate teachers``) relaxes and what
+    its ranking adds; the crystals and the relaxation protocol are the relaxation
+    benchmark's (:class:`EvalJobSettings` selection, :class:`RelaxSettings`)."""
+
+    teachers: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated teacher names (built-in or module:factory); unset: every "
+            "built-in teacher but plain chgnet"
+        },
+    )
+    chgnet: bool = field(default=True, metadata={"help": "pretrained CHGNet as the baseline row"})
+    skip_missing: bool = field(
+        default=False,
+        metadata={
+            "help": "leave out teachers whose packages are not installed (listed in the "
+            "ranking); unset: a missing package is an error"
+        },
+    )
+    lattice: bool = field(
+        default=False,
+        metadata={
+            "help": "add lattice energies (kd-nnp evaluate lattice on the same relaxations, "
+            "into OUT/lattice): per method mean and MAE / signed mean vs --reference"
+        },
+    )
+    n_boot: int = field(
+        default=2000, metadata={"help": "bootstrap resamples of the volume MAE interval"}
+    )
+
+    def check(self) -> None:
+        if self.teachers is not None and not self.teachers:
+            raise SettingsError("bake-off: teachers is empty; unset it for every built-in one")
+        if self.n_boot < 100:
+            raise SettingsError(f"bake-off: n_boot={self.n_boot} must be >= 100")
+
+
 def _lift(cls: type, nested: str, inner: type, values: Any, where: str) -> Any:
     """``cls`` from a flat mapping: the keys of ``inner`` go into the field ``nested``."""
     plain = dict(to_plain(values) or {})
@@ -374,3 +414,4 @@ register_schema("schema/evaluate", "elastic_job", ElasticJobSettings)
 register_schema("schema/evaluate", "job", EvalJobSettings)
 register_schema("schema/evaluate", "forgetting", ForgettingSettings)
 register_schema("schema/evaluate", "lattice_settings", LatticeSettings)
+register_schema("schema/evaluate", "bakeoff", BakeoffSettings)
