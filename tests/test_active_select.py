@@ -1,0 +1,199 @@
+"""Active selection of what the teacher labels (issue 12): ``kd-nnp label ... select.n=N``
+labels only the frames a random or committee-disagreement round picks, records every round in
+``labels/<name>.select.jsonl``, resumes a killed round with the same picks and refuses a rerun
+with other inputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from kd_nnp.cli import main as kd_main
+from kd_nnp.data.sources.perturb import make_perturbations
+from kd_nnp.data.sources.pyxtal_db import pyxtal_frames
+from kd_nnp.data.store import FrameStore, StoreError
+from kd_nnp.errors import SettingsError
+from kd_nnp.teachers.label import label_store
+from kd_nnp.teachers.select import (
+    SelectionError,
+    SelectSettings,
+    journal_path,
+)
+from kd_nnp.utils.jsonl import read_jsonl
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+TEACHER = "test_teachers_label:slow_emt"  # EMT: cheap, H C N O
+KW = dict(progress=False, check=False, name="emt")
+
+
+@pytest.fixture
+def pool(tmp_path):
+    fs = FrameStore(tmp_path / "pool", create=True)
+    frames = pyxtal_frames("test", codes=["UREAXX02", "FORMAM"])
+    fs.add_frames(make_perturbations(frames, n_strain=4, n_rattle=3, seed=2))
+    assert len(fs) == 16
+    return fs
+
+
+@pytest.fixture(scope="module")
+def committee_file(tmp_path_factory, chgnet_model):
+    """A committee file of 2 heads: the pretrained MLP with two seeded perturbations."""
+    from kd_nnp.teachers.committee import committee_blob
+
+    heads = []
+    for seed in (0, 1):
+        h = copy.deepcopy(chgnet_model.mlp)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in h.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        heads.append(h)
+    path = tmp_path_factory.mktemp("committee") / "student.pt"
+    torch.save(committee_blob(chgnet_model, heads, {}, {"head_seeds": [0, 1]}), path)
+    return path
+
+
+def _disagreement_by_heads(path, fs: FrameStore, ids: list[str]) -> dict[str, float]:
+    """Energy std per atom of the heads, each run as its own plain CHGNet (independent of the
+    committee calculator that selection uses)."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from kd_nnp.teachers.committee import head_model
+
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    models = [head_model(blob, k) for k in (0, 1)]
+    out = {}
+    for fr in fs.iter_frames(ids):
+        s = AseAtomsAdaptor.get_structure(fr.atoms)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            e = [float(m.predict_structure(s, task="e")["e"]) for m in models]  # eV/atom
+        out[fr.frame_id] = float(np.std(e))
+    return out
+
+
+def _sel(n, **kw) -> SelectSettings:
+    return SelectSettings(n=n, **kw)
+
+
+def test_committee_round_labels_the_highest_disagreement_frames(pool, committee_file):
+    rep0 = label_store(pool.root, TEACHER, select=_sel(3, seed=4), **KW)
+    labels = pool.labels("emt")
+    first = set(labels.status())
+    assert rep0.n_ok == 3 and len(first) == 3
+
+    com = _sel(7, by="committee", committee=str(committee_file))
+    rep1 = label_store(pool.root, TEACHER, select=com, **KW)
+    assert rep1.n_ok == 4
+    rest = [i for i in pool.frame_ids() if i not in first]
+    scores = _disagreement_by_heads(committee_file, pool, rest)
+    ranked = sorted(rest, key=lambda i: -scores[i])
+    assert scores[ranked[3]] - scores[ranked[4]] > 1e-5  # a clear cut between picked and not
+    status = labels.status()
+    assert set(status) == first | set(ranked[:4])  # labels only for the picked frames
+    assert set(labels.load()) == set(status)
+
+    rounds = read_jsonl(journal_path(labels))
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[0]["by"] == "random" and set(rounds[0]["picks"]) == first
+    r1 = rounds[1]
+    assert r1["picks"] == ranked[:4] and r1["n_held_before"] == 3 and r1["n_pool"] == 13
+    np.testing.assert_allclose(r1["scores"], [scores[i] for i in ranked[:4]], rtol=2e-3)
+    assert r1["pool_scores"]["n"] == 13
+    # the teacher's labels are EMT's on exactly those frames
+    from ase.calculators.emt import EMT
+
+    fid = ranked[0]
+    a = pool.get(fid).atoms
+    a.calc = EMT()
+    assert labels.load([fid])[fid].energy == pytest.approx(a.get_potential_energy(), abs=1e-8)
+
+    # rerunning a finished round's command does nothing and records nothing
+    again = label_store(pool.root, TEACHER, select=com, **KW)
+    assert again.n_todo == 0 and len(read_jsonl(journal_path(labels))) == 2
+
+
+def test_random_rounds_are_seeded(pool):
+    a = label_store(pool.root, TEACHER, select=_sel(5, seed=7), **dict(KW, name="a"))
+    b = label_store(pool.root, TEACHER, select=_sel(5, seed=7), **dict(KW, name="b"))
+    c = label_store(pool.root, TEACHER, select=_sel(5, seed=8), **dict(KW, name="c"))
+    assert a.n_ok == b.n_ok == c.n_ok == 5
+    picks = {k: read_jsonl(journal_path(pool.labels(k)))[0]["picks"] for k in "abc"}
+    assert picks["a"] == picks["b"] != picks["c"]
+    assert set(pool.labels("a").status()) == set(picks["a"])
+    # pinned: a change of the draw would silently change every random arm
+    ids = pool.frame_ids()
+    want = [ids[i] for i in np.random.default_rng([7, 0]).choice(16, size=5, replace=False)]
+    assert picks["a"] == want
+    # round 1 draws from what is left, with its own stream
+    label_store(pool.root, TEACHER, select=_sel(9, seed=7), **dict(KW, name="a"))
+    r1 = read_jsonl(journal_path(pool.labels("a")))[1]
+    assert len(r1["picks"]) == 4 and not set(r1["picks"]) & set(picks["a"])
+    assert r1["n_pool"] == 11
+
+
+def test_interrupted_round_resumes_with_its_picks(pool, committee_file):
+    com = _sel(6, by="committee", committee=str(committee_file))
+    # reference: the uninterrupted round
+    label_store(pool.root, TEACHER, select=_sel(2, seed=1), **dict(KW, name="ref"))
+    label_store(pool.root, TEACHER, select=com, **dict(KW, name="ref"))
+    want = read_jsonl(journal_path(pool.labels("ref")))[1]["picks"]
+
+    label_store(pool.root, TEACHER, select=_sel(2, seed=1), **KW)
+    cut = label_store(pool.root, TEACHER, select=com, limit=1, **KW)  # killed after 1 label
+    assert cut.n_ok == 1
+    labels = pool.labels("emt")
+    # another request while the round is unfinished is refused, naming the round's settings
+    with pytest.raises(SelectionError, match=r"round 1 .*select.n=6 select.by=committee"):
+        label_store(pool.root, TEACHER, select=_sel(8, by="committee",
+                                                    committee=str(committee_file)), **KW)  # fmt: skip
+    with pytest.raises(SelectionError, match="unfinished"):
+        label_store(pool.root, TEACHER, select=_sel(6, seed=1), **KW)
+    done = label_store(pool.root, TEACHER, select=com, **KW)
+    assert done.n_ok == 3
+    rounds = read_jsonl(journal_path(labels))
+    assert len(rounds) == 2 and rounds[1]["picks"] == want
+    assert set(labels.status()) == set(pool.labels("ref").status())
+
+
+def test_label_set_changed_under_an_unfinished_round_is_refused(pool, committee_file):
+    com = _sel(5, by="committee", committee=str(committee_file))
+    label_store(pool.root, TEACHER, select=com, limit=2, **KW)
+    picks = read_jsonl(journal_path(pool.labels("emt")))[0]["picks"]
+    other = next(i for i in pool.frame_ids() if i not in picks)
+    label_store(pool.root, TEACHER, select=None, limit=None, **dict(KW, name="tmp"))
+    fr = pool.get(other)
+    lab = pool.labels("tmp").load([other])[other]
+    pool.labels("emt").write([(fr, lab, None, 0.0)])  # labelled behind the round's back
+    with pytest.raises(SelectionError, match="changed since round 0"):
+        label_store(pool.root, TEACHER, select=com, **KW)
+
+
+def test_settings_and_cli_refusals(pool, tmp_path, capsys):
+    with pytest.raises(SettingsError, match="select.committee=PATH"):
+        SelectSettings(n=3, by="committee")
+    with pytest.raises(SettingsError, match="select.by"):
+        SelectSettings(n=3, by="uncertainty")
+    with pytest.raises(SettingsError, match="select.n must be >= 1"):
+        SelectSettings(n=0)
+    with pytest.raises(StoreError, match="cannot run on one shard"):
+        label_store(pool.root, TEACHER, select=_sel(3), shard=(0, 2), **KW)
+    with pytest.raises(SelectionError, match="no committee file"):
+        label_store(pool.root, TEACHER, select=_sel(3, by="committee",
+                                                    committee=str(tmp_path / "no.pt")), **KW)  # fmt: skip
+    # through the verb: a user error is one line, exit 1; select.n labels the budget
+    argv = ["label", f"store={pool.root}", "teacher=custom", f"teacher.name={TEACHER}",
+            "teacher.check=false", "name=cli", "progress=false"]  # fmt: skip
+    assert kd_main([*argv, "select.n=2", "select.by=committee"]) == 1
+    assert "select.committee=PATH" in capsys.readouterr().err
+    assert kd_main([*argv, "select.n=2", "select.seed=3"]) == 0
+    assert len(pool.labels("cli").status()) == 2
+    rec = read_jsonl(journal_path(pool.labels("cli")))
+    assert len(rec) == 1 and rec[0]["seed"] == 3
+    assert json.loads(json.dumps(rec[0]))["budget"] == 2
