@@ -194,3 +194,46 @@ def test_settings_and_cli_refusals(pool, tmp_path, capsys):
     rec = read_jsonl(journal_path(pool.labels("cli")))
     assert len(rec) == 1 and rec[0]["seed"] == 3
     assert json.loads(json.dumps(rec[0]))["budget"] == 2
+
+
+@pytest.mark.slow
+def test_active_vs_random_experiment_end_to_end(pool, tmp_path):
+    """experiments/active/run.py, 2 rounds per arm: both arms start from the same frames, the
+    active arm's round 1 is ranked by round 0's committee, the random arm's by the seeded draw;
+    a rerun adds nothing, other arguments are refused."""
+    import importlib.util
+
+    from kd_nnp.errors import KdNnpError
+    from kd_nnp.teachers.select import file_sha256
+    from kd_nnp.utils.paths import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "active_run", REPO_ROOT / "experiments" / "active" / "run.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "out"
+    argv = ["--pool", str(pool.root), "--out", str(out), "--eval-codes", "OXALAC11",
+            "--teacher", "chgnet", "--initial", "4", "--step", "3", "--rounds", "2",
+            "--epochs", "2", "--fmax", "0.1"]  # fmt: skip
+    with pytest.raises(KdNnpError, match="occurs in the pool"):
+        mod.main([*argv[:5], "UREAXX02"])
+    assert mod.main(argv) == 0
+    res = read_jsonl(out / "results.jsonl")
+    assert [(r["arm"], r["round"], r["n_labelled"]) for r in res] == [
+        ("active", 0, 4), ("active", 1, 7), ("random", 0, 4), ("random", 1, 7)]  # fmt: skip
+    for r in res:
+        assert r["n_ok"] == 1 and np.isfinite(r["vol_mae_pct"])
+        assert r["vol_mae_pct"] == pytest.approx(abs(r["vol_err_pct"]["OXALAC11"]))
+    act = read_jsonl(journal_path(pool.labels("chgnet_active")))
+    rnd = read_jsonl(journal_path(pool.labels("chgnet_random")))
+    assert act[0]["picks"] == rnd[0]["picks"]  # same start
+    assert act[1]["by"] == "committee" and rnd[1]["by"] == "random"
+    assert act[1]["committee_sha256"] == file_sha256(out / "active" / "round0" / "student.pt")
+    assert act[1]["scores"] == sorted(act[1]["scores"], reverse=True)
+    assert act[1]["scores"][-1] >= act[1]["pool_scores"]["median"]
+    assert mod.main(argv) == 0  # resumed: nothing new
+    assert len(read_jsonl(out / "results.jsonl")) == 4
+    assert len(read_jsonl(journal_path(pool.labels("chgnet_active")))) == 2
+    with pytest.raises(KdNnpError, match="other arguments"):
+        mod.main([*argv[:-1], "0.05"])

@@ -99,9 +99,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rpath = out / "recipe.json"
     if rpath.is_file() and json.loads(rpath.read_text()) != recipe:
         raise KdNnpError(f"{out} holds a run with other arguments ({rpath}); use another --out")
-    rpath.write_text(json.dumps(recipe, indent=2))
     pool = FrameStore(args.pool)
     crystals = eval_crystals([c for c in args.eval_codes.split(",") if c], pool)
+    rpath.write_text(json.dumps(recipe, indent=2))  # inputs checked: a refused run records none
     results = out / "results.jsonl"
     done = {(r["arm"], r["round"]) for r in read_jsonl(results)}
     relax = RelaxSettings(fmax=args.fmax)
