@@ -118,6 +118,17 @@ def test_committee_round_labels_the_highest_disagreement_frames(pool, committee_
     again = label_store(pool.root, TEACHER, select=com, **KW)
     assert again.n_todo == 0 and len(read_jsonl(journal_path(labels))) == 2
 
+    # max_per_group=2: at most 2 frames of a crystal (3 of the top 4 are urea's here)
+    cap = _sel(7, by="committee", committee=str(committee_file), max_per_group=2)
+    label_store(pool.root, TEACHER, select=_sel(3, seed=4), **dict(KW, name="cap"))
+    label_store(pool.root, TEACHER, select=cap, **dict(KW, name="cap"))
+    group = {f.frame_id: f.group_id for f in pool.iter_frames()}
+    urea = [i for i in ranked if group[i] == "UREAXX02"][:2]
+    want = [i for i in ranked if i in urea or group[i] == "FORMAM"][:4]
+    assert sum(group[i] == "UREAXX02" for i in ranked[:4]) == 3
+    assert read_jsonl(journal_path(pool.labels("cap")))[1]["picks"] == want
+    assert want != ranked[:4]  # the cap changed the picks here
+
 
 def test_random_rounds_are_seeded(pool):
     a = label_store(pool.root, TEACHER, select=_sel(5, seed=7), **dict(KW, name="a"))
@@ -179,6 +190,8 @@ def test_settings_and_cli_refusals(pool, tmp_path, capsys):
         SelectSettings(n=3, by="uncertainty")
     with pytest.raises(SettingsError, match="select.n must be >= 1"):
         SelectSettings(n=0)
+    with pytest.raises(SettingsError, match="max_per_group must be >= 1"):
+        SelectSettings(n=2, max_per_group=0)
     with pytest.raises(StoreError, match="cannot run on one shard"):
         label_store(pool.root, TEACHER, select=_sel(3), shard=(0, 2), **KW)
     with pytest.raises(SelectionError, match="no committee file"):
@@ -225,8 +238,9 @@ def test_active_vs_random_experiment_end_to_end(pool, tmp_path):
     for r in res:
         assert r["n_ok"] == 1 and np.isfinite(r["vol_mae_pct"])
         assert r["vol_mae_pct"] == pytest.approx(abs(r["vol_err_pct"]["OXALAC11"]))
-    act = read_jsonl(journal_path(pool.labels("chgnet_active")))
-    rnd = read_jsonl(journal_path(pool.labels("chgnet_random")))
+    (act_name,) = [n for n in pool.label_names() if n.endswith("_active")]
+    act = read_jsonl(journal_path(pool.labels(act_name)))
+    rnd = read_jsonl(journal_path(pool.labels(act_name.replace("_active", "_random"))))
     assert act[0]["picks"] == rnd[0]["picks"]  # same start
     assert act[1]["by"] == "committee" and rnd[1]["by"] == "random"
     assert act[1]["committee_sha256"] == file_sha256(out / "active" / "round0" / "student.pt")
@@ -234,6 +248,6 @@ def test_active_vs_random_experiment_end_to_end(pool, tmp_path):
     assert act[1]["scores"][-1] >= act[1]["pool_scores"]["median"]
     assert mod.main(argv) == 0  # resumed: nothing new
     assert len(read_jsonl(out / "results.jsonl")) == 4
-    assert len(read_jsonl(journal_path(pool.labels("chgnet_active")))) == 2
+    assert len(read_jsonl(journal_path(pool.labels(act_name)))) == 2
     with pytest.raises(KdNnpError, match="other arguments"):
         mod.main([*argv[:-1], "0.05"])

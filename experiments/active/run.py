@@ -2,11 +2,12 @@
 
     python experiments/active/run.py --pool STORE --out DIR --eval-codes ACETAC01,BENZEN
         [--teacher chgnet_d3] [--initial 20] [--step 20] [--rounds 3] [--committee 2]
-        [--epochs 30] [--seed 0]
+        [--epochs 30] [--seed 0] [--max-per-group M]
 
 ``--pool``: a frames store of unlabelled perturbations of many crystals (``kd-nnp data pyxtal``
 then ``kd-nnp data perturb``). Two arms, each its own label set of the pool
-(``<teacher>_active``, ``<teacher>_random``). Round r has the label budget
+(``<teacher>_<hash>_active``, ``<teacher>_<hash>_random``; the hash of the arguments the picks
+depend on, so runs with other ones never share a label set). Round r has the label budget
 ``initial + r * step``; each round labels up to that budget (``label_store`` with
 ``select.n``: round 0 random in both arms with the same seed, so both start from the same
 frames; later rounds by the disagreement of the previous round's committee, or at random),
@@ -29,7 +30,11 @@ from pathlib import Path
 from typing import Any
 
 RECIPE_KEYS = ("pool", "eval_codes", "teacher", "initial", "step", "rounds", "committee",
-               "epochs", "seed", "lr", "fmax")  # fmt: skip
+               "epochs", "seed", "lr", "fmax", "max_per_group")  # fmt: skip
+#: what the labels an arm picks depend on: its label sets are named by their hash, so runs
+#: with other such arguments on one pool never share (and silently reuse) a label set
+SELECTION_KEYS = ("teacher", "initial", "step", "committee", "epochs", "seed", "lr",
+                  "max_per_group")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=0.003)
     ap.add_argument("--fmax", type=float, default=0.05, help="relaxation force threshold")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-per-group", type=int, default=None,
+                    help="active arm: at most M picks of one crystal per round (select.max_per_group)")  # fmt: skip
     return ap.parse_args(argv)
 
 
@@ -87,6 +94,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from kd_nnp.teachers.select import SelectSettings
     from kd_nnp.training.train import run_training
     from kd_nnp.utils.jsonl import append_jsonl, read_jsonl
+    from kd_nnp.utils.provenance import stable_hash
     from kd_nnp.utils.threads import set_threads
 
     set_threads(1)
@@ -105,14 +113,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = out / "results.jsonl"
     done = {(r["arm"], r["round"]) for r in read_jsonl(results)}
     relax = RelaxSettings(fmax=args.fmax)
-    base = label_set_name(args.teacher)
+    tag = stable_hash({k: getattr(args, k) for k in SELECTION_KEYS}, length=8)
+    base = f"{label_set_name(args.teacher)}_{tag}"
     for arm in ("active", "random"):
         name = f"{base}_{arm}"
         prev: Path | None = None
         for r in range(args.rounds):
             budget = args.initial + r * args.step
             if arm == "active" and prev is not None:
-                sel = SelectSettings(n=budget, by="committee", committee=str(prev))
+                sel = SelectSettings(n=budget, by="committee", committee=str(prev),
+                                     max_per_group=args.max_per_group)  # fmt: skip
             else:
                 sel = SelectSettings(n=budget, seed=args.seed)
             rep = label_store(args.pool, args.teacher, name=name, select=sel, progress=False)

@@ -9,7 +9,9 @@ still missing are picked from the frames the label set does not hold yet:
   being the committee file (``student.pt`` of a ``kd-nnp train ... committee.size=K`` run on
   the frames labelled so far), scored by
   :func:`~kd_nnp.teachers.committee.committee_disagreement` (one backbone pass per frame) on
-  ``select.metric`` (default the energy std per atom, eV/atom); ties keep the store order.
+  ``select.metric`` (default the energy std per atom, eV/atom); ties keep the store order;
+  ``select.max_per_group=M`` takes at most M frames of one crystal (``group_id``) per round
+  (the plain top-N of a small committee tends to take one crystal's frames only).
 
 Every round is recorded, before its first label is computed, as one line of
 ``STORE/labels/<name>.select.jsonl``: the request (budget, method, committee file and its
@@ -68,6 +70,13 @@ class SelectSettings:
         metadata={"help": f"disagreement ranked by by=committee: {' | '.join(METRICS)}"},
     )
     seed: int = field(default=0, metadata={"help": "seed of by=random (with the round number)"})
+    max_per_group: int | None = field(
+        default=None,
+        metadata={
+            "help": "by=committee: at most this many picks per group (crystal) in one round, "
+            "the next-ranked frames of other groups instead; null = no limit"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.n is not None and int(self.n) < 1:
@@ -78,6 +87,8 @@ class SelectSettings:
             raise SettingsError("select.by=committee needs select.committee=PATH (student.pt)")
         if self.by == "random" and self.committee:
             raise SettingsError("select.committee is read only with select.by=committee")
+        if self.max_per_group is not None and int(self.max_per_group) < 1:
+            raise SettingsError(f"select.max_per_group must be >= 1, got {self.max_per_group}")
         if self.metric not in METRICS:
             raise SettingsError(f"select.metric must be one of {METRICS}, got {self.metric!r}")
 
@@ -134,12 +145,13 @@ def _request(settings: SelectSettings) -> dict[str, Any]:
             committee=str(settings.committee),
             committee_sha256=file_sha256(settings.committee),
             metric=settings.metric,
+            max_per_group=settings.max_per_group,
         )
     return req
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("budget", "by", "seed", "committee_sha256", "metric")
+    keys = ("budget", "by", "seed", "committee_sha256", "metric", "max_per_group")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -147,7 +159,31 @@ def _describe(r: dict[str, Any]) -> str:
     s = f"select.n={r['budget']} select.by={r['by']}"
     if r["by"] == "committee":
         s += f" select.committee={r['committee']} select.metric={r['metric']}"
+        if r.get("max_per_group") is not None:
+            s += f" select.max_per_group={r['max_per_group']}"
     return s + f" select.seed={r['seed']}"
+
+
+def _capped(
+    ranked: np.ndarray, store: FrameStore, pool: list[str], cap: int | None, k: int
+) -> list[int]:
+    """The first ``k`` of ``ranked`` (indices into ``pool``) taking at most ``cap`` frames of
+    one group (the frames' ``group_id``); fewer than ``k`` groups' worth: the cap is lifted
+    for the rest, in rank order."""
+    if cap is None:
+        return [int(i) for i in ranked[:k]]
+    group = {fr.frame_id: fr.group_id for fr in store.iter_frames(pool)}
+    taken: list[int] = []
+    count: dict[str, int] = {}
+    for i in ranked:
+        g = group[pool[i]]
+        if count.get(g, 0) < cap:
+            taken.append(int(i))
+            count[g] = count.get(g, 0) + 1
+            if len(taken) == k:
+                return taken
+    chosen = set(taken)
+    return taken + [int(i) for i in ranked if int(i) not in chosen][: k - len(taken)]
 
 
 def select_todo(
@@ -212,7 +248,7 @@ def select_todo(
                 f"select: committee {req['committee']} gives a non-finite {settings.metric} "
                 f"on frame {bad!r} of {store.root}"
             )
-        order = np.argsort(-values, kind="stable")[:k]
+        order = _capped(np.argsort(-values, kind="stable"), store, pool, settings.max_per_group, k)
         picks = [pool[i] for i in order]
         scores = [float(values[i]) for i in order]
         req["pool_scores"] = {
