@@ -1,7 +1,8 @@
 """``kd-nnp label store=STORE teacher=so3lr``: a teacher's labels for a store (Hydra verb over
 :func:`kd_nnp.teachers.label.label_store`, config ``conf/label.yaml``); ``shard=K/N`` labels
 one shard, ``merge_shards=true`` joins the shards
-(:func:`kd_nnp.teachers.label.merge_label_shards`)."""
+(:func:`kd_nnp.teachers.label.merge_label_shards`); ``select.n=N`` labels only the frames an
+active selection picks (:mod:`kd_nnp.teachers.select`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from kd_nnp.data.store import FrameStore, label_set_name
 from kd_nnp.errors import KdNnpError, SettingsError
 from kd_nnp.teachers.label import LabelReport, ShardMergeReport, label_store, merge_label_shards
+from kd_nnp.teachers.select import select_settings
 from kd_nnp.utils.shard import parse_shard
 
 
@@ -38,7 +40,10 @@ def _task(cfg: Any) -> LabelReport | ShardMergeReport:
     tname = tcfg.pop("name")
     check = bool(tcfg.pop("check", True))
     settings = {k: v for k, v in tcfg.items() if not str(k).startswith("_")}
+    select = select_settings(cfg)
     if cfg.merge_shards:
+        if select.active:
+            raise SettingsError("merge_shards=true joins shards: select.n does not apply")
         merged = merge_label_shards(cfg.store, cfg.name or label_set_name(tname), teacher=tname)
         print(merged.summary())
         return merged
@@ -55,6 +60,7 @@ def _task(cfg: Any) -> LabelReport | ShardMergeReport:
         flush_every=int(cfg.flush_every),
         progress=bool(cfg.progress),
         shard=shard,
+        select=select,
     )
     print(report.summary())
     return report

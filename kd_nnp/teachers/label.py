@@ -20,6 +20,7 @@ from typing import Any
 from kd_nnp.data.classify import ScopeWatch
 from kd_nnp.data.sources.merge import copy_labels, same_teacher
 from kd_nnp.data.store import Frame, FrameStore, Labels, LabelSet, StoreError, label_set_name
+from kd_nnp.teachers.select import SelectSettings, select_todo
 from kd_nnp.utils.provenance import environment_record, stable_hash
 from kd_nnp.utils.shard import check_shard, shard_of
 
@@ -108,6 +109,7 @@ def label_store(
     flush_every: int = 1,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    select: SelectSettings | None = None,
 ) -> LabelReport:
     """Label every not-yet-labelled frame of ``store`` with ``teacher`` (see module doc).
 
@@ -118,7 +120,11 @@ def label_store(
     (:func:`kd_nnp.utils.shard.shard_of` of the frame id) into their own file
     ``labels/shards/<name>/<k>-of-<n>.db``, which no other process writes (SQLite locking is
     unreliable on NFS); frames the label set itself already holds are skipped.
-    :func:`merge_label_shards` joins the shards into the label set."""
+    :func:`merge_label_shards` joins the shards into the label set.
+
+    ``select`` (active selection, :mod:`kd_nnp.teachers.select`): label only the frames that
+    bring the label set to ``select.n`` frames, picked at random or by committee
+    disagreement, each round recorded in ``labels/<name>.select.jsonl``."""
     from kd_nnp.teachers.calculators import check_spec
     from kd_nnp.utils.threads import set_threads
 
@@ -127,6 +133,13 @@ def label_store(
     fs = FrameStore(store)
     check_spec(f"teacher:{teacher}")  # a bad name fails before anything is written
     name = name or label_set_name(teacher)
+    if select is not None and not select.active:
+        select = None
+    if select is not None and shard is not None:
+        raise StoreError(
+            "select.n (active selection) picks from the whole store: it cannot run on one "
+            f"shard ({shard[0]}/{shard[1]}); label the selection unsharded"
+        )
     merged: LabelSet | None = None
     if shard is None:
         labels: LabelSet = fs.labels(name, create=True)
@@ -144,7 +157,7 @@ def label_store(
     with labels.writer_lock():
         return _label_locked(
             fs, labels, teacher, settings, workers, threads, retry_failed, limit, check,
-            flush_every, progress, shard, merged,
+            flush_every, progress, shard, merged, select,
         )  # fmt: skip
 
 
@@ -162,6 +175,7 @@ def _label_locked(
     progress: bool,
     shard: tuple[int, int] | None = None,
     merged: LabelSet | None = None,
+    select: SelectSettings | None = None,
 ) -> LabelReport:
     from kd_nnp.teachers.registry import load_teacher
     from kd_nnp.utils.parallel import run_tasks
@@ -189,7 +203,12 @@ def _label_locked(
     report.n_done_before = sum(
         1 for i in ids if status.get(i) == "ok" or (status.get(i) == "failed" and not retry_failed)
     )
-    todo = [i for i in ids if i not in status or (retry_failed and status[i] == "failed")]
+    if select is not None:
+        todo = select_todo(fs, labels, select, status)
+        if retry_failed:
+            todo += [i for i in ids if status.get(i) == "failed" and i not in todo]
+    else:
+        todo = [i for i in ids if i not in status or (retry_failed and status[i] == "failed")]
     if limit is not None:
         todo = todo[: int(limit)]
     report.n_todo = len(todo)
