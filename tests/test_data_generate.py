@@ -438,3 +438,17 @@ def test_cli_killed_by_sigkill_resumes(built, tmp_path):
     assert set(_frames(path)) == set(_frames(out))
     assert len(read_generate_log(str(path))) == 4
     assert set(FrameStore(path).labels("chgnet").load()) == set(_frames(out))
+
+
+def test_relaxation_does_not_blow_the_cell_up(calc):
+    """Regression (issue 15): with ``exp_cell_factor=1`` FIRE strained the cell by up to its
+    0.2 maxstep per step, so a compressed packing expanded by 20-40 % within 10 steps
+    (so3lr: benzene 1.20 -> 0.94 g/cm^3) and the corpus sampled loose crystals."""
+    mol = next(m for m in pyxtal_molecules(TINY) if m.source == "UREAXX02")
+    atoms, info = gen.make_packing(mol, 0, TINY)
+    s = replace(TINY, relax_steps=10, keep_every=1)
+    rho = [gen.density(a) for _, a, _ in gen.relax_trajectory(atoms, calc, s)]
+    assert rho[0] == pytest.approx(info["density0"])
+    assert min(rho) > 0.9 * rho[0], rho
+    with pytest.raises(SettingsError, match="cell_factor"):
+        replace(TINY, cell_factor=-1.0).check()
