@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -290,7 +291,7 @@ def test_workers_give_the_same_store(built, calc, tmp_path):
         assert lab_got[fid].energy == pytest.approx(lab_ref[fid].energy, abs=1e-4)
 
 
-def test_other_settings_refused(built, calc):
+def test_other_settings_refused(built, calc, tmp_path):
     out, _ = built
     with pytest.raises(StoreError, match=r"seed: 0 -> 1"):
         build_generate_store(
@@ -303,6 +304,16 @@ def test_other_settings_refused(built, calc):
     with pytest.raises(StoreError, match="calculator: 'chgnet' -> 'other'"):
         build_generate_store(
             str(out), TINY, calculator=calc, calculator_name="other", molecules=MOLS
+        )
+    # a store made before `cell_factor` existed (exp_cell_factor 1) is refused
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    recipe = json.loads((old / "generate.json").read_text())
+    del recipe["settings"]["cell_factor"]
+    (old / "generate.json").write_text(json.dumps(recipe))
+    with pytest.raises(StoreError, match=r"cell_factor: None -> 0.0"):
+        build_generate_store(
+            str(old), TINY, calculator=calc, calculator_name="chgnet", molecules=MOLS
         )
 
 
