@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -290,7 +291,7 @@ def test_workers_give_the_same_store(built, calc, tmp_path):
         assert lab_got[fid].energy == pytest.approx(lab_ref[fid].energy, abs=1e-4)
 
 
-def test_other_settings_refused(built, calc):
+def test_other_settings_refused(built, calc, tmp_path):
     out, _ = built
     with pytest.raises(StoreError, match=r"seed: 0 -> 1"):
         build_generate_store(
@@ -303,6 +304,16 @@ def test_other_settings_refused(built, calc):
     with pytest.raises(StoreError, match="calculator: 'chgnet' -> 'other'"):
         build_generate_store(
             str(out), TINY, calculator=calc, calculator_name="other", molecules=MOLS
+        )
+    # a store made before `cell_factor` existed (exp_cell_factor 1) is refused
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    recipe = json.loads((old / "generate.json").read_text())
+    del recipe["settings"]["cell_factor"]
+    (old / "generate.json").write_text(json.dumps(recipe))
+    with pytest.raises(StoreError, match=r"cell_factor: None -> 0.0"):
+        build_generate_store(
+            str(old), TINY, calculator=calc, calculator_name="chgnet", molecules=MOLS
         )
 
 
@@ -438,3 +449,17 @@ def test_cli_killed_by_sigkill_resumes(built, tmp_path):
     assert set(_frames(path)) == set(_frames(out))
     assert len(read_generate_log(str(path))) == 4
     assert set(FrameStore(path).labels("chgnet").load()) == set(_frames(out))
+
+
+def test_relaxation_does_not_blow_the_cell_up(calc):
+    """Regression (issue 15): with ``exp_cell_factor=1`` FIRE strained the cell by up to its
+    0.2 maxstep per step, so a compressed packing expanded by 20-40 % within 10 steps
+    (so3lr: benzene 1.20 -> 0.94 g/cm^3) and the corpus sampled loose crystals."""
+    mol = next(m for m in pyxtal_molecules(TINY) if m.source == "UREAXX02")
+    atoms, info = gen.make_packing(mol, 0, TINY)
+    s = replace(TINY, relax_steps=10, keep_every=1)
+    rho = [gen.density(a) for _, a, _ in gen.relax_trajectory(atoms, calc, s)]
+    assert rho[0] == pytest.approx(info["density0"])
+    assert min(rho) > 0.9 * rho[0], rho
+    with pytest.raises(SettingsError, match="cell_factor"):
+        replace(TINY, cell_factor=-1.0).check()

@@ -6,7 +6,7 @@ whole from the experimental cells with :mod:`kd_nnp.data.molecules`),
 groups drawn by their frequency in organic crystals, :data:`SPACE_GROUP_TABLE`), checked
 (density, molecules whole, not a duplicate of an earlier packing of the molecule), shrunk
 molecule-rigidly toward ``start_density`` (pyxtal's packings are loose) and relaxed with the
-given ASE calculator (cell + positions, ``FrechetCellFilter(exp_cell_factor=1)``). Every
+given ASE calculator (cell + positions, ``FrechetCellFilter``, ``exp_cell_factor`` = atoms). Every
 ``keep_every``-th step and the final one become frames; the calculator's energy, forces and
 stress on each are written as the label set ``label_name`` (no second labelling pass).
 
@@ -131,6 +131,13 @@ class GenerateSettings:
     dedup: bool = field(default=True, metadata=_h("drop packings StructureMatcher finds equal"))
     optimizer: str = field(default="FIRE", metadata=_h("FIRE | LBFGS"))
     relax_steps: int = field(default=150, metadata=_h("relaxation step budget (cell + positions)"))
+    cell_factor: float = field(
+        default=0.0,
+        metadata=_h(
+            "FrechetCellFilter's exp_cell_factor (0: the number of atoms, ASE's default; "
+            "1 lets the optimizer strain the cell by up to its maxstep per step)"
+        ),
+    )
     fmax: float = field(default=0.05, metadata=_h("relaxation force limit (eV/A)"))
     keep_every: int = field(default=10, metadata=_h("keep every k-th step (plus the final one)"))
     seed: int = field(default=0, metadata=_h("random seed (per packing: seed, molecule, k)"))
@@ -162,6 +169,10 @@ class GenerateSettings:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.relax_steps < 0:
             raise SettingsError(f"relax_steps must be >= 0, got {self.relax_steps}")
+        if self.cell_factor < 0:
+            raise SettingsError(
+                f"cell_factor must be >= 0 (0: number of atoms), got {self.cell_factor}"
+            )
 
 
 # ---------------------------------------------------------------- molecules
@@ -422,7 +433,11 @@ def relax_trajectory(
         state["step"] += 1
 
     opt_cls = FIRE if s.optimizer == "FIRE" else LBFGS
-    opt = opt_cls(FrechetCellFilter(a, exp_cell_factor=1.0), logfile=None)
+    # exp_cell_factor 1 (the old recipe) let FIRE's 0.2 maxstep act on the log-strain directly:
+    # the cell blew up by 20-40 % in the first 10 steps (so3lr: benzene 1.20 -> 0.94 g/cm^3,
+    # formamide 0.98 -> 0.65) and the weak long-range attraction never pulled it back.
+    ecf = s.cell_factor or float(len(a))
+    opt = opt_cls(FrechetCellFilter(a, exp_cell_factor=ecf), logfile=None)
     opt.attach(observe, interval=1)
     opt.run(fmax=s.fmax, steps=s.relax_steps)
     last = state["step"] - 1
