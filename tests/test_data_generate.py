@@ -305,16 +305,20 @@ def test_other_settings_refused(built, calc, tmp_path):
         build_generate_store(
             str(out), TINY, calculator=calc, calculator_name="other", molecules=MOLS
         )
-    # a store made before `cell_factor` existed (exp_cell_factor 1) is refused
+    # a store made before `cell_factor` existed was relaxed with exp_cell_factor 1: the new
+    # default is another recipe, --cell-factor 1 resumes it (nothing left to do here)
     old = tmp_path / "old"
     shutil.copytree(out, old)
     recipe = json.loads((old / "generate.json").read_text())
-    del recipe["settings"]["cell_factor"]
+    del recipe["settings"]["cell_factor"]  # (its frames were made with 0.0: only the record counts)
     (old / "generate.json").write_text(json.dumps(recipe))
-    with pytest.raises(StoreError, match=r"cell_factor: None -> 0.0"):
+    with pytest.raises(StoreError, match=r"cell_factor: 1.0 -> 0.0"):
         build_generate_store(
             str(old), TINY, calculator=calc, calculator_name="chgnet", molecules=MOLS
         )
+    rep = build_generate_store(str(old), replace(TINY, cell_factor=1.0), calculator=calc,
+                               calculator_name="chgnet", molecules=MOLS)  # fmt: skip
+    assert rep.accepted == 0 and len(FrameStore(old)) == len(FrameStore(out))
 
 
 def test_rejections_are_counted_by_cause(calc, tmp_path, monkeypatch):

@@ -408,6 +408,20 @@ def _structure(atoms: Atoms) -> Any:
 
 
 # ---------------------------------------------------------------- relaxation
+def _record_old_cell_factor(path: Any) -> None:
+    """A store recorded before ``cell_factor`` existed was relaxed with exp_cell_factor 1:
+    its record says so from now on, so ``--cell-factor 1`` resumes it and the new default is
+    refused as another recipe (instead of every setting being refused)."""
+    if not path.is_file():
+        return
+    rec = json.loads(path.read_text())
+    if "settings" in rec and "cell_factor" not in rec["settings"]:
+        rec["settings"]["cell_factor"] = 1.0
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=2))
+        tmp.replace(path)
+
+
 def relax_trajectory(
     atoms: Atoms, calc: Any, settings: GenerateSettings
 ) -> list[tuple[int, Atoms, Labels]]:
@@ -607,6 +621,7 @@ def build_generate_store(
     recipe = {"calculator": calculator_name, "label_set": name, "settings": as_dict(s)}
     if provenance and provenance.get("hash"):
         recipe["calculator_hash"] = provenance["hash"]
+    _record_old_cell_factor(dest.root / RECIPE_FILE)
     check_recipe(dest, RECIPE_FILE, recipe, "generate")
     labels = dest.labels(name, create=True)
     with labels.writer_lock():
