@@ -162,6 +162,7 @@ def test_evaluate_refuses_bad_settings(tmp_path):
         evaluate_student(OmegaConf.create({"codes": ["NOTACODE"]}), student, tmp_path)
 
 
+@pytest.mark.slow  # ~70 s: a 2-job sweep with relaxations (default suite near its 15-min limit)
 def test_paper_sweep_with_evaluation_reuses_baselines(labelled_store, tmp_path):
     """Two jobs of experiment=paper_fig4 (shrunk), each evaluating its student on one held-out
     crystal (demo-style split file); pretrained CHGNet is relaxed once, by the first job."""

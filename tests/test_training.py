@@ -274,6 +274,7 @@ def test_tiny_training_run_cli(labelled_store, tmp_path, chgnet_model):
     assert r2.returncode == 0 and (run / "metrics.json").stat().st_mtime == mtime
 
 
+@pytest.mark.slow  # ~25 s; a CLI multirun also runs in test_train_relaunch.py::test_d7 (default)
 def test_tiny_multirun_sweep(labelled_store, tmp_path):
     r = _cli(
         [
