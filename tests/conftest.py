@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -115,6 +117,38 @@ def small_crystals() -> dict:
         row = next(db.select(csd_code=code))
         out[code] = row.toatoms()
     return out
+
+
+def run_kd_nnp(
+    args: list[str], cwd: Path, *, timeout: int = 900, full_error: bool = False
+) -> subprocess.CompletedProcess:
+    """``python -m kd_nnp.cli ARGS`` in ``cwd`` (one thread, wandb offline); Hydra's full
+    traceback on with ``full_error``, off otherwise (the one-line user errors are tested)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    env.pop("HYDRA_FULL_ERROR", None)
+    if full_error:
+        env["HYDRA_FULL_ERROR"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "kd_nnp.cli", *args], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def urea_perturbations_store(tmp_path: Path):
+    """12 unlabelled frames of urea (UREAXX02: 7 strained + 4 rattled copies and the parent)."""
+    from kd_nnp.data.sources.perturb import make_perturbations
+    from kd_nnp.data.sources.pyxtal_db import pyxtal_frames
+    from kd_nnp.data.store import FrameStore
+
+    fs = FrameStore(tmp_path / "st", create=True)
+    fs.add_frames(
+        make_perturbations(
+            pyxtal_frames("test", codes=["UREAXX02"]), n_strain=7, n_rattle=4, seed=1
+        )
+    )
+    assert len(fs) == 12
+    return fs
 
 
 @pytest.fixture(scope="session")

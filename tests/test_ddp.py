@@ -11,14 +11,13 @@ process found the first job's dead process group.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_kd_nnp
 
 
 def _skip_without_gloo() -> None:
@@ -29,12 +28,7 @@ def _skip_without_gloo() -> None:
 
 
 def _cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "kd_nnp.cli", *args], cwd=cwd, env=env,
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    return run_kd_nnp(args, cwd, timeout=timeout)
 
 
 def _common(store: Path) -> list[str]:

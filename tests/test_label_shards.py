@@ -16,8 +16,6 @@ import pytest
 
 from kd_nnp.cli import main as kd_main
 from kd_nnp.data.sources.merge import copy_labels, merge_stores
-from kd_nnp.data.sources.perturb import make_perturbations
-from kd_nnp.data.sources.pyxtal_db import pyxtal_frames
 from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError
 from kd_nnp.errors import SettingsError
 from kd_nnp.teachers.label import label_store, merge_label_shards
@@ -30,15 +28,8 @@ KW = dict(progress=False, check=False)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FrameStore:
-    fs = FrameStore(tmp_path / "st", create=True)
-    fs.add_frames(
-        make_perturbations(
-            pyxtal_frames("test", codes=["UREAXX02"]), n_strain=7, n_rattle=4, seed=1
-        )
-    )
-    assert len(fs) == 12
-    return fs
+def store(urea_perturbations_store) -> FrameStore:
+    return urea_perturbations_store
 
 
 def _env() -> dict[str, str]:

@@ -6,24 +6,18 @@ finished jobs are skipped."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_kd_nnp
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "kd_nnp.cli", *args], cwd=cwd, env=env,
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    return run_kd_nnp(args, cwd)
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ import pytest
 from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
 
-from kd_nnp.data.sources.perturb import make_perturbations
 from kd_nnp.data.sources.pyxtal_db import pyxtal_frames
 from kd_nnp.data.store import FrameStore, StoreError
 from kd_nnp.teachers.label import label_store
@@ -80,15 +79,8 @@ def slow_emt(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FrameStore:
-    fs = FrameStore(tmp_path / "st", create=True)
-    fs.add_frames(
-        make_perturbations(
-            pyxtal_frames("test", codes=["UREAXX02"]), n_strain=7, n_rattle=4, seed=1
-        )
-    )
-    assert len(fs) == 12
-    return fs
+def store(urea_perturbations_store) -> FrameStore:
+    return urea_perturbations_store
 
 
 def test_label_two_teachers_coexist_with_provenance(store: FrameStore):

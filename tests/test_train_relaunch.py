@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_kd_nnp
 
 from kd_nnp.utils.provenance import JobConfigMismatch, check_job_config, config_differences
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "kd_nnp.cli", *args], cwd=cwd, env=env,
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    return run_kd_nnp(args, cwd)
 
 
 def _tiny(store) -> list[str]:

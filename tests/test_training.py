@@ -5,14 +5,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_kd_nnp
 
 from kd_nnp.training.data import FramesDataModule, FramesDataset, collate
 from kd_nnp.training.loss import DistillationLoss
@@ -215,11 +214,7 @@ def test_configuration_error_before_training(labelled_store):
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
-    return subprocess.run(
-        [sys.executable, "-m", "kd_nnp.cli", *args], cwd=cwd, env=env,
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    return run_kd_nnp(args, cwd, full_error=True)
 
 
 def _tiny_data(store) -> list[str]:
