@@ -116,16 +116,15 @@ def build_arm_store(
     return out
 
 
-def train_config(overrides: list[str], store: Path, exclude: Path, run_dir: Path) -> Any:
-    """The demo's recipe (plus ``overrides``) training on ``store`` into ``run_dir``."""
+def compose_demo(overrides: list[str]) -> Any:
+    """The demo's config (``conf/demo.yaml``) with ``overrides``: its recipe trains every arm
+    (:func:`kd_nnp.evaluation.cv.fold_config`), its ``demo.relax`` relaxes the crystals."""
     from hydra import compose, initialize_config_dir
 
-    from kd_nnp.evaluation.cv import fold_config
     from kd_nnp.utils.paths import conf_dir
 
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = compose("demo", overrides=overrides)
-    return fold_config(cfg, store, exclude, run_dir)
+        return compose("demo", overrides=overrides)
 
 
 def crystal_counts(store: Any) -> tuple[int, int]:
@@ -215,16 +214,15 @@ def plot(rows: list[dict[str, Any]], base: dict[str, Any], path: Path) -> None:
 
 
 def run(argv: list[str]) -> dict[str, Any]:
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from kd_nnp.data.store import FrameStore
-    from kd_nnp.evaluation.cv import cv_crystals, teacher_label
+    from kd_nnp.evaluation.cv import cv_crystals, fold_config, teacher_label
     from kd_nnp.evaluation.lattice import run_lattice_benchmark, summarize_lattice
     from kd_nnp.evaluation.relax import run_relax_benchmark
     from kd_nnp.evaluation.settings import LatticeSettings, RelaxSettings
+    from kd_nnp.teachers.label import resolve_label_set
     from kd_nnp.training.train import run_training
-    from kd_nnp.utils.paths import conf_dir
     from kd_nnp.utils.settings import from_mapping
     from kd_nnp.utils.threads import set_threads
 
@@ -256,10 +254,10 @@ def run(argv: list[str]) -> dict[str, Any]:
             raise KdNnpError(f"--demo-out {demo_out} has no {name}: run `make demo` (or "
                              "`kd-nnp demo`) first")  # fmt: skip
     demo_store, generated = FrameStore(demo_out / "store"), FrameStore(a.generated)
-    train_cfg = train_config(a.overrides, demo_out / "store", demo_out / "heldout_molecules.json",
-                             a.out / "probe")  # fmt: skip
-    label_set = str(train_cfg.data.label_set)
-    teacher = label_set
+    demo_cfg = compose_demo(a.overrides)
+    teacher = str(demo_cfg.demo.teacher)
+    # a module:factory teacher's label set is stored under label_set_name(spec)
+    label_set = resolve_label_set(demo_store, str(demo_cfg.data.label_set))
     for s in (demo_store, generated):
         if label_set not in s.label_names():
             raise KdNnpError(f"{s.root} has no label set {label_set!r} (it has "
@@ -283,8 +281,6 @@ def run(argv: list[str]) -> dict[str, Any]:
     rec_path.write_text(json.dumps(record, indent=1))
 
     crystals, _ = cv_crystals(["test", "mech"], None, eval_ids)
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        demo_cfg = compose("demo", overrides=a.overrides)
     relax = from_mapping(RelaxSettings, OmegaConf.to_container(demo_cfg.demo.relax, resolve=True),
                          where="demo.relax")  # fmt: skip
     print(f"learning curve: {len(order)} usable corpus molecules ({len(held_groups)} held out); "
@@ -302,7 +298,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         print(f"[m{n}] training on {store} ({n_cryst} generated crystals, {n_gen} frames)",
               flush=True)  # fmt: skip
         exclude = demo_out / "heldout_molecules.json"
-        metrics = run_training(train_config(a.overrides, store, exclude, run_dir), run_dir)
+        metrics = run_training(fold_config(demo_cfg, store, exclude, run_dir), run_dir)
         # the training job's own record (data, feature build and fit), not this call's time: a
         # rerun finds the job done and would report ~1 s
         train_s = sum((metrics.get("time_s") or {}).values()) or time.perf_counter() - t
