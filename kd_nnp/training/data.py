@@ -1,7 +1,9 @@
 """``FramesDataModule``: labelled frames from a store -> cached CHGNet graphs -> batches.
 
 - reads frames (hard labels) and one teacher label set (soft labels) from a
-  :class:`~kd_nnp.data.store.FrameStore`;
+  :class:`~kd_nnp.data.store.FrameStore`, or several with weights (multi-teacher soft
+  targets: each set aligned per element on its own, then one weighted-mean target,
+  :func:`parse_label_sets`);
 - splits off a validation set (grouped by ``group_id`` so no material/trajectory is in both),
   then draws ``n_train`` training frames from a seeded permutation of the rest, so that for a
   given seed the Ntrain=100 set is inside the Ntrain=500 set (nested subsets share caches;
@@ -20,7 +22,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +171,55 @@ def drop_molecules(frames: list[Frame], keys: set[str]) -> tuple[list[Frame], li
     return kept, dropped
 
 
+def parse_label_sets(spec: Any) -> dict[str, float] | None:
+    """``data.label_set`` as ``{name: weight}``: a name (one teacher, weight 1), a mapping of
+    names to weights (several teachers), or None (no soft labels).
+
+    Weights must be finite and >= 0 with at least one > 0; they need not sum to 1 (the target
+    is the weighted mean). A set of weight 0 is left out entirely, so ``{a: 1, b: 0}`` is the
+    one-teacher run of ``a``.
+    """
+    if spec is None or (isinstance(spec, str) and not spec):
+        return None
+    if isinstance(spec, str):
+        return {spec: 1.0}
+    if not isinstance(spec, Mapping) or not spec:
+        raise ValueError(
+            f"data.label_set must be a label-set name or a mapping of names to weights "
+            f"(e.g. {{so3lr: 0.5, chgnet_d3: 0.5}}), got {spec!r}"
+        )
+    weights: dict[str, float] = {}
+    for name, w in spec.items():
+        try:
+            wf = float(w)
+        except (TypeError, ValueError):
+            raise ValueError(f"data.label_set: weight of {name!r} is not a number: {w!r}") from None
+        if not np.isfinite(wf) or wf < 0:
+            raise ValueError(
+                f"data.label_set: weight of {name!r} must be finite and >= 0, got {w!r}"
+            )
+        weights[str(name)] = wf
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError(f"data.label_set: every weight is 0 ({weights}); give one a weight > 0")
+    return weights
+
+
+def mix_labels(labels: Sequence[Labels], weights: Sequence[float]) -> Labels:
+    """The weighted mean of several teachers' labels of one frame: energy (raw, the losses use
+    the per-set-aligned mean instead), forces and stress; a quantity one teacher lacks is
+    left out (None), so the mixed forces and stress stay the derivatives of the mixed energy."""
+    w = np.asarray(weights, dtype=float) / float(np.sum(weights))
+
+    def mean(attr: str) -> Any:
+        vals = [getattr(lab, attr) for lab in labels]
+        if any(v is None for v in vals):
+            return None
+        return sum(wi * np.asarray(v, dtype=float) for wi, v in zip(w, vals))
+
+    energy = mean("energy")
+    return Labels(None if energy is None else float(energy), mean("forces"), mean("stress"))
+
+
 # --------------------------------------------------------------------------- datamodule
 class FramesDataModule(L.LightningDataModule):
     """Labelled frames for distillation.
@@ -176,7 +227,13 @@ class FramesDataModule(L.LightningDataModule):
     Args:
         store: path of a frames store (``kd-nnp data ...``).
         label_set: name of the teacher label set (``STORE/labels/<name>.db``); None for
-            hard-only training.
+            hard-only training; or a mapping ``{name: weight}`` of several label sets
+            (multi-teacher soft targets, :func:`parse_label_sets`): each set's energies are
+            aligned per element on their own (``reference``), the soft target is the weighted
+            mean of the aligned energies and of the forces and stresses (so the target forces
+            stay the derivative of the target energy), and only frames that every set of
+            weight > 0 labels get a soft label (the others are counted in
+            ``summary["skipped"]["incomplete_label_sets"]``).
         n_train: number of training frames (None: all of the training pool).
         val_fraction / n_val: size of the validation split.
         seed: draws the split and the training subset.
@@ -219,7 +276,7 @@ class FramesDataModule(L.LightningDataModule):
     def __init__(
         self,
         store: str,
-        label_set: str | None = None,
+        label_set: str | Mapping[str, float] | None = None,
         n_train: int | None = None,
         val_fraction: float = 0.1,
         n_val: int | None = None,
@@ -243,7 +300,8 @@ class FramesDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.store_path = Path(store)
-        self.label_set = label_set
+        self.label_set: Any = label_set
+        self.label_weights = parse_label_sets(label_set)
         self.n_train = n_train
         self.val_fraction = val_fraction
         self.n_val = n_val
@@ -277,7 +335,8 @@ class FramesDataModule(L.LightningDataModule):
         self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
-        self.reference: ElementReference | None = None
+        # one reference; with several label sets {name: {weight, reference...}}
+        self.reference: ElementReference | dict[str, Any] | None = None
         self.hard_reference: ElementReference | None = None
         self.unaligned: list[str] = []
         self.hard_unaligned: list[str] = []
@@ -291,14 +350,38 @@ class FramesDataModule(L.LightningDataModule):
         store = FrameStore(self.store_path)
         frames = list(store.iter_frames())
         soft: dict[str, Labels] = {}
-        if self.use_soft and self.label_set:
+        skipped = {"too_large": 0, "no_labels": 0}
+        self._soft_sets: dict[str, dict[str, Labels]] = {}
+        if self.use_soft and self.label_weights:
             from kd_nnp.teachers.label import resolve_label_set
 
             # a module:factory teacher's set is stored as label_set_name(spec)
-            self.label_set = resolve_label_set(store, str(self.label_set))
-            soft = store.labels(self.label_set).load()
+            weights = {resolve_label_set(store, name): w for name, w in self.label_weights.items()}
+            unused = sorted(n for n, w in weights.items() if w == 0)
+            self.label_weights = {n: w for n, w in weights.items() if w > 0}
+            if len(self.label_weights) == 1 and isinstance(self.label_set, str):
+                self.label_set = next(iter(self.label_weights))
+            else:
+                self.label_set = dict(weights)
+            self._soft_sets = {n: store.labels(n).load() for n in self.label_weights}
+            if unused:
+                log.info("data: label set(s) %s have weight 0 and are not read", unused)
+            if len(self._soft_sets) == 1:
+                soft = next(iter(self._soft_sets.values()))
+            else:
+                sets = list(self._soft_sets.values())
+                common = set(sets[0]).intersection(*sets[1:])
+                incomplete = set().union(*sets) - common
+                skipped["incomplete_label_sets"] = len(incomplete)
+                if incomplete:
+                    log.warning(
+                        "data: %d frame(s) are labelled by some but not all of the label sets "
+                        "%s; they get no soft label (e.g. %s)",
+                        len(incomplete), list(self._soft_sets), sorted(incomplete)[:3],
+                    )  # fmt: skip
+                w = list(self.label_weights.values())
+                soft = {fid: mix_labels([s[fid] for s in sets], w) for fid in common}
         usable: list[Frame] = []
-        skipped = {"too_large": 0, "no_labels": 0}
         excluded = excluded_molecules(self.exclude_molecules)
         if excluded is not None:
             frames, dropped = drop_molecules(frames, set(excluded["keys"]))
@@ -378,7 +461,10 @@ class FramesDataModule(L.LightningDataModule):
         self.train_samples = [make_logged(f) for f in pool]
         self.val_samples = [make_logged(f) for f in val_ids]
         self.hard_reference, self.hard_unaligned = self._align("hard", self.hard_reference_method)
-        self.reference, self.unaligned = self._align("soft", self.reference_method)
+        if len(self._soft_sets) > 1:
+            self.reference, self.unaligned = self._align_mixed(self.reference_method)
+        else:
+            self.reference, self.unaligned = self._align("soft", self.reference_method)
         self.summary = {
             "store": str(self.store_path),
             "label_set": self.label_set,
@@ -393,7 +479,12 @@ class FramesDataModule(L.LightningDataModule):
             "force_atoms": self.force_atoms,
             "force_seed": self.force_seed,
             "stress_mode": self.stress_mode,
-            "reference": self.reference.to_dict() if self.reference else None,
+            "label_weights": self.label_weights,
+            "reference": (
+                self.reference.to_dict()
+                if isinstance(self.reference, ElementReference)
+                else self.reference
+            ),
             "soft_energy_unaligned_frames": self.unaligned,
             "hard_reference": self.hard_reference.to_dict() if self.hard_reference else None,
             "hard_energy_unaligned_frames": self.hard_unaligned,
@@ -402,7 +493,40 @@ class FramesDataModule(L.LightningDataModule):
         }
         log.info("data: %s", {k: v for k, v in self.summary.items() if "groups" not in k})
 
-    def _align(self, target: str, method: str) -> tuple[ElementReference, list[str]]:
+    def _align_mixed(self, method: str) -> tuple[dict[str, Any], list[str]]:
+        """Several label sets: each set's soft energies aligned on their own (:meth:`_align`
+        with that set's energies), then the weighted mean of the aligned energies is the soft
+        energy; a frame unaligned in any set gets none. Returns the references per set."""
+        samples = self.train_samples + self.val_samples
+        total = sum(self.label_weights.values())
+        mixed = {s.frame_id: 0.0 for s in samples if s.soft is not None}
+        refs: dict[str, Any] = {}
+        unaligned: set[str] = set()
+        for name, weight in self.label_weights.items():
+            labels = self._soft_sets[name]
+            for s in samples:
+                s.soft_energy = None
+            ref, bad = self._align(
+                "soft", method, raw=lambda s, lab=labels: (  # type: ignore[misc]
+                    None if s.soft is None or s.frame_id not in lab else lab[s.frame_id].energy
+                ),
+            )  # fmt: skip
+            refs[name] = {"weight": weight, **ref.to_dict()}
+            unaligned.update(bad)
+            for s in samples:
+                if s.frame_id in mixed:
+                    if s.soft_energy is None:
+                        unaligned.add(s.frame_id)
+                    else:
+                        mixed[s.frame_id] += weight / total * s.soft_energy
+        for s in samples:
+            if s.soft is not None:
+                s.soft_energy = None if s.frame_id in unaligned else mixed[s.frame_id]
+        return refs, sorted(unaligned)
+
+    def _align(
+        self, target: str, method: str, raw: Any = None
+    ) -> tuple[ElementReference, list[str]]:
         """Fit one per-element reference of the ``target`` ("hard" or "soft") energies on the
         training frames and apply it to every frame.
 
@@ -410,11 +534,14 @@ class FramesDataModule(L.LightningDataModule):
         hard energies the losses see, i.e. after the hard alignment) or ``none``. A frame whose
         composition lies outside the span of the fitted ones gets no energy label (its
         ``<target>_energy`` becomes None) and is returned in the list of unaligned frames.
+        ``raw``: the energy of a sample to align (default: its ``target`` label's energy).
         """
 
-        def raw(s: Sample) -> float | None:
-            lab = s.hard if target == "hard" else s.soft
-            return None if lab is None else lab.energy
+        if raw is None:
+
+            def raw(s: Sample) -> float | None:
+                lab = s.hard if target == "hard" else s.soft
+                return None if lab is None else lab.energy
 
         labelled = [s for s in self.train_samples if raw(s) is not None]
         if method == "none" or not labelled:
