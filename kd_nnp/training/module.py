@@ -68,6 +68,11 @@ class DistillationModule(L.LightningModule):
         allow_memory_overcommit: go on when the full backend's memory estimate of the
             largest batch exceeds the available memory by far (otherwise KdNnpError before
             training; :mod:`kd_nnp.training.memory_check`).
+        anchor: L2-SP strength: the training loss gains ``anchor * mean((w - w0)^2)`` over the
+            trainable parameters, ``w0`` their starting (pretrained) values, so features the
+            training frames do not cover keep the pretrained head's response instead of an
+            unbounded extrapolation. 0 (default): off. Only the training loss; the epoch
+            losses and MAEs stay the distillation loss (``train/anchor`` logs the penalty).
     """
 
     def __init__(
@@ -81,8 +86,12 @@ class DistillationModule(L.LightningModule):
         backend: str = "full",
         max_feature_bytes: int = 512 * 2**20,
         allow_memory_overcommit: bool = False,
+        anchor: float = 0.0,
     ) -> None:
         super().__init__()
+        anchor = float(anchor)
+        if not anchor >= 0 or anchor == float("inf"):
+            raise SettingsError(f"model.anchor must be finite and >= 0, got {anchor}")
         student = dict(student or {})
         self.student_cfg = {
             "model_name": student.get("model_name", "0.3.0"),
@@ -99,10 +108,19 @@ class DistillationModule(L.LightningModule):
                 "compute_forces": compute_forces,
                 "compute_stress": compute_stress,
                 "backend": backend,
+                "anchor": float(anchor),
             }
         )
         self.student = load_student(**self.student_cfg)
         self.trainable_names = trainable_parameter_names(self.student)
+        self.anchor = anchor
+        # the starting values of the trainable parameters (before any checkpoint is restored:
+        # a resumed run is anchored to the same pretrained weights); not saved in checkpoints
+        self._anchor_names: list[str] = []
+        if anchor > 0:
+            for i, p in enumerate(p for p in self.student.parameters() if p.requires_grad):
+                self.register_buffer(f"_anchor_{i}", p.detach().clone(), persistent=False)
+                self._anchor_names.append(f"_anchor_{i}")
         self.optimizer = optimizer if optimizer is not None else partial(torch.optim.Adam, lr=0.01)
         self.scheduler = scheduler
         self.compute_forces = bool(compute_forces) or self.loss_fn.needs_forces
@@ -223,8 +241,22 @@ class DistillationModule(L.LightningModule):
         self.loss_metrics[f"{split}_loss"].update(result.total.detach(), weight=len(batch))
         return result.total
 
+    def anchor_penalty(self) -> Tensor:
+        """``mean((w - w0)^2)`` over every trainable parameter element (see ``anchor``)."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        total = sum(
+            ((p - getattr(self, n)) ** 2).sum()
+            for p, n in zip(params, self._anchor_names, strict=True)
+        )
+        return total / sum(p.numel() for p in params)
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if self.anchor > 0:
+            penalty = self.anchor_penalty()
+            self.log("train/anchor", penalty.detach(), on_step=False, on_epoch=True)
+            loss = loss + self.anchor * penalty
+        return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._step(batch, "val")
