@@ -39,7 +39,7 @@ def _train(module: DistillationModule, batch, steps: int = 20) -> float:
 def test_anchor_holds_the_head_near_its_pretrained_weights(urea_store):
     from kd_nnp.training.data import FramesDataModule
 
-    dm = FramesDataModule(str(urea_store), label_set="toy", n_val=2, grouped=False, batch_size=9)
+    dm = FramesDataModule(str(urea_store), label_set="toy", n_val=2, grouped=False, batch_size=3)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     free, held = _module(0.0), _module(1e4)

@@ -132,6 +132,7 @@ def test_unknown_set_names_the_sets_the_store_has(two_teacher_store):
         _dm(two_teacher_store, {"toy": 1, "nosuch": 1})
 
 
+@pytest.mark.slow  # ~30 s: two CLI trainings; test_weight_zero_is_the_one_teacher_run checks the targets
 def test_cli_two_teachers_with_weight_zero_equal_one_teacher(two_teacher_store, tmp_path):
     """The same training job with ``data.label_set=toy`` and ``data.label_set={toy:1,toy2:0}``:
     identical loss histories and students."""
