@@ -506,14 +506,13 @@ class FramesDataModule(L.LightningDataModule):
             labels = self._soft_sets[name]
             for s in samples:
                 s.soft_energy = None
-            ref, bad = self._align(
+            ref, _ = self._align(
                 "soft", method, raw=lambda s, lab=labels: (  # type: ignore[misc]
                     None if s.soft is None or s.frame_id not in lab else lab[s.frame_id].energy
                 ),
             )  # fmt: skip
             refs[name] = {"weight": weight, **ref.to_dict()}
-            unaligned.update(bad)
-            for s in samples:
+            for s in samples:  # a frame this set cannot align (in ``bad``) has no soft_energy
                 if s.frame_id in mixed:
                     if s.soft_energy is None:
                         unaligned.add(s.frame_id)

@@ -108,7 +108,7 @@ class DistillationModule(L.LightningModule):
                 "compute_forces": compute_forces,
                 "compute_stress": compute_stress,
                 "backend": backend,
-                "anchor": float(anchor),
+                "anchor": anchor,
             }
         )
         self.student = load_student(**self.student_cfg)
