@@ -1,8 +1,10 @@
 """``kd-nnp demo`` (``make demo``): the main job, end to end, offline, on embedded data.
 
-1. training frames from pyxtal's shipped organic crystals (teacher-pre-relaxed, strained and
-   rattled, seeded), no molecule shared with the evaluation crystals;
-2. soft labels from the default teacher (``so3lr``), cached in the store;
+1. training frames from pyxtal's shipped organic crystals (pre-relaxed by
+   ``demo.prerelax_teacher``, SO3LR, then strained and rattled, seeded), no molecule shared
+   with the evaluation crystals;
+2. soft labels from the default teacher (``chgnet_d3``: CHGNet + D3(BJ), chosen by measurement,
+   docs/demo.md), cached in the store;
 3. soft-only distillation of CHGNet's MLP (recipe in ``conf/demo.yaml``, see docs/demo.md);
 4. relaxation benchmark on held-out experimental crystals of ``test.db`` for pretrained
    CHGNet, the teacher and the distilled student, and their lattice energies (the relaxed
@@ -110,6 +112,13 @@ def write_molecule_list(path: Path, crystals: list[Any]) -> list[str]:
     return keys
 
 
+def prerelax_teacher(cfg: DictConfig) -> str:
+    """The teacher that pre-relaxes the training crystals' X-ray positions:
+    ``demo.prerelax_teacher``, or ``demo.teacher`` when that is null."""
+    name = cfg.demo.get("prerelax_teacher")
+    return str(cfg.demo.teacher if name is None else name)
+
+
 def build_store(
     cfg: DictConfig, train_crystals: list[tuple[str, Any]], out: Path, workers: int = 1
 ) -> Path:
@@ -123,7 +132,7 @@ def build_store(
         train_crystals,
         OmegaConf.to_container(cfg.demo.frames, resolve=True),
         seed=int(cfg.demo.seed),
-        teacher=str(cfg.demo.teacher),
+        teacher=prerelax_teacher(cfg),
         workers=workers,
     )
     n_mol = cfg.demo.get("molecules")
@@ -248,7 +257,10 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
         json.dumps({"eval": [k for k, _ in eval_set], "train": [k for k, _ in train_set]}, indent=2)
     )
     write_molecule_list(out / "heldout_molecules.json", [a for _, a in eval_set])
-    print(f"[1/5] crystals: {len(train_set)} for training, {len(eval_set)} held out")
+    print(
+        f"[1/5] crystals: {len(train_set)} for training, {len(eval_set)} held out "
+        f"(training crystals pre-relaxed by {prerelax_teacher(cfg)})"
+    )
     store_dir = build_store(cfg, train_set, out, workers=int(cfg.demo.workers))
     times["frames"] = time.perf_counter() - t
 

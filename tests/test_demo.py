@@ -45,7 +45,32 @@ def test_split_logs_each_skipped_crystal_once(caplog):
     assert lines and len(lines) == len(set(lines))
 
 
-@pytest.mark.teacher("so3lr")  # the demo's default teacher
+def test_demo_default_teacher_and_prerelax_teacher(monkeypatch, tmp_path):
+    """The demo distils CHGNet + D3 (chosen by measurement, docs/demo.md) from frames whose
+    X-ray positions SO3LR pre-relaxed; `demo.prerelax_teacher=null` pre-relaxes with the
+    teacher itself, and the store recipe records the pre-relaxing teacher."""
+    from hydra import compose, initialize_config_dir
+
+    import kd_nnp.training.crystal_store as cs
+    from kd_nnp.demo import build_store, prerelax_teacher
+
+    conf = os.path.join(os.path.dirname(__file__), "..", "conf")
+    with initialize_config_dir(os.path.abspath(conf), version_base=None):
+        cfg = compose("demo")
+        same = compose("demo", overrides=["teacher=so3lr"])
+        own = compose("demo", overrides=["demo.prerelax_teacher=null"])
+    assert cfg.teacher.name == cfg.demo.teacher == cfg.data.label_set == "chgnet_d3"
+    assert prerelax_teacher(cfg) == "so3lr"
+    assert same.data.label_set == "so3lr" and prerelax_teacher(same) == "so3lr"
+    assert prerelax_teacher(own) == "chgnet_d3"
+    seen = []
+    monkeypatch.setattr(cs, "build_crystal_store", lambda *a, teacher, **k: seen.append(teacher))
+    build_store(cfg, [], tmp_path)
+    build_store(own, [], tmp_path)
+    assert seen == ["so3lr", "chgnet_d3"]
+
+
+@pytest.mark.teacher("so3lr", "chgnet_d3")  # the demo's pre-relaxing and default teachers
 def test_quick_demo_runs_end_to_end(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
     cmd = [sys.executable, "-m", "kd_nnp.cli", "demo", "demo=quick",
@@ -55,7 +80,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo-quick"  # conf/demo/quick.yaml
     result = json.loads((out / "demo_result.json").read_text())
     methods = {row["method"] for row in result["summary"]}
-    assert {"CHGNet (pretrained)", "teacher (so3lr)", "student (distilled)"} <= methods
+    assert {"CHGNet (pretrained)", "teacher (chgnet_d3)", "student (distilled)"} <= methods
     for key in ("table", "loss_curves", "student"):
         assert os.path.exists(result["paths"][key]), key
     assert (out / "relax" / "parity_volume.png").exists()
@@ -63,7 +88,8 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert not set(crystals["eval"]) & set(crystals["train"])
     assert "results" in r.stdout and "outputs:" in r.stdout
     assert "volume distance to the teacher" in r.stdout
-    assert result["to_teacher"]["student (distilled)"]["reference"] == "teacher (so3lr)"
+    assert "pre-relaxed by so3lr" in r.stdout
+    assert result["to_teacher"]["student (distilled)"]["reference"] == "teacher (chgnet_d3)"
     # the forgetting check (conf/demo/quick.yaml: 5 built-in structures, no perturbed copies,
     # + the shared MPtrj frames when present): the trained MLP moved the student
     fg = result["forgetting"]["summary"]
@@ -74,13 +100,13 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert "forgetting (student vs pretrained CHGNet" in r.stdout
     # the lattice-energy column: every method, every held-out crystal, finite and bound
     lat = result["lattice"]
-    assert lat["reference"] == "teacher (so3lr)" and not lat["failures"], lat["failures"]
+    assert lat["reference"] == "teacher (chgnet_d3)" and not lat["failures"], lat["failures"]
     assert {row["method"] for row in lat["summary"]} == methods
     for crystal in crystals["eval"]:
         values = lat["per_crystal_kj_mol"][crystal]
         for m in methods:
             assert values[m] is not None and -400 < values[m] < 0, (crystal, m, values)
-    teacher_row = next(r for r in lat["summary"] if r["method"] == "teacher (so3lr)")
+    teacher_row = next(r for r in lat["summary"] if r["method"] == "teacher (chgnet_d3)")
     assert teacher_row["mae"] == 0.0 and teacher_row["n"] == len(crystals["eval"])
     assert "E_latt mean" in r.stdout and "lattice energy per crystal" in r.stdout
     assert os.path.exists(result["paths"]["lattice_table"])
