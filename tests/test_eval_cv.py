@@ -1,6 +1,8 @@
 """Leave-molecule-out cross-validation (`kd-nnp evaluate cv`, kd_nnp.evaluation.cv): folds of
-whole molecules, the summary and its bootstrap intervals, and (slow) the verb end to end on 3
-tiny crystals in 2 folds, resumed after an interruption."""
+whole molecules, the summary and its bootstrap intervals, the lattice step on known-answer
+calculators (the CV's own relaxations reused, each fold's student on its own crystals, resumed
+gas relaxations), and (slow) the verb end to end on 3 tiny crystals in 2 folds, the lattice
+step added to a finished CV, resumed after an interruption."""
 
 from __future__ import annotations
 
@@ -10,18 +12,29 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from test_eval_lattice import BoundMoleculesCalc
 
 from kd_nnp.errors import KdNnpError
 from kd_nnp.evaluation.cv import (
+    BASELINES,
     CHGNET,
+    LATTICE,
     STUDENT,
     assign_folds,
     cv_crystals,
+    cv_lattice,
     cv_summary,
+    fold_relax_dir,
+    lattice_markdown,
+    lattice_summary,
     make_folds,
     molecule_groups,
+    teacher_label,
 )
+from kd_nnp.evaluation.lattice import EV_TO_KJ_MOL, lattice_energy
+from kd_nnp.evaluation.settings import LatticeSettings, RelaxSettings
 from kd_nnp.evaluation.stats import bootstrap_ci
+from kd_nnp.utils.jsonl import read_jsonl
 
 
 def test_molecule_groups_are_transitive():
@@ -111,6 +124,191 @@ def test_summary_values():
     assert [f["n"] for f in s["student_per_fold"]] == [2, 1]
 
 
+def test_lattice_summary_values():
+    """Failures (status error) give no value and are counted; MAE and signed mean against the
+    teacher over the crystals both have, with their seeded bootstrap intervals; the spread."""
+    t = teacher_label("t")
+    rows = [  # (method, crystal, fold, E_latt or None = failed)
+        (t, "A", 0, -50.0), (t, "B", 0, -60.0), (t, "C", 1, -80.0), (t, "D", 1, None),
+        (STUDENT, "A", 0, -45.0), (STUDENT, "B", 0, -70.0), (STUDENT, "C", 1, None),
+        (STUDENT, "D", 1, -40.0),
+        (CHGNET, "A", 0, -30.0), (CHGNET, "B", 0, -35.0), (CHGNET, "C", 1, -50.0),
+        (CHGNET, "D", 1, -20.0),
+    ]  # fmt: skip
+    per = pd.DataFrame(
+        [{"fold": f, "method": m, "id": c, "status": "ok" if e is not None else "error",
+          "e_latt_kj_mol": e if e is not None else np.nan} for m, c, f, e in rows]
+    )  # fmt: skip
+    s = lattice_summary(per, "t", n_boot=500, seed=2)
+    st = s["methods"][STUDENT]
+    assert (st["n"], st["n_crystals"], st["failures"]) == (3, 4, 1)
+    assert st["mean_kj_mol"] == pytest.approx(-155 / 3) and st["median_kj_mol"] == -45.0
+    assert s["methods"][t]["failures"] == 1 and s["methods"][CHGNET]["failures"] == 0
+    d = s["to_teacher"][STUDENT]  # A: +5, B: -10 (C: student failed, D: teacher failed)
+    assert d["n"] == 2 and d["reference"] == t
+    assert d["mae_kj_mol"] == pytest.approx(7.5) and d["mean_diff_kj_mol"] == pytest.approx(-2.5)
+    assert tuple(d["mae_ci95_kj_mol"]) == bootstrap_ci([5.0, -10.0], n_boot=500, seed=2)
+    assert tuple(d["mean_diff_ci95_kj_mol"]) == bootstrap_ci(
+        [5.0, -10.0], n_boot=500, seed=2, absolute=False
+    )
+    c = s["to_teacher"][CHGNET]  # +20, +25, +30
+    assert c["n"] == 3 and c["mae_kj_mol"] == pytest.approx(25.0) == c["mean_diff_kj_mol"]
+    # spread max - min per crystal: A 20, B 35, C 30 (two methods), D 20 (two methods)
+    sp = s["spread"]
+    assert sp["n"] == 4 and sp["mean_kj_mol"] == pytest.approx(26.25)
+    assert sp["max_kj_mol"] == 35.0 and sp["median_kj_mol"] == pytest.approx(25.0)
+    assert sp["n_all_methods"] == 2 and sp["mean_all_methods_kj_mol"] == pytest.approx(27.5)
+    assert s["student_per_fold"] == [
+        {"fold": 0, "n": 2, "mae_kj_mol": pytest.approx(7.5)},
+        {"fold": 1, "n": 0, "mae_kj_mol": None},
+    ]
+    md = lattice_markdown(s)
+    assert "7.5 [" in md and "-2.5 [" in md and "mean 26.2" in md
+
+
+# known-answer calculators (test_eval_lattice.BoundMoleculesCalc: E_latt = -eps eV per
+# molecule in any crystal; forces and stress zero, so every relaxation stops at once), one
+# binding energy per method so that the numbers say which calculator gave them
+LAT_EPS = {"chgnet": 0.3, "teacher": 0.5, "student0": 0.4, "student1": 0.7}
+
+
+def chgnet_calc():
+    return BoundMoleculesCalc(eps=LAT_EPS["chgnet"])
+
+
+def teacher_calc():
+    return BoundMoleculesCalc(eps=LAT_EPS["teacher"])
+
+
+def student0_calc():
+    return BoundMoleculesCalc(eps=LAT_EPS["student0"])
+
+
+def student1_calc():
+    return BoundMoleculesCalc(eps=LAT_EPS["student1"])
+
+
+def test_cv_lattice_reuses_the_relaxations_per_fold_and_resumes(tmp_path, monkeypatch):
+    """The lattice step on the CV's relaxations (made here as run_cv makes them, known-answer
+    calculators): no crystal is relaxed again; each value is lattice_energy() of the recorded
+    crystal and gas energies; fold k's student gives fold k's crystals only; the summary is
+    those values; deleted gas records, and only they, are recomputed."""
+    import kd_nnp.evaluation.relax as relax_mod
+    from kd_nnp.evaluation.relax import run_relax_benchmark
+
+    out = tmp_path / "cv"
+    crystals, _ = cv_crystals(["test", "mech"], 16, ["TEPNIT02", "TEPNIT12", "UREAXX02"])
+    folds = make_folds(crystals, 2, 0)
+    fold_of = {c: fd["fold"] for fd in folds for c in fd["crystals"]}
+    assert fold_of == {"TEPNIT02": 0, "TEPNIT12": 0, "UREAXX02": 1}
+    by_code = dict(crystals)
+    students = {k: f"test_eval_cv:student{k}_calc" for k in (0, 1)}
+    tl = teacher_label("t")
+    baselines = {CHGNET: "test_eval_cv:chgnet_calc", tl: "test_eval_cv:teacher_calc"}
+    eps = {CHGNET: LAT_EPS["chgnet"], tl: LAT_EPS["teacher"]}
+    relax = RelaxSettings(rmsd=False)
+    kw = dict(workers=1, references=False, progress=False)
+    for fd in folds:  # run_cv's relaxations
+        k = fd["fold"]
+        run_relax_benchmark([(c, by_code[c]) for c in fd["crystals"]], {STUDENT: students[k]},
+                            fold_relax_dir(out, k), relax, **kw)  # fmt: skip
+    run_relax_benchmark(crystals, baselines, out / BASELINES, relax, **kw)
+    relax_files = [fold_relax_dir(out, 0) / "relax.jsonl", fold_relax_dir(out, 1) / "relax.jsonl",
+                   out / BASELINES / "relax.jsonl"]  # fmt: skip
+    relax_text = {f: f.read_text() for f in relax_files}
+    assert [len(read_jsonl(f)) for f in relax_files] == [2, 1, 6]
+
+    relaxed = []  # every crystal relaxation from now on (run_jobs calls it in this process)
+    task = relax_mod._relax_task
+    monkeypatch.setattr(relax_mod, "_relax_task", lambda item: relaxed.append(item) or task(item))
+
+    def lattice():
+        return cv_lattice(out, crystals, folds, students, baselines, relax, LatticeSettings(),
+                          teacher="t", workers=1, progress=False, n_boot=300, seed=1)  # fmt: skip
+
+    per, summ = lattice()
+    assert relaxed == [] and {f: f.read_text() for f in relax_files} == relax_text
+    assert not list((out / LATTICE).glob("*/relax"))  # no relaxation folder of its own
+    assert len(per) == 9 and (per["status"] == "ok").all(), per["error"].tolist()
+
+    # each value from the recorded crystal energy (the CV's relax.jsonl) and gas energies
+    crystal_e = {}
+    for f in relax_files:
+        for r in read_jsonl(f):
+            crystal_e[(r["method"], r["id"], r["spec"])] = r["energy"]
+    for row in per.to_dict("records"):
+        c, m, k = row["id"], row["method"], row["fold"]
+        assert k == fold_of[c]
+        spec = students[k] if m == STUDENT else baselines[m]
+        gas_file = out / LATTICE / (f"fold{k}" if m == STUDENT else BASELINES) / "gas.jsonl"
+        gas = {r["molecule"]: r["energy"] for r in read_jsonl(gas_file)
+               if r["method"] == m and r["crystal"] == c and r["spec"] == spec}  # fmt: skip
+        expected = lattice_energy(crystal_e[(m, c, spec)], by_code[c], gas)
+        assert row["e_latt_kj_mol"] == pytest.approx(expected, rel=1e-12)
+        # ... and from the calculator that should have given it: fold k's student for fold k
+        e = LAT_EPS[f"student{k}"] if m == STUDENT else eps[m]
+        assert row["e_latt_kj_mol"] == pytest.approx(-e * EV_TO_KJ_MOL, rel=1e-9)
+        assert row["crystal_energy"] == crystal_e[(m, c, spec)]
+        z = row["z"]
+        assert (row["crystal_energy"] - row["gas_energy"]) / z * EV_TO_KJ_MOL == pytest.approx(
+            row["e_latt_kj_mol"]
+        )
+    for k in (0, 1):  # a fold's gas relaxations: its student, its crystals
+        recs = read_jsonl(out / LATTICE / f"fold{k}" / "gas.jsonl")
+        assert {r["spec"] for r in recs} == {students[k]}
+        assert {r["crystal"] for r in recs} == {c for c, f in fold_of.items() if f == k}
+    assert len(read_jsonl(out / LATTICE / BASELINES / "gas.jsonl")) == 6
+
+    # the summary is those values
+    csv = pd.read_csv(out / LATTICE / "per_crystal.csv")
+    assert csv["e_latt_kj_mol"].tolist() == pytest.approx(per["e_latt_kj_mol"].tolist())
+    v = per.set_index(["method", "id"])["e_latt_kj_mol"]
+    for m in (STUDENT, CHGNET, tl):
+        assert summ["methods"][m]["mean_kj_mol"] == pytest.approx(v[m].mean())
+        assert summ["methods"][m]["n"] == 3 and summ["methods"][m]["failures"] == 0
+    d = v[STUDENT] - v[tl]
+    st = summ["to_teacher"][STUDENT]
+    assert st["mae_kj_mol"] == pytest.approx(d.abs().mean())
+    assert st["mae_kj_mol"] == pytest.approx((0.1 + 0.1 + 0.2) / 3 * EV_TO_KJ_MOL)
+    assert st["mean_diff_kj_mol"] == pytest.approx(0.0, abs=1e-9)
+    assert tuple(st["mean_diff_ci95_kj_mol"]) == bootstrap_ci(d, n_boot=300, seed=1, absolute=False)
+    assert summ["to_teacher"][CHGNET]["mean_diff_kj_mol"] == pytest.approx(0.2 * EV_TO_KJ_MOL)
+    # spread: TEPNIT 0.5 - 0.3 eV, UREA 0.7 - 0.3 eV
+    assert summ["spread"]["mean_kj_mol"] == pytest.approx((0.2 + 0.2 + 0.4) / 3 * EV_TO_KJ_MOL)
+    wide = pd.read_csv(out / LATTICE / "table.csv", index_col="crystal")
+    assert list(wide.columns) == ["fold", CHGNET, STUDENT, tl, "spread"]
+    assert wide.loc["UREAXX02", "spread"] == pytest.approx(0.4 * EV_TO_KJ_MOL)
+
+    # kill -9 during the gas relaxations: the last record of a fold and of the baselines lost
+    gas_files = [out / LATTICE / d / "gas.jsonl" for d in ("fold0", "fold1", BASELINES)]
+    full = {f: f.read_text().splitlines(keepends=True) for f in gas_files}
+    for f in gas_files[1:]:
+        f.write_text("".join(full[f][:-1]))
+    per2, summ2 = lattice()
+    assert relaxed == [] and {f: f.read_text() for f in relax_files} == relax_text
+    for f in gas_files:
+        lines = f.read_text().splitlines(keepends=True)
+        assert len(lines) == len(full[f])  # the lost one again, nothing else
+        cut = len(full[f]) - (f != gas_files[0])
+        assert lines[:cut] == full[f][:cut]
+        assert [json.loads(ln)["id"] for ln in lines[cut:]] == [
+            json.loads(ln)["id"] for ln in full[f][cut:]
+        ]
+    assert per2["e_latt_kj_mol"].tolist() == per["e_latt_kj_mol"].tolist()
+    assert summ2 == summ
+
+
+def _close(a, b) -> bool:
+    """Nested dicts/lists equal, numbers to 1e-9 (a CSV round trip)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(_close, a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    return a == b
+
+
 TINY = [
     "teacher=chgnet", "cv.codes=[TEPNIT02,TEPNIT12,UREAXX02]", "cv.max_atoms=16",
     "cv.folds=2", "cv.workers=1", "cv.bootstrap=500", "demo.frames.n_strain=2",
@@ -120,15 +318,17 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.mark.slow  # ~60-90 s on 2 shared cores: 2 trainings, 9 short relaxations, then a resume
-def test_cv_end_to_end_and_resume(tmp_path, monkeypatch):
+@pytest.mark.slow  # ~90-120 s on 2 shared cores: 2 trainings, 9 short relaxations, the lattice
+def test_cv_end_to_end_and_resume(tmp_path, monkeypatch):  # step, then a resume
     from kd_nnp.cli.evaluate import main
     from kd_nnp.data.store import FrameStore
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "cv"
     argv = ["cv", f"cv.out={out}", f"paths.output_dir={tmp_path}", *TINY]
-    assert main(argv) == 0
+    assert main([*argv, "cv.lattice=false"]) == 0
+    assert not (out / LATTICE).exists()
+    assert "lattice" not in json.loads((out / "summary.json").read_text())
     folds = json.loads((out / "folds.json").read_text())["folds"]
     fold_of = {c: fd["fold"] for fd in folds for c in fd["crystals"]}
     assert fold_of == {"TEPNIT02": 0, "TEPNIT12": 0, "UREAXX02": 1}
@@ -184,6 +384,31 @@ def test_cv_end_to_end_and_resume(tmp_path, monkeypatch):
     for png in ("parity_volume.png", "hist_volume_error.png"):
         assert (out / png).stat().st_size > 5000
     assert "95 % interval" in (out / "summary.md").read_text()
+
+    # the lattice step added to the finished CV: its only new work (nothing trained or relaxed
+    # again); the student of fold k on fold k's crystals
+    done = [
+        out / f"fold{k}" / d / f
+        for k in (0, 1)
+        for d, f in (("train", "metrics.json"), ("train", "student.pt"), ("relax", "relax.jsonl"))
+    ]
+    done = {p: p.stat().st_mtime_ns for p in [*done, out / BASELINES / "relax.jsonl"]}
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+    lat = pd.read_csv(out / LATTICE / "per_crystal.csv")
+    assert len(lat) == 9 and set(lat["status"]) <= {"ok", "error"}
+    assert lat["error"].notna().sum() == (lat["status"] == "error").sum()
+    for k in (0, 1):
+        gas = read_jsonl(out / LATTICE / f"fold{k}" / "gas.jsonl")
+        (spec,) = {r["spec"] for r in gas}
+        assert spec.startswith("student:") and spec.endswith(f"fold{k}/train/student.pt")
+        assert {r["crystal"] for r in gas} == {c for c, f in fold_of.items() if f == k}
+    with_lat = json.loads((out / "summary.json").read_text())
+    assert _close(
+        with_lat["lattice"], {**lattice_summary(lat, "chgnet", n_boot=500, seed=0), "clearance": 30}
+    )
+    assert with_lat["methods"] == summary["methods"]
+    assert "Lattice energies" in (out / "summary.md").read_text()
 
     # interruption: fold 1 was killed after its last epoch (no metrics.json) and before its
     # relaxations; the rerun finishes it and leaves fold 0 and the baselines alone

@@ -42,14 +42,16 @@ class BoundMoleculesCalc(Calculator):
     molecule, or of a periodic image of itself, within R). Piecewise constant: forces and
     stress are zero, every relaxation stops at once, and E_latt = -EPS eV = -48.24 kJ/mol for
     any molecular crystal whose molecules touch (a multi-component one too). ``dissociate``:
-    in the gas phase atoms 0 and 1 repel each other (the molecule falls apart)."""
+    in the gas phase atoms 0 and 1 repel each other (the molecule falls apart). ``eps``: another
+    binding energy (E_latt = -eps eV)."""
 
     implemented_properties = ("energy", "free_energy", "forces", "stress")
     R = 4.0
 
-    def __init__(self, dissociate: bool = False) -> None:
+    def __init__(self, dissociate: bool = False, eps: float = EPS) -> None:
         super().__init__()
         self.dissociate = dissociate
+        self.eps = eps
         self.r_max = self.R
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
@@ -59,7 +61,7 @@ class BoundMoleculesCalc(Calculator):
         i, j, s = neighbor_list("ijS", a, self.R)
         touching = (labels[i] != labels[j]) | np.any(s != 0, axis=1)
         bound = set(labels[i[touching]].tolist())
-        e = sum(E_ATOM[int(z)] for z in a.numbers) - EPS * len(bound)
+        e = sum(E_ATOM[int(z)] for z in a.numbers) - self.eps * len(bound)
         f = np.zeros((len(a), 3))
         if self.dissociate and not bound:  # exp(-r/1 A) repulsion of atoms 0 and 1
             d = a.positions[0] - a.positions[1]

@@ -17,7 +17,15 @@ no molecule is in two folds. Then, all under ``cv.out``:
    ``summary.json`` (per method: n, failures, volume MAE / signed mean / median, RMSD15 mean,
    seeded bootstrap 95 % interval of the MAE; the student-teacher and CHGNet-teacher volume
    distances with their intervals; per fold), ``summary.md``, ``parity_volume.png`` and
-   ``hist_volume_error.png`` (one panel per method).
+   ``hist_volume_error.png`` (one panel per method);
+5. with ``cv.lattice`` (default true): ``lattice/``, the lattice energy of every crystal with
+   every method (:func:`kd_nnp.evaluation.lattice.run_lattice_benchmark`, gas-phase box from
+   ``demo.lattice``), computed from the relaxations above (``baselines/`` for CHGNet and the
+   teacher, ``fold<k>/relax`` for fold k's student: nothing is relaxed twice) and each distinct
+   molecule relaxed alone (``lattice/baselines/gas.jsonl``, ``lattice/fold<k>/gas.jsonl``);
+   ``lattice/per_crystal.csv``, ``lattice/table.csv`` (crystals x methods and the spread) and
+   a ``lattice`` block in ``summary.json`` / lines in ``summary.md`` (no experimental
+   reference: the spread between the methods and their distance to the teacher).
 
 Every step resumes after a kill (store, labels, training runs, relaxation JSON lines); the
 fold assignment is recorded in ``folds.json`` and a relaunch that would draw other folds (other
@@ -43,14 +51,30 @@ log = logging.getLogger(__name__)
 STUDENT = "student (distilled)"
 CHGNET = "CHGNet (pretrained)"
 HYDRA_RUN_DIR = "${hydra:runtime.output_dir}"
+BASELINES = "baselines"  # cv.out/baselines: CHGNet and the teacher on every crystal
+LATTICE = "lattice"  # cv.out/lattice: the lattice energies
 PER_CRYSTAL_COLUMNS = (
     "fold", "method", "id", "status", "failure", "converged", "vol_err_pct", "volume_exp",
     "volume_pred", "rmsd15", "steps", "wall_s",
+)  # fmt: skip
+LATTICE_COLUMNS = (
+    "fold", "method", "id", "status", "error", "e_latt_kj_mol", "z", "crystal_energy",
+    "gas_energy", "crystal_steps", "gas_steps",
 )  # fmt: skip
 
 
 def teacher_label(teacher: str) -> str:
     return f"teacher ({teacher})"
+
+
+def baseline_calculators(teacher: str) -> dict[str, str]:
+    """``{label: spec}`` of the methods relaxed on every crystal (``baselines/``)."""
+    return {CHGNET: "chgnet", teacher_label(teacher): f"teacher:{teacher}"}
+
+
+def fold_relax_dir(out: Path, fold: int) -> Path:
+    """Where fold ``fold``'s crystals are relaxed with its student."""
+    return out / f"fold{fold}" / "relax"
 
 
 # ------------------------------------------------------------------------------- crystals
@@ -328,12 +352,219 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+# ------------------------------------------------------------------------------- lattice
+def cv_lattice(
+    out: Path,
+    crystals: list[tuple[str, Any]],
+    folds: list[dict[str, Any]],
+    students: dict[int, str],
+    baselines: dict[str, str],
+    relax: Any,
+    settings: Any,
+    *,
+    teacher: str,
+    workers: int = 1,
+    progress: bool = True,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Lattice energies of the CV's crystals from its own relaxations: one row per (method,
+    crystal), :data:`LATTICE_COLUMNS` (``out/lattice/per_crystal.csv``; crystals x methods in
+    ``out/lattice/table.csv``) and the ``lattice`` block of ``summary.json``
+    (:func:`lattice_summary` of those rows, plus the ``clearance``).
+
+    ``students``: fold -> the student's calculator spec, ``baselines``: ``{label: spec}``,
+    both exactly as the relaxations were run with (``fold<k>/relax``, ``baselines/``), as is
+    ``relax`` (:class:`~kd_nnp.evaluation.settings.RelaxSettings`): the lattice benchmark
+    reuses those records (same crystals, calculator fingerprints and protocol) and relaxes no
+    crystal again. Fold k's student is used for fold k's crystals only. Each method relaxes the
+    distinct molecules of its crystals alone in a box (``settings``:
+    :class:`~kd_nnp.evaluation.settings.LatticeSettings`; its ``reference`` is not used, the CV
+    compares with the teacher): ``out/lattice/fold<k>/gas.jsonl`` (one per student
+    fingerprint) and ``out/lattice/baselines/gas.jsonl``, resumable after a kill."""
+    import dataclasses
+
+    from kd_nnp.evaluation.lattice import run_lattice_benchmark
+
+    settings = dataclasses.replace(settings, reference=None)
+    by_code = dict(crystals)
+    fold_of = {c: fd["fold"] for fd in folds for c in fd["crystals"]}
+    lat = out / LATTICE
+    frames = []
+    for fd in folds:
+        k = fd["fold"]
+        frames.append(
+            run_lattice_benchmark(
+                [(c, by_code[c]) for c in fd["crystals"]],
+                {STUDENT: students[k]},
+                lat / f"fold{k}",
+                relax,
+                settings,
+                relax_dir=fold_relax_dir(out, k),
+                workers=workers,
+                progress=progress,
+            )
+        )
+    frames.append(
+        run_lattice_benchmark(
+            crystals,
+            baselines,
+            lat / BASELINES,
+            relax,
+            settings,
+            relax_dir=out / BASELINES,
+            workers=workers,
+            progress=progress,
+        )
+    )
+    per = lattice_rows(pd.concat(frames, ignore_index=True), fold_of)
+    per.to_csv(lat / "per_crystal.csv.tmp", index=False)
+    (lat / "per_crystal.csv.tmp").replace(lat / "per_crystal.csv")
+    lattice_wide(per).to_csv(lat / "table.csv")
+    summ = lattice_summary(per, teacher, n_boot=n_boot, seed=seed)
+    return per, {**summ, "clearance": settings.clearance}
+
+
+def lattice_rows(df: pd.DataFrame, fold_of: dict[str, int]) -> pd.DataFrame:
+    """:data:`LATTICE_COLUMNS` of the lattice benchmark's records: ``gas_energy`` is
+    ``sum_k count_k E_gas_k`` (eV per cell, when every kind has one), so that
+    ``e_latt_kj_mol = (crystal_energy - gas_energy) / z`` in kJ/mol."""
+    rows = []
+    for r in df.to_dict("records"):
+        row = {c: r.get(c) for c in LATTICE_COLUMNS}
+        row["fold"] = fold_of[r["id"]]
+        mols = r.get("molecules") if isinstance(r.get("molecules"), list) else []  # NaN: none
+        counts = {m["key"]: m["count"] for m in mols}
+        gas = r.get("gas") if isinstance(r.get("gas"), list) else []
+        energies = [g.get("energy") for g in gas]
+        if gas and all(e is not None for e in energies):
+            row["gas_energy"] = sum(counts[g["key"]] * float(g["energy"]) for g in gas)
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=list(LATTICE_COLUMNS))
+    out["e_latt_kj_mol"] = pd.to_numeric(out["e_latt_kj_mol"], errors="coerce")
+    return out.sort_values(["fold", "method", "id"], kind="stable").reset_index(drop=True)
+
+
+def lattice_wide(per: pd.DataFrame) -> pd.DataFrame:
+    """Crystals x methods of E_latt (kJ/mol, NaN where it failed), the crystal's fold and the
+    spread max - min across the methods with a value (NaN with fewer than two)."""
+    from kd_nnp.evaluation.lattice import per_crystal_table
+
+    wide = per_crystal_table(per.sort_values(["method", "fold", "id"], kind="stable"))
+    fold = per.drop_duplicates("id").set_index("id")["fold"]
+    wide.insert(0, "fold", fold.reindex(wide.index).astype(int))
+    return wide.sort_values("fold", kind="stable")
+
+
+def lattice_summary(
+    per: pd.DataFrame, teacher: str, *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """The ``lattice`` block of ``summary.json``, from ``lattice/per_crystal.csv`` alone: per
+    method ``n`` (crystals with a value), ``n_crystals``, ``failures`` (no value), mean and
+    median E_latt; the student's and CHGNet's paired difference to the teacher (MAE and signed
+    mean over the crystals both have, each with its seeded bootstrap 95 % interval); the
+    spread max - min between the methods per crystal (mean, median, max over the crystals
+    with at least two values, and the mean over those with all of them); the student's MAE
+    to the teacher per fold. kJ/mol per molecule."""
+    from kd_nnp.evaluation.stats import bootstrap_ci
+
+    ref = teacher_label(teacher)
+    wide = lattice_wide(per)
+    methods: dict[str, Any] = {}
+    for method, g in per.groupby("method", sort=True):
+        v = g.loc[g["status"] == "ok", "e_latt_kj_mol"].astype(float)
+        methods[str(method)] = {
+            "n": int(v.notna().sum()),
+            "n_crystals": int(len(g)),
+            "failures": int((g["status"] != "ok").sum()),
+            "mean_kj_mol": _f(v.mean()),
+            "median_kj_mol": _f(v.median()),
+        }
+    to_teacher = {}
+    for method in (STUDENT, CHGNET):
+        if method not in wide or ref not in wide:
+            continue
+        d = (wide[method] - wide[ref]).dropna()
+        lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+        slo, shi = bootstrap_ci(d, n_boot=n_boot, seed=seed, absolute=False)
+        to_teacher[method] = {
+            "reference": ref,
+            "n": int(len(d)),
+            "mae_kj_mol": _f(d.abs().mean()),
+            "mae_ci95_kj_mol": [_f(lo), _f(hi)],
+            "mean_diff_kj_mol": _f(d.mean()),
+            "mean_diff_ci95_kj_mol": [_f(slo), _f(shi)],
+        }
+    spread = wide["spread"].dropna()
+    cols = [c for c in wide.columns if c not in ("fold", "spread")]
+    full = wide.loc[wide[cols].notna().all(axis=1), "spread"]
+    folds = []
+    if STUDENT in wide and ref in wide:
+        for fold, g in wide.groupby("fold", sort=True):
+            d = (g[STUDENT] - g[ref]).dropna()
+            folds.append({"fold": int(fold), "n": int(len(d)), "mae_kj_mol": _f(d.abs().mean())})
+    return {
+        "methods": methods,
+        "to_teacher": to_teacher,
+        "spread": {
+            "n": int(len(spread)),
+            "mean_kj_mol": _f(spread.mean()),
+            "median_kj_mol": _f(spread.median()),
+            "max_kj_mol": _f(spread.max()),
+            "n_all_methods": int(len(full)),
+            "mean_all_methods_kj_mol": _f(full.mean()),
+        },
+        "student_per_fold": folds,
+        "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "level": 0.95},
+    }
+
+
+def lattice_markdown(lat: dict[str, Any]) -> str:
+    """The lattice lines of ``summary.md``."""
+    from kd_nnp.utils.markdown import md_table
+
+    fmt = lambda x: "nan" if x is None else f"{x:.1f}"  # noqa: E731
+
+    def with_ci(d: dict[str, Any] | None, key: str) -> str:
+        if not d:
+            return ""
+        lo, hi = d[key.replace("_kj_mol", "_ci95_kj_mol")]
+        return f"{fmt(d[key])} [{fmt(lo)}, {fmt(hi)}]"
+
+    rows = []
+    for m, s in lat["methods"].items():
+        d = lat["to_teacher"].get(m)
+        rows.append({
+            "method": m, "n": s["n"], "failures": s["failures"],
+            "mean E_latt kJ/mol": fmt(s["mean_kj_mol"]), "median": fmt(s["median_kj_mol"]),
+            "MAE vs teacher [95 %]": with_ci(d, "mae_kj_mol"),
+            "signed mean vs teacher [95 %]": with_ci(d, "mean_diff_kj_mol"),
+        })  # fmt: skip
+    sp = lat["spread"]
+    lines = [
+        "Lattice energies (kJ/mol per molecule, relaxed crystal vs relaxed gas-phase "
+        "molecules; no experimental reference: MAE and signed mean against the teacher over "
+        "the crystals both have)",
+        "",
+        md_table(pd.DataFrame(rows)),
+        "",
+    ]
+    if sp["n"]:
+        lines.append(
+            f"- spread between the methods (max - min per crystal): mean {fmt(sp['mean_kj_mol'])}"
+            f", median {fmt(sp['median_kj_mol'])}, max {fmt(sp['max_kj_mol'])} kJ/mol over "
+            f"{sp['n']} crystals (mean {fmt(sp['mean_all_methods_kj_mol'])} over the "
+            f"{sp['n_all_methods']} with every method)"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------- the job
 def run_cv(cfg: DictConfig) -> dict[str, Any]:
     """The cross-validation job of ``conf/evaluate/cv.yaml`` (composed with ``conf/demo.yaml``)."""
     from kd_nnp.evaluation.relax import run_relax_benchmark
     from kd_nnp.evaluation.report import parity_plot
-    from kd_nnp.evaluation.settings import RelaxSettings
+    from kd_nnp.evaluation.settings import LatticeSettings, RelaxSettings
     from kd_nnp.teachers.label import label_store
     from kd_nnp.training.crystal_store import build_crystal_store
     from kd_nnp.training.train import run_training
@@ -347,6 +578,11 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
     teacher = str(cfg.teacher.name)
     workers = int(cv.workers)
     relax = from_mapping(RelaxSettings, cfg.demo.relax, where="demo.relax")
+    lattice = cv.get("lattice", True)
+    if not isinstance(lattice, bool):
+        raise KdNnpError(f"cv.lattice must be true or false, got {lattice!r}")
+    lat_settings = from_mapping(LatticeSettings, cfg.demo.get("lattice"), where="demo.lattice")
+    steps = 6 if lattice else 5
     times: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -358,7 +594,7 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
         {"dbs": list(cv.dbs), "max_atoms": cv.max_atoms, "seed": int(cv.seed), "folds": folds},
     )
     fold_of = {c: fd["fold"] for fd in folds for c in fd["crystals"]}
-    print(f"[1/5] {len(crystals)} crystals in {len(folds)} folds of whole molecules "
+    print(f"[1/{steps}] {len(crystals)} crystals in {len(folds)} folds of whole molecules "
           f"({[len(fd['crystals']) for fd in folds]} crystals); {len(skipped)} skipped")  # fmt: skip
     store = build_crystal_store(
         out / "store",
@@ -372,13 +608,14 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
     times["frames"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    print(f"[2/5] labelling {store} with {teacher}")
+    print(f"[2/{steps}] labelling {store} with {teacher}")
     print(f"      {label_store(store, teacher, workers=workers)}")
     times["label"] = time.perf_counter() - t
 
     by_code = dict(crystals)
     frames = []
     fold_info = []
+    students: dict[int, str] = {}
     t = time.perf_counter()
     for fd in folds:
         k = fd["fold"]
@@ -386,16 +623,18 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
         fdir.mkdir(exist_ok=True)
         exclude = fdir / "test_molecules.json"
         _write(exclude, json.dumps({"molecules": fd["molecules"], "crystals": fd["crystals"]}))
-        print(f"[3/5] fold {k}: training on the other folds ({len(fd['molecules'])} molecules "
+        print(f"[3/{steps}] fold {k}: training on the other folds ({len(fd['molecules'])} molecules "
               f"left out)")  # fmt: skip
         run_dir = fdir / "train"
         metrics = run_training(fold_config(cfg, store, exclude, run_dir), run_dir)
         _check_no_leak(run_dir, fd["crystals"])
-        print(f"[4/5] fold {k}: relaxing its {len(fd['crystals'])} crystals with its student")
+        print(f"[4/{steps}] fold {k}: relaxing its {len(fd['crystals'])} crystals with its "
+              "student")  # fmt: skip
+        students[k] = f"student:{metrics['student']}"
         df = run_relax_benchmark(
             [(c, by_code[c]) for c in fd["crystals"]],
-            {STUDENT: f"student:{metrics['student']}"},
-            fdir / "relax",
+            {STUDENT: students[k]},
+            fold_relax_dir(out, k),
             relax,
             workers=workers,
             references=False,
@@ -411,11 +650,11 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
     times["folds"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    print(f"[4/5] pretrained CHGNet and the teacher on all {len(crystals)} crystals")
+    print(f"[4/{steps}] pretrained CHGNet and the teacher on all {len(crystals)} crystals")
     base = run_relax_benchmark(
         crystals,
-        {CHGNET: "chgnet", teacher_label(teacher): f"teacher:{teacher}"},
-        out / "baselines",
+        baseline_calculators(teacher),
+        out / BASELINES,
         relax,
         workers=workers,
         references=False,
@@ -444,9 +683,34 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
     table = summary_markdown(summary)
     _write(out / "summary.md", table)
     _write(out / "summary.json", json.dumps(summary, indent=2))
-    print("[5/5] cross-validated relaxation benchmark\n")
+    names = ["summary.json", "summary.md", "per_crystal.csv", "parity_volume.png",
+             "hist_volume_error.png"]  # fmt: skip
+
+    if lattice:
+        t = time.perf_counter()
+        print(f"[5/{steps}] lattice energies: the relaxed crystals above and their molecules "
+              "relaxed alone")  # fmt: skip
+        _, summary["lattice"] = cv_lattice(
+            out,
+            crystals,
+            folds,
+            students,
+            baseline_calculators(teacher),
+            relax,
+            lat_settings,
+            teacher=teacher,
+            workers=workers,
+            n_boot=int(cv.bootstrap),
+            seed=int(cv.seed),
+        )
+        times["lattice"] = time.perf_counter() - t
+        table += "\n" + lattice_markdown(summary["lattice"])
+        _write(out / "summary.md", table)
+        _write(out / "summary.json", json.dumps(summary, indent=2))
+        names += [f"{LATTICE}/per_crystal.csv", f"{LATTICE}/table.csv"]
+
+    print(f"[{steps}/{steps}] cross-validated relaxation benchmark\n")
     print(table)
-    for name in ("summary.json", "summary.md", "per_crystal.csv", "parity_volume.png",
-                 "hist_volume_error.png"):  # fmt: skip
+    for name in names:
         print(f"  {out / name}")
     return summary
