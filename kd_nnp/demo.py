@@ -24,6 +24,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kd_nnp.training.crystal_store import prerelax_teacher
+
 log = logging.getLogger(__name__)
 
 
@@ -110,13 +112,6 @@ def write_molecule_list(path: Path, crystals: list[Any]) -> list[str]:
     tmp.write_text(json.dumps({"molecules": keys}, indent=1))
     tmp.replace(path)
     return keys
-
-
-def prerelax_teacher(cfg: DictConfig) -> str:
-    """The teacher that pre-relaxes the training crystals' X-ray positions:
-    ``demo.prerelax_teacher``, or ``demo.teacher`` when that is null."""
-    name = cfg.demo.get("prerelax_teacher")
-    return str(cfg.demo.teacher if name is None else name)
 
 
 def build_store(

@@ -52,7 +52,8 @@ def test_demo_default_teacher_and_prerelax_teacher(monkeypatch, tmp_path):
     from hydra import compose, initialize_config_dir
 
     import kd_nnp.training.crystal_store as cs
-    from kd_nnp.demo import build_store, prerelax_teacher
+    from kd_nnp.demo import build_store
+    from kd_nnp.training.crystal_store import prerelax_teacher
 
     conf = os.path.join(os.path.dirname(__file__), "..", "conf")
     with initialize_config_dir(os.path.abspath(conf), version_base=None):

@@ -566,7 +566,7 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
     from kd_nnp.evaluation.report import parity_plot
     from kd_nnp.evaluation.settings import LatticeSettings, RelaxSettings
     from kd_nnp.teachers.label import label_store
-    from kd_nnp.training.crystal_store import build_crystal_store
+    from kd_nnp.training.crystal_store import build_crystal_store, prerelax_teacher
     from kd_nnp.training.train import run_training
     from kd_nnp.utils.settings import from_mapping
     from kd_nnp.utils.threads import set_threads
@@ -601,7 +601,7 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
         crystals,
         OmegaConf.to_container(cfg.demo.frames, resolve=True),
         seed=int(cfg.demo.seed),
-        teacher=teacher,
+        teacher=prerelax_teacher(cfg),
         workers=workers,
         description="kd-nnp evaluate cv: perturbed pyxtal crystals",
     )

@@ -21,8 +21,20 @@ from kd_nnp.errors import KdNnpError
 _WORKER_TEACHER: Any = None
 
 
+def prerelax_teacher(cfg: Any) -> str:
+    """The teacher that pre-relaxes the training crystals' X-ray positions (a config with the
+    ``demo`` block of ``conf/demo.yaml``): ``demo.prerelax_teacher``, or ``demo.teacher``
+    when that is null. The demo and ``kd-nnp evaluate cv`` build their stores with it."""
+    name = cfg.demo.get("prerelax_teacher")
+    return str(cfg.demo.teacher if name is None else name)
+
+
 def _init_worker(teacher: str) -> None:
+    """Load the pre-relaxing teacher once per worker (none when ``teacher`` is empty: no
+    pre-relaxation steps)."""
     global _WORKER_TEACHER
+    if not teacher:
+        return
     from kd_nnp.teachers.registry import load_teacher
 
     _WORKER_TEACHER = load_teacher(teacher)
@@ -93,7 +105,7 @@ def build_crystal_store(
         todo,
         n_workers=min(int(workers), len(todo)),
         initializer=_init_worker,
-        initargs=(str(teacher),),
+        initargs=(str(teacher) if int(frames["prerelax_steps"]) > 0 else "",),
         desc="frames (teacher pre-relaxation)",
     )
     for res in results if todo else []:
