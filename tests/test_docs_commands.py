@@ -338,6 +338,8 @@ def _check_hydra(cmd: Command, call: _HydraCall, stores: dict[str, Store], cwd: 
         return [f"{cmd}\n  config does not compose/resolve: {type(exc).__name__}: {exc}"]
     problems = []
     for cfg in cfgs:
+        if call.config_name in ("train", "demo"):
+            problems += _replay_problems(cmd, cfg, stores, cwd)
         if call.config_name == "label":
             path = str(cfg.store)
             if cmd.synopsis or _is_placeholder(path):
@@ -369,20 +371,25 @@ def _check_hydra(cmd: Command, call: _HydraCall, stores: dict[str, Store], cwd: 
                     f"{cmd}\n  soft terms need label set {cfg.data.label_set!r} in {path}; "
                     f"an earlier line made {sorted(store.labels)}"
                 )
-            replay = cfg.data.get("replay_store")
-            if replay and not _is_placeholder(str(replay)):
-                rstore = stores.get(_store_key(replay, cwd))
-                want = str(cfg.data.get("replay_label_set"))
-                if rstore is None:
-                    problems.append(
-                        f"{cmd}\n  replay store {replay} is not made by an earlier line"
-                    )
-                elif want not in rstore.labels:
-                    problems.append(
-                        f"{cmd}\n  data.replay_store={replay} needs label set {want!r}; an "
-                        f"earlier line made {sorted(rstore.labels)}"
-                    )
     return problems
+
+
+def _replay_problems(cmd: Command, cfg, stores: dict[str, Store], cwd: Path) -> list[str]:
+    """A ``train``/``demo`` line's ``data.replay_store`` is made and labelled with
+    ``data.replay_label_set`` by earlier lines (unless a placeholder)."""
+    replay = cfg.data.get("replay_store") if "data" in cfg else None
+    if cmd.synopsis or not replay or _is_placeholder(str(replay)):
+        return []
+    store = stores.get(_store_key(replay, cwd))
+    want = str(cfg.data.get("replay_label_set"))
+    if store is None:
+        return [f"{cmd}\n  replay store {replay} is not made by an earlier line"]
+    if want not in store.labels:
+        return [
+            f"{cmd}\n  data.replay_store={replay} needs label set {want!r}; an earlier line "
+            f"made {sorted(store.labels)}"
+        ]
+    return []
 
 
 def _makefile() -> tuple[set[str], set[str]]:
@@ -503,7 +510,7 @@ def test_checker_flags_known_mistakes(tmp_path, monkeypatch, capsys):
         "kd-nnp frobnicate\n"
         "make nosuchtarget\n"
         "kd-nnp train data.store=s/p data.replay_store=s/x loss.r_re=1\n"  # s/x: no chgnet set
-        "kd-nnp train data.store=s/p data.replay_store=s/gone loss.r_re=1\n"  # never made
+        "kd-nnp train data.store=STORE data.replay_store=s/gone loss.r_re=1\n"  # never made
         "```\n"
     )
     run_dir = tmp_path / "run"
