@@ -29,7 +29,8 @@ What happens to each command:
   created by an earlier line of the same file (or be a placeholder such as ``STORE``); a
   ``kd-nnp label`` line adds its label set; a ``train`` line whose loss has a hard term
   (``r_he``/``r_hf``/``r_hs`` > 0 with ``data.use_hard``) needs a store with hard labels, and one
-  with a soft term needs the label set ``data.label_set`` from an earlier ``label`` line.
+  with a soft term needs the label set ``data.label_set`` from an earlier ``label`` line; a
+  ``data.replay_store`` must be made by an earlier line and hold ``data.replay_label_set``.
 - ``make TARGET [VAR=value]``: the target exists in the Makefile and each VAR is one the
   Makefile reads.
 
@@ -337,6 +338,8 @@ def _check_hydra(cmd: Command, call: _HydraCall, stores: dict[str, Store], cwd: 
         return [f"{cmd}\n  config does not compose/resolve: {type(exc).__name__}: {exc}"]
     problems = []
     for cfg in cfgs:
+        if call.config_name in ("train", "demo"):
+            problems += _replay_problems(cmd, cfg, stores, cwd)
         if call.config_name == "label":
             path = str(cfg.store)
             if cmd.synopsis or _is_placeholder(path):
@@ -369,6 +372,24 @@ def _check_hydra(cmd: Command, call: _HydraCall, stores: dict[str, Store], cwd: 
                     f"an earlier line made {sorted(store.labels)}"
                 )
     return problems
+
+
+def _replay_problems(cmd: Command, cfg, stores: dict[str, Store], cwd: Path) -> list[str]:
+    """A ``train``/``demo`` line's ``data.replay_store`` is made and labelled with
+    ``data.replay_label_set`` by earlier lines (unless a placeholder)."""
+    replay = cfg.data.get("replay_store") if "data" in cfg else None
+    if cmd.synopsis or not replay or _is_placeholder(str(replay)):
+        return []
+    store = stores.get(_store_key(replay, cwd))
+    want = str(cfg.data.get("replay_label_set"))
+    if store is None:
+        return [f"{cmd}\n  replay store {replay} is not made by an earlier line"]
+    if want not in store.labels:
+        return [
+            f"{cmd}\n  data.replay_store={replay} needs label set {want!r}; an earlier line "
+            f"made {sorted(store.labels)}"
+        ]
+    return []
 
 
 def _makefile() -> tuple[set[str], set[str]]:
@@ -471,7 +492,8 @@ def test_docs_show_commands():
 
 def test_checker_flags_known_mistakes(tmp_path, monkeypatch, capsys):
     """Each kind of mistake is caught: unknown verb/option, missing required option, a hard
-    loss on a store without hard labels, an unlabelled store, an unknown make target."""
+    loss on a store without hard labels, an unlabelled store, an unknown make target, a
+    replay store not made or not labelled by an earlier line."""
     doc = tmp_path / "bad.md"
     doc.write_text(
         "```bash\n"
@@ -487,6 +509,8 @@ def test_checker_flags_known_mistakes(tmp_path, monkeypatch, capsys):
         "kd-nnp data pyxtal --db nope --out s/y\n"  # bad choice
         "kd-nnp frobnicate\n"
         "make nosuchtarget\n"
+        "kd-nnp train data.store=s/p data.replay_store=s/x loss.r_re=1\n"  # s/x: no chgnet set
+        "kd-nnp train data.store=STORE data.replay_store=s/gone loss.r_re=1\n"  # never made
         "```\n"
     )
     run_dir = tmp_path / "run"
@@ -494,7 +518,7 @@ def test_checker_flags_known_mistakes(tmp_path, monkeypatch, capsys):
     problems = check_doc(doc, run_dir, monkeypatch, capsys)
     text = "\n".join(problems)
     flagged = {int(p.split(":", 2)[1]) for p in problems}
-    assert flagged == {4, 6, 8, 9, 10, 11, 12, 13}, text  # lines 2, 3, 5 and 7 are right
+    assert flagged == {4, 6, 8, 9, 10, 11, 12, 13, 14, 15}, text  # lines 2, 3, 5, 7 are right
     assert "label set 'so3lr'" in text
     assert "no hard (DFT) labels" in text and "'r_he': 0.1" in text and "'r_he': 1.0" in text
     assert "s/nowhere is not made" in text
@@ -503,6 +527,8 @@ def test_checker_flags_known_mistakes(tmp_path, monkeypatch, capsys):
     assert "--db nope" in text
     assert "unknown verb" in text
     assert "nosuchtarget" in text
+    assert "data.replay_store=s/x needs label set 'chgnet'" in text
+    assert "replay store s/gone is not made" in text
 
 
 def test_inline_verbs_exist():

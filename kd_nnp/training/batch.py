@@ -1,10 +1,12 @@
 """The batch contract shared by the data module, the loss and the Lightning module.
 
-- :class:`Targets`: one label set (``hard``: DFT, ``soft``: the teacher) of a batch, with a
-  boolean mask per quantity (a frame or atom without that label has mask False);
+- :class:`Targets`: one label set (``hard``: DFT, ``soft``: the teacher, ``replay``: pretrained
+  CHGNet's own labels of the replay frames, ``data.replay_store``) of a batch, with a boolean
+  mask per quantity (a frame or atom without that label has mask False; the hard and soft
+  masks are False on replay frames, the replay masks False on every other frame);
 - :class:`Batch`: what the data module's ``collate`` makes: the structures (CHGNet graphs for
   the full backend, cached :class:`~kd_nnp.training.jacobian.FrameFeatures` for the cached
-  one), atoms per frame, both label sets and, for ``data.stress_mode=molecular`` on the full
+  one), atoms per frame, the three label sets and, for ``data.stress_mode=molecular`` on the full
   backend, the molecule offsets and cell volumes;
 - :class:`Prediction`: what the student predicts for a batch (same units as the labels).
 
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-TARGETS = ("hard", "soft")
+TARGETS = ("hard", "soft", "replay")
 QUANTITIES = ("energy", "forces", "stress")
 
 
@@ -69,6 +71,8 @@ class Batch:
     features: list[Any] | None = None  # FrameFeatures per frame (cached backend)
     mol_offsets: Tensor | None = None  # (Natoms, 3) offsets from molecule centres
     volumes: Tensor | None = None  # (B,) A^3, with mol_offsets
+    # replay labels (the data module's collate always fills them; None: no replay label)
+    replay: Targets | None = None
 
     def __len__(self) -> int:
         return len(self.frame_ids)
@@ -76,7 +80,10 @@ class Batch:
     def targets(self, target: str) -> Targets:
         if target not in TARGETS:
             raise KeyError(f"unknown target {target!r}; choose from {TARGETS}")
-        return self.hard if target == "hard" else self.soft
+        if target == "replay" and self.replay is None:
+            n_atoms = int(self.n_atoms.sum())
+            return Targets.empty(len(self), n_atoms).to(self.n_atoms.device)
+        return getattr(self, target)
 
     def to(self, device: torch.device | str) -> Batch:
         """The labels, tensors and graphs on ``device`` (Lightning's batch transfer). Cached
@@ -91,6 +98,7 @@ class Batch:
             n_atoms=self.n_atoms.to(device),
             hard=self.hard.to(device),
             soft=self.soft.to(device),
+            replay=None if self.replay is None else self.replay.to(device),
             mol_offsets=move(self.mol_offsets),
             volumes=move(self.volumes),
         )

@@ -12,6 +12,9 @@
   (:mod:`kd_nnp.training.reference`), recorded in ``reference`` and in the run folder; hard
   energies likewise when ``hard_reference="student"`` (DFT labels on another absolute scale
   than the student's, e.g. vdW-DF2; the default ``none`` leaves them untouched);
+- optionally adds *replay frames* to the training frames only (``replay_store``: pretrained
+  CHGNet's own labels on inorganic crystals, a third target next to hard and soft, never
+  aligned, never in the validation split, ``n_train`` or the reference fits);
 - converts structures to CHGNet graphs once, cached on disk by content hash
   (:class:`~kd_nnp.training.cache.graphs.GraphCache`), so epochs, Ntrain subsets and sweep
   jobs reuse them; the pretrained student's energies (``reference=student``) likewise
@@ -32,7 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kd_nnp.data.store import Frame, FrameStore, Labels
+from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError
+from kd_nnp.errors import SettingsError
 from kd_nnp.training.batch import Batch, Targets
 from kd_nnp.training.cache.energies import pretrained_energies
 from kd_nnp.training.cache.graphs import GraphCache
@@ -56,6 +60,8 @@ class Sample:
     numbers: np.ndarray
     hard: Labels | None
     soft: Labels | None
+    # a replay frame's labels (data.replay_store): pretrained CHGNet's own, used as they are
+    replay: Labels | None = None
     # the energies the losses see, after the reference alignments (None: no label, or a
     # composition outside the span of the fitted reference, whose energy is masked)
     hard_energy: float | None = None
@@ -90,13 +96,16 @@ class FramesDataset(Dataset):
 
 
 def _targets(samples: Sequence[Sample], target: str, n_atoms: Sequence[int]) -> Targets:
-    """The ``target`` ("hard" | "soft") labels of ``samples`` with their masks."""
+    """The ``target`` ("hard" | "soft" | "replay") labels of ``samples`` with their masks.
+
+    Hard and soft energies are the aligned ones (``hard_energy``/``soft_energy``); replay
+    energies are the labels' own (pretrained CHGNet's scale, the student's at the start)."""
     out = Targets.empty(len(samples), int(sum(n_atoms)))
     offset = 0
     for i, (smp, n) in enumerate(zip(samples, n_atoms)):
-        lab = smp.hard if target == "hard" else smp.soft
+        lab = getattr(smp, target)
         if lab is not None:
-            energy = smp.hard_energy if target == "hard" else smp.soft_energy
+            energy = {"hard": smp.hard_energy, "soft": smp.soft_energy}.get(target, lab.energy)
             if energy is not None:
                 out.energy[i] = energy / n
                 out.energy_mask[i] = True
@@ -124,22 +133,26 @@ def collate(items: list[dict[str, Any]]) -> Batch:
     n_atoms = [s.n_atoms for s in samples]
     cached = all(it["features"] is not None for it in items)
     molecular = any(s.mol_offsets is not None for s in samples)  # full backend's molecular stress
+    # replay frames keep chgnet's affine stress: zero offsets make the molecular correction 0
+    offsets = [np.zeros((s.n_atoms, 3)) if s.mol_offsets is None else s.mol_offsets
+               for s in samples]  # fmt: skip
     return Batch(
         frame_ids=[s.frame_id for s in samples],
         n_atoms=torch.as_tensor(n_atoms, dtype=torch.long),
         hard=_targets(samples, "hard", n_atoms),
         soft=_targets(samples, "soft", n_atoms),
+        replay=_targets(samples, "replay", n_atoms),
         # the full path needs every graph of the batch; the cached path needs none
         graphs=None
         if cached
         else [it["graph"] or GraphCache.load(it["sample"].graph_path) for it in items],
         features=[it["features"] for it in items] if cached else None,
-        mol_offsets=torch.as_tensor(
-            np.concatenate([s.mol_offsets for s in samples]), dtype=torch.float32
-        )
+        mol_offsets=torch.as_tensor(np.concatenate(offsets), dtype=torch.float32)
         if molecular
         else None,
-        volumes=torch.as_tensor([s.volume for s in samples], dtype=torch.float32)
+        volumes=torch.as_tensor(
+            [1.0 if s.volume is None else s.volume for s in samples], dtype=torch.float32
+        )
         if molecular
         else None,
     )
@@ -158,6 +171,29 @@ def excluded_molecules(spec: str | Sequence[str] | None) -> dict[str, Any] | Non
     keys = read_molecule_keys(spec)
     source = spec if isinstance(spec, str) else "list"
     return {"source": source, "keys": keys, "n_molecules": len(keys), "sha": stable_hash(keys)}
+
+
+def replay_fingerprint(store: str | Path | None, label_set: str) -> dict[str, Any] | None:
+    """What the replay frames of ``data.replay_store`` are, beyond the path: ``{"n_frames",
+    "n_labelled", "sha"}`` (``sha``: a hash of the frame ids, the labelled ids and the label
+    set's provenance hash), part of a run's relaunch fingerprint (``config.yaml:
+    data_replay``), so the same path with other frames or labels is another job. None
+    without a replay store; a path that is no store is refused naming the setting."""
+    if store in (None, ""):
+        return None
+    from kd_nnp.teachers.label import resolve_label_set
+    from kd_nnp.utils.provenance import stable_hash
+
+    try:
+        fs = FrameStore(store)
+    except StoreError as exc:
+        raise SettingsError(f"data.replay_store={store}: {exc}") from exc
+    ids = fs.frame_ids()
+    name = resolve_label_set(fs, str(label_set))
+    labels = fs.labels(name, create=True)  # a missing set: no labelled frame (refused later)
+    ok = sorted(k for k, v in labels.status().items() if v == "ok")
+    prov = labels.provenance.get("hash")
+    return {"n_frames": len(ids), "n_labelled": len(ok), "sha": stable_hash([ids, ok, prov])}
 
 
 def drop_molecules(frames: list[Frame], keys: set[str]) -> tuple[list[Frame], list[Frame]]:
@@ -269,6 +305,20 @@ class FramesDataModule(L.LightningDataModule):
             packing, a perturbed frame) reaches training. A frame's molecules are its
             ``info["mol_keys"]`` or are computed from its atoms; the dropped count is in
             ``summary["excluded"]``.
+        replay_store: a second store whose frames join the *training* frames as replay
+            frames (docs/evaluation.md, "Replay frames": ``kd-nnp data inorganic`` labelled
+            with ``teacher=chgnet``), so the student keeps pretrained CHGNet's energies,
+            forces and stresses outside organic crystals (loss ratios ``r_re``, ``r_rf``,
+            ``r_rs``). Their labels are a third target (``Batch.replay``): never aligned by
+            a reference (they are on pretrained CHGNet's scale, the student's at the
+            start), not in the validation split, not counted in ``n_train``, not in the
+            reference fits; shuffled together with the training frames. Their hard labels,
+            if any, are not read. ``max_atoms``, ``force_atoms`` and ``exclude_molecules``
+            apply to them too; their stress stays chgnet's affine one under
+            ``stress_mode=molecular``. None: no replay.
+        replay_label_set: the replay store's label set (default ``chgnet``).
+        replay_n: a seeded subset (``seed``) of that many replay frames (nested like
+            ``n_train``); None: every labelled replay frame.
         graph_cache / student_model: cache folder and the CHGNet version whose converter
             and (for ``reference=student``) pretrained energies are used.
     """
@@ -292,6 +342,9 @@ class FramesDataModule(L.LightningDataModule):
         force_seed: int = 0,
         stress_mode: str = "affine",
         exclude_molecules: str | Sequence[str] | None = None,
+        replay_store: str | None = None,
+        replay_label_set: str = "chgnet",
+        replay_n: int | None = None,
         graph_cache: str | None = None,
         student_model: str = "0.3.0",
         num_workers: int = 0,
@@ -328,6 +381,15 @@ class FramesDataModule(L.LightningDataModule):
             raise ValueError(f"data.stress_mode must be affine or molecular, got {stress_mode!r}")
         self.stress_mode = stress_mode
         self.exclude_molecules = exclude_molecules
+        self.replay_store = None if replay_store in (None, "") else Path(replay_store)
+        if not replay_label_set:
+            raise SettingsError("data.replay_label_set must name a label set (e.g. chgnet)")
+        self.replay_label_set = str(replay_label_set)
+        if replay_n is not None and (int(replay_n) != replay_n or int(replay_n) < 1):
+            raise SettingsError(f"data.replay_n must be >= 1 or null (all), got {replay_n}")
+        if replay_n is not None and self.replay_store is None:
+            raise SettingsError(f"data.replay_n={replay_n} but data.replay_store is not set")
+        self.replay_n = None if replay_n is None else int(replay_n)
         self.graph_cache_dir = graph_cache
         self.student_model = student_model
         self.num_workers = num_workers
@@ -335,6 +397,7 @@ class FramesDataModule(L.LightningDataModule):
         self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
+        self.replay_samples: list[Sample] = []  # training only (data.replay_store)
         # one reference; with several label sets {name: {weight, reference...}}
         self.reference: ElementReference | dict[str, Any] | None = None
         self.hard_reference: ElementReference | None = None
@@ -383,8 +446,9 @@ class FramesDataModule(L.LightningDataModule):
                 soft = {fid: mix_labels([s[fid] for s in sets], w) for fid in common}
         usable: list[Frame] = []
         excluded = excluded_molecules(self.exclude_molecules)
+        excluded_keys = set() if excluded is None else set(excluded["keys"])
         if excluded is not None:
-            frames, dropped = drop_molecules(frames, set(excluded["keys"]))
+            frames, dropped = drop_molecules(frames, excluded_keys)
             skipped["excluded_molecule"] = len(dropped)
             excluded = {k: v for k, v in excluded.items() if k != "keys"}
             excluded.update(n_frames=len(dropped), groups=sorted({f.group_id for f in dropped}))
@@ -460,6 +524,7 @@ class FramesDataModule(L.LightningDataModule):
 
         self.train_samples = [make_logged(f) for f in pool]
         self.val_samples = [make_logged(f) for f in val_ids]
+        replay = self._setup_replay(gcache, set(by_id), excluded_keys)
         self.hard_reference, self.hard_unaligned = self._align("hard", self.hard_reference_method)
         if len(self._soft_sets) > 1:
             self.reference, self.unaligned = self._align_mixed(self.reference_method)
@@ -473,6 +538,8 @@ class FramesDataModule(L.LightningDataModule):
             "excluded": excluded,
             "n_train": len(self.train_samples),
             "n_val": len(self.val_samples),
+            "n_replay": len(self.replay_samples),
+            "replay": replay,
             "train_groups": sorted({by_id[s.frame_id].group_id for s in self.train_samples}),
             "val_groups": sorted({by_id[s.frame_id].group_id for s in self.val_samples}),
             "graphs_built": gcache.n_built,
@@ -492,6 +559,99 @@ class FramesDataModule(L.LightningDataModule):
             "validation": self._validation_report(),
         }
         log.info("data: %s", {k: v for k, v in self.summary.items() if "groups" not in k})
+
+    def _setup_replay(
+        self, gcache: GraphCache, organic_ids: set[str], excluded_keys: set[str]
+    ) -> dict[str, Any] | None:
+        """Read ``replay_store`` into ``self.replay_samples`` (training only; see the class
+        docstring); returns what ``summary["replay"]`` records (None without a replay store).
+        A store that is missing, empty, without the label set or with no labelled frame is
+        refused (:class:`SettingsError` naming the setting and the path)."""
+        self.replay_samples = []
+        if self.replay_store is None:
+            return None
+        where = f"data.replay_store={self.replay_store}"
+        try:
+            store = FrameStore(self.replay_store)
+            frames = list(store.iter_frames())
+            if not frames:
+                raise SettingsError(
+                    f"{where} holds no frames; build it with `kd-nnp data inorganic --out "
+                    f"{self.replay_store}` and label it with teacher=chgnet"
+                )
+            from kd_nnp.teachers.label import resolve_label_set
+
+            name = resolve_label_set(store, self.replay_label_set)
+            labels = store.labels(name).load()
+        except StoreError as exc:
+            raise SettingsError(
+                f"{where} (data.replay_label_set={self.replay_label_set}): {exc}"
+            ) from exc
+        if not labels:
+            raise SettingsError(
+                f"{where}: label set {name!r} labels none of its {len(frames)} frames; run "
+                f"`kd-nnp label store={self.replay_store} teacher=chgnet`"
+            )
+        shared = sorted(organic_ids & {fr.frame_id for fr in frames})
+        if shared:
+            raise SettingsError(
+                f"{where} shares {len(shared)} frame id(s) with data.store={self.store_path} "
+                f"(e.g. {shared[:3]}): a frame cannot be both a training and a replay frame"
+            )
+        skipped = {"too_large": 0, "no_labels": 0, "excluded_molecule": 0}
+        usable: list[Frame] = []
+        for fr in frames:
+            if fr.frame_id not in labels:
+                skipped["no_labels"] += 1
+            elif self.max_atoms is not None and fr.n_atoms > self.max_atoms:
+                skipped["too_large"] += 1
+            elif excluded_keys and drop_molecules([fr], excluded_keys)[1]:
+                skipped["excluded_molecule"] += 1
+            else:
+                usable.append(fr)
+        if not usable:
+            raise SettingsError(f"{where}: no usable replay frame (skipped: {skipped})")
+        if skipped["no_labels"]:
+            log.warning(
+                "replay: %d of the %d frames of %s have no %r label and are left out",
+                skipped["no_labels"], len(frames), self.replay_store, name,
+            )  # fmt: skip
+        if self.replay_n is not None:
+            if self.replay_n > len(usable):
+                raise SettingsError(
+                    f"data.replay_n={self.replay_n} but {where} has only {len(usable)} usable "
+                    "labelled frames"
+                )
+            # a seeded permutation, so that for one seed a smaller subset is inside a larger one
+            order = np.random.default_rng(self.seed).permutation(len(usable))
+            usable = [usable[i] for i in sorted(order[: self.replay_n])]
+        for fr in usable:
+            key, path = gcache.get(fr.atoms, graph_id=fr.frame_id)
+            numbers = np.asarray(fr.atoms.numbers)
+            self.replay_samples.append(
+                Sample(
+                    frame_id=fr.frame_id,
+                    graph_key=key,
+                    graph_path=path,
+                    numbers=numbers,
+                    hard=None,
+                    soft=None,
+                    replay=labels[fr.frame_id],
+                    info=fr.info,
+                    force_index=select_force_atoms(numbers, self.force_atoms, key, self.force_seed),
+                )
+            )
+        record = {
+            "store": str(self.replay_store),
+            "label_set": name,
+            "n_frames": len(self.replay_samples),
+            "n_frames_store": len(frames),
+            "replay_n": self.replay_n,
+            "skipped": skipped,
+            "groups": sorted({fr.group_id for fr in usable}),
+        }
+        log.info("replay: %s", {k: v for k, v in record.items() if k != "groups"})
+        return record
 
     def _align_mixed(self, method: str) -> tuple[dict[str, Any], list[str]]:
         """Several label sets: each set's soft energies aligned on their own (:meth:`_align`
@@ -633,23 +793,29 @@ class FramesDataModule(L.LightningDataModule):
         """Atoms in the largest batch a loader can make: the ``batch_size`` largest training
         frames (shuffled batches may bring them together), the validation batches as they
         come (in order)."""
-        sizes = sorted((s.n_atoms for s in self.train_samples), reverse=True)
+        sizes = sorted((s.n_atoms for s in self.training_samples), reverse=True)
         largest = sum(sizes[: self.batch_size])
         val = [s.n_atoms for s in self.val_samples]
         for i in range(0, len(val), self.batch_size):
             largest = max(largest, sum(val[i : i + self.batch_size]))
         return largest
 
+    @property
+    def training_samples(self) -> list[Sample]:
+        """What the training loader draws from: the training frames, then the replay frames
+        (shuffled together by the loader)."""
+        return self.train_samples + self.replay_samples
+
     def available(self) -> dict[tuple[str, str], int]:
-        """Number of training frames carrying each (target, quantity)."""
+        """Number of training frames (replay frames included) carrying each (target,
+        quantity)."""
         out: dict[tuple[str, str], int] = {}
-        for target in ("hard", "soft"):
-            for q, attr in (("energy", "energy"), ("forces", "forces"), ("stress", "stress")):
+        for target in ("hard", "soft", "replay"):
+            for q in ("energy", "forces", "stress"):
                 out[(target, q)] = sum(
                     1
-                    for s in self.train_samples
-                    if (lab := (s.hard if target == "hard" else s.soft)) is not None
-                    and getattr(lab, attr) is not None
+                    for s in self.training_samples
+                    if (lab := getattr(s, target)) is not None and getattr(lab, q) is not None
                 )
         return out
 
@@ -689,7 +855,7 @@ class FramesDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_samples, self.shuffle, train=True)
+        return self._loader(self.training_samples, self.shuffle, train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_samples, False)

@@ -2,13 +2,17 @@
 
     L = rHE*MAE(E_hard) + rHF*MAE(F_hard) + rSE*MAE(E_soft) + rSF*MAE(F_soft)
         [+ rHS*MAE(S_hard) + rSS*MAE(S_soft)]                    (stress terms: an extension)
+        [+ rRE*MAE(E_replay) + rRF*MAE(F_replay) + rRS*MAE(S_replay)]   (replay frames)
 
 - energies per atom (eV/atom), forces per Cartesian component (eV/A), stress per Voigt
   component (GPa);
 - the ratios are used as given, NOT normalised to sum to one (as in the paper: the absolute
   size of the ratios acts as a learning-rate multiplier);
 - each term is a masked mean: frames without that label contribute nothing and are not
-  counted in the denominator; a term with no labelled element in a batch contributes 0.
+  counted in the denominator; a term with no labelled element in a batch contributes 0;
+- replay terms: pretrained CHGNet's own labels on the replay frames (``data.replay_store``,
+  inorganic crystals), so that the student keeps what CHGNet knew outside organic crystals
+  (docs/evaluation.md, "Replay frames"); only replay frames carry them.
 """
 
 from __future__ import annotations
@@ -29,8 +33,12 @@ RATIO_NAMES = {
     ("soft", "energy"): "r_se",
     ("soft", "forces"): "r_sf",
     ("soft", "stress"): "r_ss",
+    ("replay", "energy"): "r_re",
+    ("replay", "forces"): "r_rf",
+    ("replay", "stress"): "r_rs",
 }
-RATIOS = ("r_he", "r_hf", "r_se", "r_sf", "r_hs", "r_ss")
+RATIOS = ("r_he", "r_hf", "r_se", "r_sf", "r_hs", "r_ss", "r_re", "r_rf", "r_rs")
+REPLAY_RATIOS = ("r_re", "r_rf", "r_rs")
 # how tables and figure titles print them (the paper's rHE, rHF, ...)
 RATIO_LABELS = {r: "r" + r[2:].upper() for r in RATIOS}
 
@@ -64,8 +72,27 @@ def masked_mae(pred: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, int]
     return diff.mean(), diff.numel()
 
 
+def check_replay_settings(ratios: Mapping[str, float], replay_store: str | None) -> None:
+    """Refuse (:class:`LossConfigError`) a replay ratio > 0 without ``data.replay_store`` and
+    a replay store whose ratios are all 0 (its frames would be read, cached and batched for
+    nothing). Cheap: run before the data is read."""
+    on = {r: float(ratios.get(r, 0.0)) for r in REPLAY_RATIOS if float(ratios.get(r, 0.0)) > 0}
+    if on and not replay_store:
+        raise LossConfigError(
+            f"{', '.join(f'loss.{k}={v:g}' for k, v in on.items())} but data.replay_store is "
+            "not set: give the replay store (kd-nnp data inorganic, labelled with "
+            "teacher=chgnet) or set the replay ratios to 0"
+        )
+    if replay_store and not on:
+        raise LossConfigError(
+            f"data.replay_store={replay_store} but loss.r_re, loss.r_rf and loss.r_rs are all "
+            "0: its frames would train nothing; set a replay ratio > 0 (e.g. loss.r_re=1) or "
+            "data.replay_store=null"
+        )
+
+
 class DistillationLoss(nn.Module):
-    """Weighted sum of masked MAEs of hard and soft energy/forces/stress."""
+    """Weighted sum of masked MAEs of hard, soft and replay energy/forces/stress."""
 
     def __init__(
         self,
@@ -75,6 +102,9 @@ class DistillationLoss(nn.Module):
         r_sf: float = 1.0,
         r_hs: float = 0.0,
         r_ss: float = 0.0,
+        r_re: float = 0.0,
+        r_rf: float = 0.0,
+        r_rs: float = 0.0,
     ) -> None:
         super().__init__()
         self.ratios = {
@@ -84,6 +114,9 @@ class DistillationLoss(nn.Module):
             "r_sf": float(r_sf),
             "r_hs": float(r_hs),
             "r_ss": float(r_ss),
+            "r_re": float(r_re),
+            "r_rf": float(r_rf),
+            "r_rs": float(r_rs),
         }
         bad = {k: v for k, v in self.ratios.items() if v < 0 or v != v}
         if bad:
@@ -96,11 +129,11 @@ class DistillationLoss(nn.Module):
 
     @property
     def needs_forces(self) -> bool:
-        return self.ratio("hard", "forces") > 0 or self.ratio("soft", "forces") > 0
+        return any(self.ratio(t, "forces") > 0 for t in ("hard", "soft", "replay"))
 
     @property
     def needs_stress(self) -> bool:
-        return self.ratio("hard", "stress") > 0 or self.ratio("soft", "stress") > 0
+        return any(self.ratio(t, "stress") > 0 for t in ("hard", "soft", "replay"))
 
     def check_available(self, available: Mapping[tuple[str, str], int]) -> None:
         """Refuse a non-zero ratio whose target the data lacks entirely.
@@ -109,6 +142,7 @@ class DistillationLoss(nn.Module):
         """
         missing = [
             f"{RATIO_NAMES[key]}={self.ratio(*key)} but no training frame has {key[0]} {key[1]}"
+            + (" (set data.replay_store)" if key[0] == "replay" else "")
             for key in RATIO_NAMES
             if self.ratio(*key) > 0 and available.get(key, 0) == 0
         ]
@@ -119,8 +153,8 @@ class DistillationLoss(nn.Module):
         """The weighted loss and the masked MAE of every labelled (target, quantity).
 
         ``pred`` carries energies (B,) eV/atom, forces (Natoms, 3) and stress (B, 6) GPa (the
-        last two None when not predicted); the labels and masks come from ``batch.hard`` and
-        ``batch.soft``. A non-zero ratio whose quantity was not predicted is an error.
+        last two None when not predicted); the labels and masks come from ``batch.hard``,
+        ``batch.soft`` and ``batch.replay``. A non-zero ratio whose quantity was not predicted is an error.
         """
         total = pred.energy.sum() * 0.0
         maes: dict[str, Tensor] = {}

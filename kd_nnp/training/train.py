@@ -130,8 +130,9 @@ def run_training(
     from kd_nnp.training import ddp
     from kd_nnp.training.callbacks import LossCrossover
     from kd_nnp.training.committee import committee_settings
-    from kd_nnp.training.data import excluded_molecules
+    from kd_nnp.training.data import excluded_molecules, replay_fingerprint
     from kd_nnp.training.export import export_student
+    from kd_nnp.training.loss import check_replay_settings
     from kd_nnp.utils.provenance import check_job_config, environment_record
 
     committee = committee_settings(cfg)
@@ -142,6 +143,8 @@ def run_training(
             "committee heads set their own batch order (committee.seed + k): "
             "leave data.shuffle_seed null"
         )
+    # a replay ratio without replay frames, or replay frames without a ratio: before any file
+    check_replay_settings(cfg.get("loss") or {}, cfg.data.get("replay_store"))
     if cfg.get("evaluate") and evaluate is None:
         raise ValueError("the config has an evaluate block: pass evaluate= (see kd_nnp.cli.train)")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +152,11 @@ def run_training(
     excluded = excluded_molecules(cfg.data.get("exclude_molecules"))
     if excluded is not None:  # the molecules themselves, not only the file name, define the job
         resolved["data_excluded_molecules"] = {k: excluded[k] for k in ("n_molecules", "sha")}
+    replay = replay_fingerprint(
+        cfg.data.get("replay_store"), cfg.data.get("replay_label_set", "chgnet")
+    )
+    if replay is not None:  # likewise the replay frames and labels, not only the store's path
+        resolved["data_replay"] = replay
     writer = ddp.env_rank() == 0  # data-parallel: rank 0 alone writes the run folder
     if writer and check_job_config(run_dir, resolved, overrides) == "same":
         log.info("%s holds this job already (same resolved config)", run_dir)
@@ -276,6 +284,8 @@ def run_training(
     }
     if datamodule.summary.get("excluded"):  # the leakage guard: what it dropped
         metrics["excluded"] = datamodule.summary["excluded"]
+    if datamodule.summary.get("replay"):  # replay frames (data.replay_store), training only
+        metrics["replay"] = datamodule.summary["replay"]
     if evaluate is not None:
         metrics["evaluation"] = evaluate(student_path, run_dir)
     for lg in loggers:

@@ -145,7 +145,11 @@ def attach_feature_cache(
                              "device": str(device)}  # fmt: skip
     if prebuild:
         t0 = time.perf_counter()
-        samples = datamodule.train_samples + datamodule.val_samples
+        # the replay frames (data.replay_store) train too: their features are built here
+        samples = [
+            *datamodule.train_samples, *datamodule.val_samples,
+            *getattr(datamodule, "replay_samples", []),
+        ]  # fmt: skip
         todo = []
         for s in samples:
             stats["frames"] += 1
