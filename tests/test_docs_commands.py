@@ -433,6 +433,22 @@ def _run_data_line(cmd: Command, argv: list[str]) -> list[str]:
     return [] if rc == 0 else [f"{cmd}\n  exit {rc} when run as {' '.join(argv)}"]
 
 
+def _calc_label_problems(cmd: Command, parsed: object) -> list[str]:
+    """An ``evaluate`` line whose ``--calc`` specs share a method label is refused at run time
+    (results would merge), after argparse accepted it: check it here."""
+    from kd_nnp.errors import KdNnpError
+    from kd_nnp.teachers.calculators import unique_labels
+
+    specs = getattr(parsed, "calc", None)
+    if not isinstance(specs, list) or cmd.synopsis:
+        return []
+    try:
+        unique_labels(specs)
+    except KdNnpError as exc:
+        return [f"{cmd}\n  {exc}"]
+    return []
+
+
 def check_doc(path: Path, tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> list[str]:
     """All problems of one markdown file's commands, in the file's order."""
     stores: dict[str, Store] = {}
@@ -458,6 +474,7 @@ def check_doc(path: Path, tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys) ->
         if isinstance(parsed, _HydraCall):
             problems += _check_hydra(cmd, parsed, stores, tmp)
             continue
+        problems += _calc_label_problems(cmd, parsed)
         if cmd.synopsis or cmd.program != "kd-nnp" or argv[0] != "data":
             continue
         out = getattr(parsed, "out", None)
@@ -493,7 +510,7 @@ def test_docs_show_commands():
 def test_checker_flags_known_mistakes(tmp_path, monkeypatch, capsys):
     """Each kind of mistake is caught: unknown verb/option, missing required option, a hard
     loss on a store without hard labels, an unlabelled store, an unknown make target, a
-    replay store not made or not labelled by an earlier line."""
+    replay store not made or not labelled by an earlier line, two ``--calc`` with one label."""
     doc = tmp_path / "bad.md"
     doc.write_text(
         "```bash\n"
@@ -511,6 +528,8 @@ def test_checker_flags_known_mistakes(tmp_path, monkeypatch, capsys):
         "make nosuchtarget\n"
         "kd-nnp train data.store=s/p data.replay_store=s/x loss.r_re=1\n"  # s/x: no chgnet set
         "kd-nnp train data.store=STORE data.replay_store=s/gone loss.r_re=1\n"  # never made
+        "kd-nnp evaluate forgetting --calc student:a/train/student.pt --calc student:b/train/student.pt --out f\n"  # one label
+        "kd-nnp evaluate forgetting --calc student:a/train/student.pt=A --calc student:b/train/student.pt --out f\n"  # fine
         "```\n"
     )
     run_dir = tmp_path / "run"
@@ -518,7 +537,7 @@ def test_checker_flags_known_mistakes(tmp_path, monkeypatch, capsys):
     problems = check_doc(doc, run_dir, monkeypatch, capsys)
     text = "\n".join(problems)
     flagged = {int(p.split(":", 2)[1]) for p in problems}
-    assert flagged == {4, 6, 8, 9, 10, 11, 12, 13, 14, 15}, text  # lines 2, 3, 5, 7 are right
+    assert flagged == {4, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16}, text  # 2, 3, 5, 7, 17 are right
     assert "label set 'so3lr'" in text
     assert "no hard (DFT) labels" in text and "'r_he': 0.1" in text and "'r_he': 1.0" in text
     assert "s/nowhere is not made" in text
@@ -529,6 +548,7 @@ def test_checker_flags_known_mistakes(tmp_path, monkeypatch, capsys):
     assert "nosuchtarget" in text
     assert "data.replay_store=s/x needs label set 'chgnet'" in text
     assert "replay store s/gone is not made" in text
+    assert "both get the label 'student(train)'" in text
 
 
 def test_inline_verbs_exist():
