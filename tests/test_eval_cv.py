@@ -21,14 +21,18 @@ from kd_nnp.evaluation.cv import (
     LATTICE,
     STUDENT,
     assign_folds,
+    baseline_calculators,
     cv_crystals,
     cv_lattice,
     cv_summary,
     fold_relax_dir,
+    label_cv_store,
+    label_set_teachers,
     lattice_markdown,
     lattice_summary,
     make_folds,
     molecule_groups,
+    summary_markdown,
     teacher_label,
 )
 from kd_nnp.evaluation.lattice import EV_TO_KJ_MOL, lattice_energy
@@ -122,6 +126,56 @@ def test_summary_values():
     assert s["to_teacher"][CHGNET]["mean_abs_pct"] == pytest.approx((9.5 + 13 + 12 + 12) / 4)
     assert [f["vol_mae_pct"] for f in s["student_per_fold"]] == pytest.approx([1.5, 3.0])
     assert [f["n"] for f in s["student_per_fold"]] == [2, 1]
+
+
+def test_label_set_teachers_are_baselines():
+    # the teachers the students learn from (weight > 0) are relaxed as baselines too; a label
+    # set that names no runnable teacher (imported labels) is kept apart
+    spec = {"so3lr": 1, "chgnet_d3": 0.5, "pfp_import": 1, "gfn2": 0}
+    assert label_set_teachers(spec) == (["so3lr", "chgnet_d3"], ["pfp_import"])
+    assert label_set_teachers("pkg.mod:factory") == (["pkg.mod:factory"], [])
+    assert label_set_teachers(None) == ([], [])
+    with pytest.raises(ValueError, match="every weight is 0"):
+        label_set_teachers({"so3lr": 0})
+    assert baseline_calculators("so3lr", ["so3lr", "chgnet_d3"]) == {
+        CHGNET: "chgnet", "teacher (so3lr)": "teacher:so3lr",
+        "teacher (chgnet_d3)": "teacher:chgnet_d3",
+    }  # fmt: skip
+    assert baseline_calculators("so3lr") == {CHGNET: "chgnet", "teacher (so3lr)": "teacher:so3lr"}
+
+
+def test_label_cv_store_labels_every_teacher(tmp_path, monkeypatch):
+    import kd_nnp.teachers.label as label_mod
+    from kd_nnp.data.store import FrameStore
+
+    FrameStore(tmp_path / "s", create=True)
+    calls = []
+    monkeypatch.setattr(label_mod, "label_store", lambda store, name, workers: calls.append(name))
+    label_cv_store(tmp_path / "s", "so3lr", {"chgnet_d3": 1, "so3lr": 1, "gfn2": 0}, 2)
+    assert calls == ["so3lr", "chgnet_d3"]  # the reference once, then the others; weight 0 not
+    calls.clear()
+    with pytest.raises(KdNnpError, match=r"\['pfp_import'\].*label set of .*it has \[\]"):
+        label_cv_store(tmp_path / "s", "so3lr", {"pfp_import": 1}, 1)
+
+
+def test_summary_distance_to_every_teacher():
+    folds = [0, 0, 1, 1]
+    per = pd.DataFrame(
+        _rows(STUDENT, [1.0, -2.0, 3.0, 4.0], folds)
+        + _rows("teacher (t)", [0.5, -1.0, 2.0, 4.0], folds)
+        + _rows("teacher (u)", [2.0, -4.0, 3.0, float("nan")], folds, ["ok", "ok", "ok", "error"])
+        + _rows(CHGNET, [10.0, 12.0, 14.0, 16.0], folds)
+    )  # fmt: skip
+    s = cv_summary(per, "t", n_boot=200, seed=0)
+    assert list(s["to_teachers"]) == ["teacher (t)", "teacher (u)"]
+    assert s["to_teachers"]["teacher (t)"] == s["to_teacher"]
+    u = s["to_teachers"]["teacher (u)"]
+    assert u[STUDENT]["reference"] == "teacher (u)" and u[STUDENT]["n"] == 3
+    assert u[STUDENT]["mean_abs_pct"] == pytest.approx((1 + 2 + 0) / 3)
+    assert u[CHGNET]["mean_abs_pct"] == pytest.approx((8 + 16 + 11) / 3)
+    md = summary_markdown(s)
+    assert f"{STUDENT} vs teacher (u): mean |dV - dV_teacher| = 1.00 %" in md
+    assert f"{STUDENT} vs teacher (t)" in md
 
 
 def test_lattice_summary_values():

@@ -140,6 +140,20 @@ def test_method_labels_and_bad_specs(tmp_path):
     assert isinstance(calc, ScaledCrystalCalc)
 
 
+def test_student_label_may_hold_equals_signs(tmp_path):
+    # 'PATH=LABEL' splits at the first '=' that leaves an existing file: a label with '='
+    # (a sweep's override) used to be split at the last '=' and read as a missing path
+    run = tmp_path / "lr=0.01"
+    run.mkdir()
+    (run / "student.pt").write_bytes(b"x")
+    f = run / "student.pt"
+    assert method_label(f"student:{f}=r_se=1") == "r_se=1"
+    assert method_label(f"student:{f}=soft") == "soft"
+    assert method_label(f"student:{f}") == "student(lr=0.01)"
+    with pytest.raises(FileNotFoundError):
+        make_calculator(f"student:{tmp_path / 'missing.pt'}=a=b")
+
+
 def test_inference_calculator_matches_chgnet(formam, tmp_path):
     """The first-order CHGNet calculator equals chgnet's CHGNetCalculator, and a student
     file written as torch.save({'model': model.as_dict()}) loads through student:PATH."""

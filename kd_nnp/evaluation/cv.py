@@ -6,17 +6,20 @@ key, :func:`kd_nnp.data.molecules.graph_key`, molecular formula or SMILES) are o
 no molecule is in two folds. Then, all under ``cv.out``:
 
 1. ``store/``: the recipe's training frames (teacher-pre-relaxed, strained, rattled) of every
-   crystal, built once (:mod:`kd_nnp.training.crystal_store`) and labelled once by the teacher;
+   crystal, built once (:mod:`kd_nnp.training.crystal_store`) and labelled once by the teacher
+   and by every teacher of ``data.label_set`` (:func:`label_cv_store`);
    graphs and features are content-hashed caches, so every fold reuses them;
 2. ``fold<k>/train``: a student trained with the recipe on the frames of the other folds:
    ``data.exclude_molecules`` = ``fold<k>/test_molecules.json`` drops every frame of a molecule
    of fold k (the training leakage guard) before the split;
 3. ``fold<k>/relax``: fold k's crystals relaxed with that student; ``baselines/``: every crystal
-   relaxed once with pretrained CHGNet and with the teacher (protocol ``demo.relax``);
+   relaxed once with pretrained CHGNet, with the teacher and with every other teacher of
+   ``data.label_set`` (protocol ``demo.relax``);
 4. ``per_crystal.csv`` (fold, method, crystal, status, failure, volume error, RMSD15),
    ``summary.json`` (per method: n, failures, volume MAE / signed mean / median, RMSD15 mean,
    seeded bootstrap 95 % interval of the MAE; the student-teacher and CHGNet-teacher volume
-   distances with their intervals; per fold), ``summary.md``, ``parity_volume.png`` and
+   distances with their intervals, to the teacher (``to_teacher``) and to each teacher relaxed
+   (``to_teachers``); per fold), ``summary.md``, ``parity_volume.png`` and
    ``hist_volume_error.png`` (one panel per method);
 5. with ``cv.lattice`` (default true): ``lattice/``, the lattice energy of every crystal with
    every method (:func:`kd_nnp.evaluation.lattice.run_lattice_benchmark`, gas-phase box from
@@ -67,9 +70,54 @@ def teacher_label(teacher: str) -> str:
     return f"teacher ({teacher})"
 
 
-def baseline_calculators(teacher: str) -> dict[str, str]:
-    """``{label: spec}`` of the methods relaxed on every crystal (``baselines/``)."""
-    return {CHGNET: "chgnet", teacher_label(teacher): f"teacher:{teacher}"}
+def baseline_calculators(teacher: str, label_teachers: Any = ()) -> dict[str, str]:
+    """``{label: spec}`` of the methods relaxed on every crystal (``baselines/``): pretrained
+    CHGNet, ``teacher`` and every other teacher the students learn from (``label_teachers``,
+    :func:`label_set_teachers`)."""
+    out = {CHGNET: "chgnet", teacher_label(teacher): f"teacher:{teacher}"}
+    for name in label_teachers:
+        out.setdefault(teacher_label(name), f"teacher:{name}")
+    return out
+
+
+def label_set_teachers(label_set: Any) -> tuple[list[str], list[str]]:
+    """``(teachers, imported)`` of ``data.label_set``: the names of weight > 0
+    (:func:`kd_nnp.training.data.parse_label_sets`) that name a teacher the CV can run
+    (built in, or ``package.module:factory``) and, apart, those that name only a label set
+    (e.g. labels imported from elsewhere): these must be in the store already and get no
+    baseline relaxation."""
+    from kd_nnp.teachers.calculators import TEACHERS
+    from kd_nnp.training.data import parse_label_sets
+
+    weights = parse_label_sets(label_set) or {}
+    names = [n for n, w in weights.items() if w > 0]
+    teachers = [n for n in names if n in TEACHERS or ":" in n]
+    return teachers, [n for n in names if n not in teachers]
+
+
+def label_cv_store(store: Path, teacher: str, label_set: Any, workers: int) -> list[str]:
+    """Label ``store`` with ``teacher`` (the reference) and with every other teacher of
+    ``data.label_set`` (``label_set``), each resumably; a label set that names no runnable
+    teacher must be in the store already. Returns the report lines."""
+    from kd_nnp.data.store import FrameStore
+    from kd_nnp.teachers.label import label_store, resolve_label_set
+
+    teachers, imported = label_set_teachers(label_set)
+    lines = []
+    for name in [teacher, *[t for t in teachers if t != teacher]]:
+        lines.append(str(label_store(store, name, workers=workers)))
+    if imported:
+        fs = FrameStore(store)
+        have = fs.label_names()
+        missing = [n for n in imported if resolve_label_set(fs, n) not in have]
+        if missing:
+            raise KdNnpError(
+                f"data.label_set names {missing}, which {'is' if len(missing) == 1 else 'are'} "
+                f"not a teacher the CV can run (built in or package.module:factory) and not a "
+                f"label set of {store} (it has {sorted(have)}): label it there first "
+                "(`kd-nnp label store=... teacher=... name=...`)"
+            )
+    return lines
 
 
 def fold_relax_dir(out: Path, fold: int) -> Path:
@@ -273,13 +321,22 @@ def cv_summary(
             "rmsd15_mean": _f(r.mean()),
             "vol_mae_ci95_pct": [_f(lo), _f(hi)],
         }
-    to_teacher = {}
-    for method in (STUDENT, CHGNET):
-        d = paired_volume_distance(per_crystal, method, teacher_label(teacher))
-        diffs = list(d.pop("per_crystal_pct").values())
-        lo, hi = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
-        d = {k: (_f(v) if isinstance(v, float) else v) for k, v in d.items()}
-        to_teacher[method] = {**d, "mean_abs_ci95_pct": [_f(lo), _f(hi)]}
+    def distances(reference: str) -> dict[str, Any]:
+        res = {}
+        for method in (STUDENT, CHGNET):
+            d = paired_volume_distance(per_crystal, method, reference)
+            diffs = list(d.pop("per_crystal_pct").values())
+            lo, hi = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
+            d = {k: (_f(v) if isinstance(v, float) else v) for k, v in d.items()}
+            res[method] = {**d, "mean_abs_ci95_pct": [_f(lo), _f(hi)]}
+        return res
+
+    to_teacher = distances(teacher_label(teacher))
+    # every teacher relaxed as a baseline (the reference and the label-set teachers)
+    teachers = sorted(
+        m for m in methods if m.startswith("teacher (") and m != teacher_label(teacher)
+    )
+    to_teachers = {teacher_label(teacher): to_teacher, **{t: distances(t) for t in teachers}}
     folds = []
     stud = per_crystal[per_crystal["method"] == STUDENT]
     for fold, g in stud.groupby("fold", sort=True):
@@ -292,6 +349,7 @@ def cv_summary(
     return {
         "methods": methods,
         "to_teacher": to_teacher,
+        "to_teachers": to_teachers,
         "student_per_fold": folds,
         "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "level": 0.95},
     }
@@ -311,13 +369,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             "RMSD15 (A)": fmt(s["rmsd15_mean"]),
         })  # fmt: skip
     lines = [md_table(pd.DataFrame(rows)), ""]
-    for m, d in summary["to_teacher"].items():
-        lo, hi = d["mean_abs_ci95_pct"]
-        if d["n"]:
-            lines.append(
-                f"- {m} vs {d['reference']}: mean |dV - dV_teacher| = {d['mean_abs_pct']:.2f} % "
-                f"[{lo:.2f}, {hi:.2f}] over {d['n']} crystals"
-            )
+    by_teacher = summary.get("to_teachers") or {"": summary["to_teacher"]}
+    for dists in by_teacher.values():
+        for m, d in dists.items():
+            lo, hi = d["mean_abs_ci95_pct"]
+            if d["n"]:
+                lines.append(
+                    f"- {m} vs {d['reference']}: mean |dV - dV_teacher| = "
+                    f"{d['mean_abs_pct']:.2f} % [{lo:.2f}, {hi:.2f}] over {d['n']} crystals"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -565,7 +625,6 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
     from kd_nnp.evaluation.relax import run_relax_benchmark
     from kd_nnp.evaluation.report import parity_plot
     from kd_nnp.evaluation.settings import LatticeSettings, RelaxSettings
-    from kd_nnp.teachers.label import label_store
     from kd_nnp.training.crystal_store import build_crystal_store, prerelax_teacher
     from kd_nnp.training.train import run_training
     from kd_nnp.utils.settings import from_mapping
@@ -576,6 +635,11 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cv.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     teacher = str(cfg.teacher.name)
+    try:  # the teachers the students learn from: labelled and relaxed as baselines too
+        label_teachers, _ = label_set_teachers(cfg.data.get("label_set"))
+    except ValueError as exc:
+        raise KdNnpError(str(exc)) from exc
+    baselines = baseline_calculators(teacher, label_teachers)
     workers = int(cv.workers)
     relax = from_mapping(RelaxSettings, cfg.demo.relax, where="demo.relax")
     lattice = cv.get("lattice", True)
@@ -608,8 +672,10 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
     times["frames"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    print(f"[2/{steps}] labelling {store} with {teacher}")
-    print(f"      {label_store(store, teacher, workers=workers)}")
+    names = [teacher, *[n for n in label_teachers if n != teacher]]
+    print(f"[2/{steps}] labelling {store} with {', '.join(names)}")
+    for line in label_cv_store(store, teacher, cfg.data.get("label_set"), workers):
+        print(f"      {line}")
     times["label"] = time.perf_counter() - t
 
     by_code = dict(crystals)
@@ -650,10 +716,10 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
     times["folds"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    print(f"[4/{steps}] pretrained CHGNet and the teacher on all {len(crystals)} crystals")
+    print(f"[4/{steps}] {', '.join(baselines)} on all {len(crystals)} crystals")
     base = run_relax_benchmark(
         crystals,
-        baseline_calculators(teacher),
+        baselines,
         out / BASELINES,
         relax,
         workers=workers,
@@ -695,7 +761,7 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
             crystals,
             folds,
             students,
-            baseline_calculators(teacher),
+            baselines,
             relax,
             lat_settings,
             teacher=teacher,

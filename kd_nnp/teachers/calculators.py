@@ -496,10 +496,16 @@ def gas_phase(name: str, calculator: Any) -> GasPhase:
 
 # ------------------------------------------------------------------ specs
 def _student_parts(rest: str) -> tuple[str, str | None]:
-    """``PATH[=LABEL]`` -> (path, label or None). A path that exists is taken whole."""
+    """``PATH[=LABEL]`` -> (path, label or None). A path that exists is taken whole; else the
+    first ``=`` after which the part before is an existing file splits it (a label may hold
+    ``=``: ``run/student.pt=lr=0.01``)."""
     if not rest:
         raise CalculatorSpecError("calculator spec 'student:PATH' needs a path")
     if "=" in rest and not Path(rest).expanduser().is_file():
+        cuts = [i for i, ch in enumerate(rest) if ch == "="]
+        for i in cuts:
+            if rest[i + 1 :] and Path(rest[:i]).expanduser().is_file():
+                return rest[:i], rest[i + 1 :]
         path, _, label = rest.rpartition("=")
         # 'runs/x/student.pt=soft' names it; 'ckpts/epoch=3-step=90.ckpt' is a path
         if path and label and (Path(path).expanduser().is_file() or not set("/.") & set(label)):
