@@ -95,6 +95,11 @@ def label_set_teachers(label_set: Any) -> tuple[list[str], list[str]]:
     return teachers, [n for n in names if n not in teachers]
 
 
+def teachers_to_label(teacher: str, label_teachers: list[str]) -> list[str]:
+    """``teacher`` first, then the other teachers of ``data.label_set``, each once."""
+    return list(dict.fromkeys([teacher, *label_teachers]))
+
+
 def label_cv_store(store: Path, teacher: str, label_set: Any, workers: int) -> list[str]:
     """Label ``store`` with ``teacher`` (the reference) and with every other teacher of
     ``data.label_set`` (``label_set``), each resumably; a label set that names no runnable
@@ -104,7 +109,7 @@ def label_cv_store(store: Path, teacher: str, label_set: Any, workers: int) -> l
 
     teachers, imported = label_set_teachers(label_set)
     lines = []
-    for name in [teacher, *[t for t in teachers if t != teacher]]:
+    for name in teachers_to_label(teacher, teachers):
         lines.append(str(label_store(store, name, workers=workers)))
     if imported:
         fs = FrameStore(store)
@@ -321,6 +326,7 @@ def cv_summary(
             "rmsd15_mean": _f(r.mean()),
             "vol_mae_ci95_pct": [_f(lo), _f(hi)],
         }
+
     def distances(reference: str) -> dict[str, Any]:
         res = {}
         for method in (STUDENT, CHGNET):
@@ -369,8 +375,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             "RMSD15 (A)": fmt(s["rmsd15_mean"]),
         })  # fmt: skip
     lines = [md_table(pd.DataFrame(rows)), ""]
-    by_teacher = summary.get("to_teachers") or {"": summary["to_teacher"]}
-    for dists in by_teacher.values():
+    for dists in summary["to_teachers"].values():
         for m, d in dists.items():
             lo, hi = d["mean_abs_ci95_pct"]
             if d["n"]:
@@ -672,8 +677,8 @@ def run_cv(cfg: DictConfig) -> dict[str, Any]:
     times["frames"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    names = [teacher, *[n for n in label_teachers if n != teacher]]
-    print(f"[2/{steps}] labelling {store} with {', '.join(names)}")
+    names = ", ".join(teachers_to_label(teacher, label_teachers))
+    print(f"[2/{steps}] labelling {store} with {names}")
     for line in label_cv_store(store, teacher, cfg.data.get("label_set"), workers):
         print(f"      {line}")
     times["label"] = time.perf_counter() - t

@@ -502,13 +502,13 @@ def _student_parts(rest: str) -> tuple[str, str | None]:
     if not rest:
         raise CalculatorSpecError("calculator spec 'student:PATH' needs a path")
     if "=" in rest and not Path(rest).expanduser().is_file():
-        cuts = [i for i, ch in enumerate(rest) if ch == "="]
-        for i in cuts:
-            if rest[i + 1 :] and Path(rest[:i]).expanduser().is_file():
+        for i, ch in enumerate(rest):
+            if ch == "=" and rest[i + 1 :] and Path(rest[:i]).expanduser().is_file():
                 return rest[:i], rest[i + 1 :]
+        # no existing file before any '=': 'runs/x/student.pt=soft' (not made yet) names it;
+        # 'ckpts/epoch=3-step=90.ckpt' is a path
         path, _, label = rest.rpartition("=")
-        # 'runs/x/student.pt=soft' names it; 'ckpts/epoch=3-step=90.ckpt' is a path
-        if path and label and (Path(path).expanduser().is_file() or not set("/.") & set(label)):
+        if path and label and not set("/.") & set(label):
             return path, label
     return rest, None
 
