@@ -39,7 +39,7 @@ from kd_nnp.data.store import Frame, FrameStore, Labels, StoreError
 from kd_nnp.errors import SettingsError
 from kd_nnp.training.batch import Batch, Targets
 from kd_nnp.training.cache.energies import pretrained_energies
-from kd_nnp.training.cache.graphs import GraphCache
+from kd_nnp.training.cache.graphs import GraphCache, prebuild_graphs
 from kd_nnp.training.jacobian import select_force_atoms
 from kd_nnp.training.progress import ProgressLog
 from kd_nnp.training.reference import ElementReference, fit_element_reference
@@ -321,6 +321,9 @@ class FramesDataModule(L.LightningDataModule):
             ``n_train``); None: every labelled replay frame.
         graph_cache / student_model: cache folder and the CHGNet version whose converter
             and (for ``reference=student``) pretrained energies are used.
+        cache_workers: processes (one thread each) that build the missing graphs and
+            pretrained energies in :meth:`setup`; ``kd-nnp train`` passes its
+            ``feature_workers``. Same files and numbers as one process.
     """
 
     def __init__(
@@ -348,6 +351,7 @@ class FramesDataModule(L.LightningDataModule):
         graph_cache: str | None = None,
         student_model: str = "0.3.0",
         num_workers: int = 0,
+        cache_workers: int = 1,
         shuffle: bool = True,
         shuffle_seed: int | None = None,
     ) -> None:
@@ -393,6 +397,9 @@ class FramesDataModule(L.LightningDataModule):
         self.graph_cache_dir = graph_cache
         self.student_model = student_model
         self.num_workers = num_workers
+        if int(cache_workers) < 1:
+            raise SettingsError(f"cache_workers must be >= 1, got {cache_workers}")
+        self.cache_workers = int(cache_workers)
         self.shuffle = shuffle
         self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
         self.train_samples: list[Sample] = []
@@ -516,10 +523,16 @@ class FramesDataModule(L.LightningDataModule):
             )
 
         progress = ProgressLog(log, "graph cache", len(pool) + len(val_ids))
+        if self.cache_workers > 1:  # build the missing graphs in parallel; make() then reads them
+            prebuild_graphs(
+                gcache, [(f, by_id[f].atoms) for f in [*pool, *val_ids]], self.cache_workers,
+                progress,
+            )  # fmt: skip
 
         def make_logged(fid: str) -> Sample:
             sample = make(fid)
-            progress.step()
+            if self.cache_workers <= 1:
+                progress.step()
             return sample
 
         self.train_samples = [make_logged(f) for f in pool]
@@ -715,7 +728,9 @@ class FramesDataModule(L.LightningDataModule):
                 goal = [s.hard_energy for s in fit_on]
             elif method == "student":
                 fit_on = labelled
-                goal = pretrained_energies(fit_on, self.student_model, self.graph_cache_dir)
+                goal = pretrained_energies(
+                    fit_on, self.student_model, self.graph_cache_dir, self.cache_workers
+                )
             else:
                 raise ValueError(f"unknown data.reference {method!r}: use student, hard or none")
             log.info("%s energy reference (%s): fitting on %d frames", target, method, len(fit_on))

@@ -180,7 +180,10 @@ def run_training(
             default_root_dir=str(run_dir),
         )  # fmt: skip
     module = instantiate_block(cfg.model, "model")
-    datamodule = instantiate_block(cfg.data, "data")
+    # feature_workers: processes for every one-time cache (graphs, pretrained energies, features)
+    datamodule = instantiate_block(
+        cfg.data, "data", cache_workers=int(cfg.get("feature_workers", 1))
+    )
     log.info(
         "data: reading %s, building graphs and fitting the energy reference ...", cfg.data.store
     )

@@ -18,31 +18,78 @@ from kd_nnp.utils.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
+CHUNK = 16  # graphs per forward pass
+
+
+_WORKER_MODEL: Any = None
+
+
+def _init_energy_worker(student_model: str) -> None:
+    global _WORKER_MODEL
+    from kd_nnp.teachers.calculators import load_chgnet
+
+    _WORKER_MODEL = load_chgnet(student_model).eval()
+
+
+def _energies(model: Any, graph_paths: Sequence[Path], n_atoms: Sequence[int]) -> list[float]:
+    graphs = [GraphCache.load(p) for p in graph_paths]
+    with torch.no_grad():
+        e = model(graphs, task="e")["e"].numpy()
+    return [float(ei) * n for ei, n in zip(e, n_atoms)]
+
+
+def _energy_task(item: tuple[list[Path], list[int]]) -> list[float]:
+    return _energies(_WORKER_MODEL, *item)
+
 
 def pretrained_energies(
-    samples: Sequence[Any], student_model: str, graph_cache: str | Path | None = None
+    samples: Sequence[Any],
+    student_model: str,
+    graph_cache: str | Path | None = None,
+    workers: int = 1,
 ) -> list[float]:
     """Total energies (eV) of the pretrained student on ``samples`` (each with ``graph_key``,
-    ``graph_path``, ``n_atoms``), cached per graph key beside the graph cache."""
-    from kd_nnp.teachers.calculators import load_chgnet
+    ``graph_path``, ``n_atoms``), cached per graph key beside the graph cache. ``workers`` > 1
+    spreads the missing ones over that many processes (one thread each; same numbers)."""
+    from kd_nnp.utils.parallel import run_tasks
 
     cache_file = (
         Path(graph_cache) if graph_cache else cache_dir() / "graphs"
     ) / f"pretrained_energy_{student_model}.json"
     known: dict[str, float] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    todo = [s for s in samples if s.graph_key not in known]
+    todo = list({s.graph_key: s for s in samples if s.graph_key not in known}.values())
     if todo:
-        model = load_chgnet(student_model).eval()
         progress = ProgressLog(log, "pretrained student energies", len(todo))
-        for i in range(0, len(todo), 16):
-            chunk = todo[i : i + 16]
-            graphs = [GraphCache.load(s.graph_path) for s in chunk]
-            with torch.no_grad():
-                e = model(graphs, task="e")["e"].numpy()
-            for s, ei in zip(chunk, e):
-                known[s.graph_key] = float(ei) * s.n_atoms
-            progress.step(len(chunk))
+        chunks = [todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK)]
+        items = [
+            (i, ([s.graph_path for s in c], [s.n_atoms for s in c])) for i, c in enumerate(chunks)
+        ]
+        if workers <= 1:
+            from kd_nnp.teachers.calculators import load_chgnet
+
+            model = load_chgnet(student_model).eval()
+            results = ((i, _energies(model, *item)) for i, item in items)
+        else:
+            results = (
+                (r.key, r.value if r.ok else _raise(r.error))
+                for r in run_tasks(
+                    _energy_task,
+                    items,
+                    n_workers=workers,
+                    initializer=_init_energy_worker,
+                    initargs=(student_model,),
+                    progress=False,
+                )
+            )
+        for i, energies in results:
+            for s, e in zip(chunks[i], energies):
+                known[s.graph_key] = e
+            progress.step(len(chunks[i]))
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(known))
         os.replace(tmp, cache_file)
     return [known[s.graph_key] for s in samples]
+
+
+def _raise(error: str | None) -> Any:
+    raise RuntimeError(f"pretrained student energies: a worker failed:\n{error}")

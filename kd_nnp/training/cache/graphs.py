@@ -83,3 +83,43 @@ class GraphCache:
         from chgnet.graph import CrystalGraph
 
         return CrystalGraph.from_dict(torch.load(path, weights_only=False))
+
+
+_WORKER_GRAPHS: GraphCache | None = None
+
+
+def _init_graph_worker(root: str) -> None:
+    global _WORKER_GRAPHS
+    _WORKER_GRAPHS = GraphCache(root)
+
+
+def _graph_task(item: tuple[str, Atoms]) -> str:
+    assert _WORKER_GRAPHS is not None
+    return _WORKER_GRAPHS.get(item[1], graph_id=item[0])[0]
+
+
+def prebuild_graphs(
+    cache: GraphCache, frames: list[tuple[str, Atoms]], workers: int, progress: Any = None
+) -> int:
+    """Build the missing graphs of ``frames`` (``(frame id, atoms)``) with ``workers``
+    processes (one thread each) into ``cache``; returns how many were built. Frames whose
+    graph fails are left missing: the caller's :meth:`GraphCache.get` raises for them with
+    the frame named. ``progress`` (a ``ProgressLog``) is stepped once per frame, cached ones
+    included. With ``workers <= 1`` nothing is done here (the caller builds serially)."""
+    from kd_nnp.utils.parallel import run_tasks
+
+    if workers <= 1:
+        return 0
+    missing = [(fid, atoms) for fid, atoms in frames if not cache.path(cache.key(atoms)).exists()]
+    if progress is not None and len(frames) > len(missing):
+        progress.step(len(frames) - len(missing))
+    built = 0
+    for res in run_tasks(
+        _graph_task, [(fid, (fid, atoms)) for fid, atoms in missing], n_workers=workers,
+        initializer=_init_graph_worker, initargs=(str(cache.root),), progress=False,
+    ):  # fmt: skip
+        built += res.ok
+        if progress is not None:
+            progress.step()
+    cache.n_built += built
+    return built
