@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kd_nnp.errors import KdNnpError
@@ -59,6 +60,13 @@ def test_unique_labels_refuses_a_clash_naming_both():
         ("teacher:", "needs a teacher name"),
         ("no_such_module_xyz:factory", "cannot import 'no_such_module_xyz'"),
         ("ase.calculators.emt:NoSuchFactory", "has no callable 'NoSuchFactory'"),
+        ("teachers:", "needs teachers with a positive weight"),
+        ("teachers:so3lr", r"'so3lr' is not NAME=WEIGHT"),
+        ("teachers:so3lr=1,chgnet_d3=x", r"weight of 'chgnet_d3' is not a number: 'x'"),
+        ("teachers:so3lr=1,chgnet_d3=-1", r"weight of 'chgnet_d3' must be finite and >= 0"),
+        ("teachers:so3lr=1,so3lr=2", "'so3lr' is given twice"),
+        ("teachers:so3lr=0,chgnet_d3=0", "needs teachers with a positive weight"),
+        ("teachers:so3lr=1,so3lrr=1", r"unknown teacher 'so3lrr'; built-in"),
     ],
 )
 def test_bad_specs_are_user_errors(spec, match):
@@ -76,6 +84,34 @@ def test_good_specs_pass_the_cheap_check(tmp_path):
         check_spec(spec)
     assert make_calculator("ase.calculators.emt:EMT").name == "emt"
     assert make_calculator("teacher:ase.calculators.emt:EMT").name == "emt"
+
+
+def test_teacher_mixture_is_the_normalised_weighted_mean():
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.lj import LennardJones
+
+    from kd_nnp.teachers.calculators import parse_teacher_mixture
+
+    emt, lj = "ase.calculators.emt:EMT", "ase.calculators.lj:LennardJones"
+    spec = f"teachers:{emt}=1,{lj}=3,so3lr=0"
+    assert parse_teacher_mixture(spec.partition(":")[2]) == {emt: 0.25, lj: 0.75}
+    check_spec(spec)  # the weight-0 so3lr is not built
+    assert method_label(spec) == f"teachers({emt}=1,{lj}=3,so3lr=0)"
+    atoms = bulk("Cu", "fcc", a=3.7, cubic=True)
+    atoms.rattle(0.05, seed=1)
+    atoms.set_cell(atoms.cell * 1.01, scale_atoms=True)
+
+    def efs(calc):
+        a = atoms.copy()
+        a.calc = calc
+        return a.get_potential_energy(), a.get_forces(), a.get_stress()
+
+    mix, one, two = efs(make_calculator(spec)), efs(EMT()), efs(LennardJones())
+    for m, x, y in zip(mix, one, two):
+        assert np.allclose(m, 0.25 * np.asarray(x) + 0.75 * np.asarray(y), rtol=1e-10, atol=1e-12)
+    assert not np.allclose(mix[1], one[1])  # the forces differ: the test can fail
+    assert make_calculator(f"teachers:{emt}=2").name == "emt"  # one teacher: itself
 
 
 def test_unreadable_student_file_is_a_user_error(tmp_path):

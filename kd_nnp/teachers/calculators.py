@@ -13,6 +13,10 @@ given a string. Specs:
   committee calculator (mean and standard deviations of the K heads);
 - ``teacher:NAME``: a built-in teacher (:data:`TEACHERS`: ``so3lr``, ``gfn2``, ``chgnet_d3``,
   ``sevennet_d3``, ``chgnet``) or ``teacher:module:factory``, with its default settings;
+- ``teachers:NAME=W,NAME=W,...``: the weighted mean of several teachers (weights normalised
+  to sum 1; energy, forces and stress mixed alike, ASE's ``LinearCombinationCalculator``):
+  the teacher a multi-teacher student (``data.label_set={so3lr: 1, chgnet_d3: 1}``) learns
+  from, up to a per-element energy zero, so it is the baseline its distance is measured to;
 - ``module:factory`` (or ``module:factory:arg``): ``importlib.import_module(module).factory()``
   must return an ASE calculator (a single string argument may follow).
 
@@ -52,7 +56,9 @@ from kd_nnp.teachers.base import (
     TeacherImportError,
 )
 
-SPEC_GRAMMAR = "chgnet, student:PATH[=LABEL], teacher:NAME or module:factory[:arg]"
+SPEC_GRAMMAR = (
+    "chgnet, student:PATH[=LABEL], teacher:NAME, teachers:NAME=W,NAME=W,... or module:factory[:arg]"
+)
 
 
 # ------------------------------------------------------------------ CHGNet loading
@@ -428,6 +434,52 @@ def build_teacher_calculator(name: str, settings: Mapping[str, Any] | None = Non
     return _check_calculator(factory(**merged), f"teacher {name!r}")
 
 
+def parse_teacher_mixture(rest: str) -> dict[str, float]:
+    """``NAME=W,NAME=W,...`` of a ``teachers:`` spec as ``{name: weight / sum}``; weights
+    must be finite and >= 0 with a positive sum, each name given once, weight-0 names are
+    dropped."""
+    spec = f"teachers:{rest}"
+    weights: dict[str, float] = {}
+    for part in [p.strip() for p in rest.split(",")] if rest.strip() else []:
+        name, eq, w = part.rpartition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise CalculatorSpecError(
+                f"calculator spec {spec!r}: {part!r} is not NAME=WEIGHT "
+                "(e.g. teachers:so3lr=1,chgnet_d3=1)"
+            )
+        try:
+            weight = float(w)
+        except ValueError:
+            raise CalculatorSpecError(
+                f"calculator spec {spec!r}: weight of {name!r} is not a number: {w!r}"
+            ) from None
+        if not np.isfinite(weight) or weight < 0:
+            raise CalculatorSpecError(
+                f"calculator spec {spec!r}: weight of {name!r} must be finite and >= 0"
+            )
+        if name in weights:
+            raise CalculatorSpecError(f"calculator spec {spec!r}: {name!r} is given twice")
+        weights[name] = weight
+    total = sum(weights.values())
+    if not weights or total <= 0:
+        raise CalculatorSpecError(
+            f"calculator spec {spec!r} needs teachers with a positive weight "
+            "(e.g. teachers:so3lr=1,chgnet_d3=1)"
+        )
+    return {n: w / total for n, w in weights.items() if w > 0}
+
+
+def build_teacher_mixture(weights: Mapping[str, float]) -> Any:
+    """The weighted mean (``weights`` summing to 1) of the teachers named by ``weights``."""
+    from ase.calculators.mixing import LinearCombinationCalculator
+
+    calcs = [build_teacher_calculator(name) for name in weights]
+    if len(calcs) == 1:
+        return calcs[0]
+    return LinearCombinationCalculator(calcs, list(weights.values()))
+
+
 # ------------------------------------------------------------------ gas phase
 def student_clearance() -> float:
     """The student's interaction range (A): pretrained CHGNet's atom-graph cutoff (its bond
@@ -526,6 +578,8 @@ def make_calculator(spec: str) -> Calculator:
         if not rest:
             raise CalculatorSpecError("calculator spec 'teacher:NAME' needs a teacher name")
         return build_teacher_calculator(rest)
+    if kind == "teachers":
+        return build_teacher_mixture(parse_teacher_mixture(rest))
     if rest:  # module:factory[:arg]
         factory_name, _, arg = rest.partition(":")
         _, factory = _import_factory(kind, factory_name, f"calculator spec {spec!r}")
@@ -566,6 +620,10 @@ def check_spec(spec: str) -> None:
             return
         resolve_teacher(rest)  # module:factory imports; an unknown name raises
         return
+    if kind == "teachers":
+        for name in parse_teacher_mixture(rest):
+            check_spec(f"teacher:{name}")
+        return
     if rest:
         _import_factory(kind, rest.partition(":")[0], f"calculator spec {spec!r}")
         return
@@ -592,6 +650,8 @@ def method_label(spec: str) -> str:
         return f"student({p.stem})"
     if kind == "teacher":
         return f"teacher({rest})"
+    if kind == "teachers":
+        return f"teachers({rest})"
     if rest:
         return f"{kind.rsplit('.', 1)[-1]}.{rest.replace(':', '-')}"
     return spec
