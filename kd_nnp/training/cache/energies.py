@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,6 @@ def pretrained_energies(
     """Total energies (eV) of the pretrained student on ``samples`` (each with ``graph_key``,
     ``graph_path``, ``n_atoms``), cached per graph key beside the graph cache. ``workers`` > 1
     spreads the missing ones over that many processes (one thread each; same numbers)."""
-    from kd_nnp.utils.parallel import run_tasks
-
     cache_file = (
         Path(graph_cache) if graph_cache else cache_dir() / "graphs"
     ) / f"pretrained_energy_{student_model}.json"
@@ -70,17 +68,7 @@ def pretrained_energies(
             model = load_chgnet(student_model).eval()
             results = ((i, _energies(model, *item)) for i, item in items)
         else:
-            results = (
-                (r.key, r.value if r.ok else _raise(r.error))
-                for r in run_tasks(
-                    _energy_task,
-                    items,
-                    n_workers=workers,
-                    initializer=_init_energy_worker,
-                    initargs=(student_model,),
-                    progress=False,
-                )
-            )
+            results = _pool_energies(items, student_model, workers)
         for i, energies in results:
             for s, e in zip(chunks[i], energies):
                 known[s.graph_key] = e
@@ -91,5 +79,17 @@ def pretrained_energies(
     return [known[s.graph_key] for s in samples]
 
 
-def _raise(error: str | None) -> Any:
-    raise RuntimeError(f"pretrained student energies: a worker failed:\n{error}")
+def _pool_energies(
+    items: list[tuple[int, Any]], student_model: str, workers: int
+) -> Iterator[tuple[int, list[float]]]:
+    """``(chunk index, energies)`` of ``items`` from ``workers`` processes, as they finish;
+    a failed chunk stops the run (nothing of this run is written to the cache file)."""
+    from kd_nnp.utils.parallel import run_tasks
+
+    for r in run_tasks(
+        _energy_task, items, n_workers=workers, initializer=_init_energy_worker,
+        initargs=(student_model,), progress=False,
+    ):  # fmt: skip
+        if not r.ok:
+            raise RuntimeError(f"pretrained student energies: a worker failed:\n{r.error}")
+        yield r.key, r.value
