@@ -30,7 +30,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("kd_nnp.cli.export:main", "export a checkpoint as a CHGNet model file"),
     "evaluate": (
         "kd_nnp.cli.evaluate:main",
-        "benchmarks: relax, teachers, elastic, table2, cv, lattice, forgetting",
+        "benchmarks: relax, teachers, elastic, table2, cv, lattice, forgetting, frames",
     ),
     "report": ("kd_nnp.cli.report:main", "aggregate a sweep directory into tables and figures"),
     "demo": (

@@ -1,5 +1,6 @@
-"""``kd-nnp evaluate relax|teachers|elastic|table2|forgetting|lattice|cv``: the benchmarks from
-the command line (``teachers``: the teacher bake-off, :mod:`kd_nnp.evaluation.bakeoff`).
+"""``kd-nnp evaluate relax|teachers|elastic|table2|forgetting|lattice|frames|cv``: the benchmarks
+from the command line (``teachers``: the teacher bake-off, :mod:`kd_nnp.evaluation.bakeoff`;
+``frames``: errors against a store's labels on every atom, :mod:`kd_nnp.evaluation.frames`).
 
 ``cv`` (leave-molecule-out cross-validation, :mod:`kd_nnp.evaluation.cv`) is a Hydra verb:
 ``kd-nnp evaluate cv cv.folds=5 teacher=so3lr ...`` composes ``conf/evaluate/cv.yaml``.
@@ -254,6 +255,47 @@ def _forgetting(args: argparse.Namespace) -> int:
     return 0
 
 
+FRAMES_HELP = """Errors of calculators against a store's teacher labels, frame by frame:
+forces on every atom (training's force MAEs cover only the data.force_atoms cached atoms),
+stress, molecular stress, and energies with each crystal's mean offset removed. --run RUN_DIR
+--part val selects the validation crystals of a training run (molecules it never trained
+on). Writes OUT/per_frame.csv, summary.csv, summary.md, summary.json."""
+
+
+def _frames_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("frames", help="errors vs a store's labels on every atom",
+                       description=FRAMES_HELP)  # fmt: skip
+    p.add_argument("--calc", action="append", required=True,
+                   help="calculator spec (repeatable), e.g. chgnet, student:PATH")  # fmt: skip
+    p.add_argument("--store", required=True, type=Path, help="frame store folder")
+    p.add_argument("--labels", required=True, help="label set of the store (the teacher's)")
+    p.add_argument("--run", type=Path, default=None,
+                   help="training run folder: select its crystals (data_summary.json)")  # fmt: skip
+    p.add_argument("--part", choices=("val", "train", "all"), default="val",
+                   help="which crystals of --run (default val); all: every frame")  # fmt: skip
+    p.add_argument("--groups", default=None, help="comma-separated crystals (store groups)")
+    p.add_argument("--max-frames", type=int, default=None,
+                   help="evenly spaced subset of at most this many frames")  # fmt: skip
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _frames(args: argparse.Namespace) -> int:
+    from kd_nnp.evaluation.frames import run_frame_errors
+
+    groups = [g for g in args.groups.split(",") if g] if args.groups else None
+    if args.run is None and groups is None and args.part != "all":
+        print("kd-nnp evaluate frames: give --run RUN_DIR, --groups, or --part all",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    run_frame_errors(list(args.calc), args.store, args.labels, args.out, run_dir=args.run,
+                     part=args.part, groups=groups, max_frames=args.max_frames,
+                     progress=not args.quiet)  # fmt: skip
+    print((args.out / "summary.md").read_text())
+    print(f"wrote {args.out}/per_frame.csv, summary.csv, summary.md, summary.json")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kd-nnp evaluate", description=__doc__)
     sub = p.add_subparsers(dest="bench", required=True)
@@ -263,6 +305,7 @@ def parser() -> argparse.ArgumentParser:
     _table2_parser(sub)
     _forgetting_parser(sub)
     _lattice_parser(sub)
+    _frames_parser(sub)
     return p
 
 
@@ -284,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         return _forgetting(args)
     if args.bench == "lattice":
         return _lattice(args)
+    if args.bench == "frames":
+        return _frames(args)
     if args.bench == "table2":
         from kd_nnp.evaluation.table2 import run_table2
 
