@@ -7,7 +7,8 @@
    docs/demo.md), cached in the store;
 3. soft-only distillation of CHGNet's MLP (recipe in ``conf/demo.yaml``, see docs/demo.md);
 4. relaxation benchmark on held-out experimental crystals of ``test.db`` for pretrained
-   CHGNet, the teacher and the distilled student, and their lattice energies (the relaxed
+   CHGNet, the teacher (both in a background process during step 3 with
+   ``demo.overlap_baselines``) and the distilled student, and their lattice energies (the relaxed
    crystals of the benchmark vs the relaxed gas-phase molecules, ``kd-nnp evaluate lattice``);
 5. a printed table and PNGs (parity plots, loss curves with the crossover), paths printed.
 
@@ -221,6 +222,66 @@ def heldout_table(summary: Any, lat: dict[str, Any]) -> str:
     return md_table(pd.DataFrame(rows), cols, "{:.2f}")
 
 
+def _watch_parent(parent: int) -> None:
+    """Exit this (background) process when its parent is gone (killed -9): an orphan would
+    keep appending to the relaxation records while a rerun writes them too."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _relax_baselines(eval_set: list, baselines: dict[str, str], out_dir: str, relax: Any,
+                     parent: int) -> None:  # fmt: skip
+    """Background process of :func:`start_baseline_relaxations`: one worker, one thread."""
+    from kd_nnp.evaluation.relax import run_relax_benchmark
+    from kd_nnp.utils.threads import set_threads
+
+    _watch_parent(parent)
+    set_threads(1)
+    run_relax_benchmark(eval_set, baselines, out_dir, relax, workers=1, references=False,
+                        progress=False, report=False)  # fmt: skip
+
+
+def start_baseline_relaxations(eval_set: list, baselines: dict[str, str], out_dir: Path,
+                               relax: Any) -> Any:  # fmt: skip
+    """Relax the held-out crystals with the baselines (pretrained CHGNet, the teacher) in one
+    background process while the student trains (``demo.overlap_baselines``): the training
+    loop runs in one process, so on 2 cores the other core is free for most of it. The
+    records go to ``out_dir/relax.jsonl`` as in the foreground benchmark, which then finds
+    them done (same calculators and protocol: same numbers) and relaxes only the student."""
+    import multiprocessing as mp
+    import os
+
+    proc = mp.get_context("spawn").Process(
+        target=_relax_baselines,
+        args=(eval_set, baselines, str(out_dir), relax, os.getpid()),
+        name="kd-nnp-demo-baselines",
+    )
+    proc.start()
+    log.info("baseline relaxations (%s) started in process %s", ", ".join(baselines), proc.pid)
+    return proc
+
+
+def wait_for_baselines(proc: Any) -> None:
+    """Join the background baseline relaxations; a failed process is logged and its missing
+    relaxations are run by the foreground benchmark (resume), never dropped."""
+    if proc.is_alive():
+        print("      waiting for the baseline relaxations started during training ...")
+    proc.join()
+    if proc.exitcode != 0:
+        log.warning(
+            "the background baseline relaxations exited with code %s; the benchmark relaxes "
+            "what they left undone",
+            proc.exitcode,
+        )
+
+
 def run_demo(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -265,21 +326,32 @@ def run_demo(cfg: DictConfig) -> dict[str, Any]:
     times["label"] = time.perf_counter() - t
     print(f"      {rep}")
 
+    relax = from_mapping(RelaxSettings, cfg.demo.relax, where="demo.relax")
+    baselines = {
+        "CHGNet (pretrained)": "chgnet",
+        f"teacher ({cfg.demo.teacher})": f"teacher:{cfg.demo.teacher}",
+    }
     t = time.perf_counter()
     print("[3/5] distillation (soft targets only)")
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    metrics = run_training(cfg, run_dir)
+    background = None
+    if cfg.demo.get("overlap_baselines", False):
+        background = start_baseline_relaxations(eval_set, baselines, out / "relax", relax)
+    try:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        metrics = run_training(cfg, run_dir)
+    except BaseException:
+        if background is not None:
+            background.terminate()
+        raise
     times["train"] = time.perf_counter() - t
     student = Path(metrics["student"])
 
     t = time.perf_counter()
     print(f"[4/5] relaxation benchmark on {len(eval_set)} held-out crystals")
-    relax = from_mapping(RelaxSettings, cfg.demo.relax, where="demo.relax")
-    methods = {
-        "CHGNet (pretrained)": "chgnet",
-        f"teacher ({cfg.demo.teacher})": f"teacher:{cfg.demo.teacher}",
-        "student (distilled)": f"student:{student}",
-    }
+    if background is not None:
+        wait_for_baselines(background)
+        times["baseline_wait"] = time.perf_counter() - t
+    methods = {**baselines, "student (distilled)": f"student:{student}"}
     df = run_relax_benchmark(
         eval_set, methods, out / "relax", relax, workers=int(cfg.demo.workers), references=False
     )

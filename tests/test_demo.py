@@ -90,6 +90,11 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert "results" in r.stdout and "outputs:" in r.stdout
     assert "volume distance to the teacher" in r.stdout
     assert "pre-relaxed by so3lr" in r.stdout
+    # demo.overlap_baselines: CHGNet and the teacher relaxed during training, nothing twice
+    assert "baseline_wait" in result["times_s"]
+    recs = [json.loads(x) for x in (out / "relax" / "relax.jsonl").read_text().splitlines()]
+    pairs = [(x["method"], x["id"]) for x in recs]
+    assert len(pairs) == len(set(pairs)) == 3 * len(crystals["eval"])
     assert result["to_teacher"]["student (distilled)"]["reference"] == "teacher (chgnet_d3)"
     # the forgetting check (conf/demo/quick.yaml: 5 built-in structures, no perturbed copies,
     # + the shared MPtrj frames when present): the trained MLP moved the student
@@ -120,3 +125,37 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert again["times_s"]["train"] < 0.5 * result["times_s"]["train"] + 5
     assert (out / "lattice" / "gas.jsonl").read_text() == gas_lines
     assert again["lattice"]["per_crystal_kj_mol"] == lat["per_crystal_kj_mol"]
+
+
+def test_baseline_relaxations_run_in_a_background_process(tmp_path, caplog):
+    """`demo.overlap_baselines`: the baselines relax in another process while the student
+    trains; the foreground benchmark then reuses their records and relaxes only what is new.
+    A background process that fails is reported, and the foreground redoes its work."""
+    from kd_nnp.demo import start_baseline_relaxations, wait_for_baselines
+    from kd_nnp.evaluation.relax import run_relax_benchmark
+    from kd_nnp.evaluation.settings import RelaxSettings
+    from kd_nnp.evaluation.structures import load_dataset
+    from kd_nnp.utils.jsonl import read_jsonl
+
+    crystals = [(c.id, c.atoms) for c in load_dataset("pyxtal:test", limit=2, max_atoms=40)]
+    settings = RelaxSettings(fmax=0.01)
+    base = {"baseline": "test_eval_relax:scaled_calc"}
+    proc = start_baseline_relaxations(crystals, base, tmp_path / "a", settings)
+    assert proc.pid != os.getpid()
+    wait_for_baselines(proc)
+    assert proc.exitcode == 0
+    first = (tmp_path / "a" / "relax.jsonl").read_text().splitlines()
+    assert len(first) == 2 and all(json.loads(r)["status"] == "ok" for r in first)
+    df = run_relax_benchmark(crystals, {**base, "student": "test_eval_relax:scaled_calc"},
+                             tmp_path / "a", settings, workers=1, references=False,
+                             progress=False)  # fmt: skip
+    after = (tmp_path / "a" / "relax.jsonl").read_text().splitlines()
+    assert after[:2] == first and len(after) == 4  # nothing relaxed twice
+    assert sorted(df["method"]) == ["baseline", "baseline", "student", "student"]
+
+    bad = start_baseline_relaxations(crystals, {"x": "no_such_module_xyz:factory"},
+                                     tmp_path / "b", settings)  # fmt: skip
+    with caplog.at_level("WARNING", logger="kd_nnp.demo"):
+        wait_for_baselines(bad)
+    assert bad.exitcode != 0 and "exited with code" in caplog.text
+    assert not read_jsonl(tmp_path / "b" / "relax.jsonl")
