@@ -128,10 +128,11 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 
 
 def test_baseline_relaxations_run_in_a_background_process(tmp_path, caplog):
-    """`demo.overlap_baselines`: the baselines relax in another process while the student
-    trains; the foreground benchmark then reuses their records and relaxes only what is new.
-    A background process that fails is reported, and the foreground redoes its work."""
-    from kd_nnp.demo import start_baseline_relaxations, wait_for_baselines
+    """`demo.overlap_baselines`: the baselines relax in another process (own file) while the
+    student trains; their records are merged into the benchmark's file, which then relaxes
+    nothing twice. A background process that fails is reported, and the benchmark redoes its
+    work."""
+    from kd_nnp.demo import merge_relax_records, start_baseline_relaxations, wait_for_baselines
     from kd_nnp.evaluation.relax import run_relax_benchmark
     from kd_nnp.evaluation.settings import RelaxSettings
     from kd_nnp.evaluation.structures import load_dataset
@@ -140,17 +141,21 @@ def test_baseline_relaxations_run_in_a_background_process(tmp_path, caplog):
     crystals = [(c.id, c.atoms) for c in load_dataset("pyxtal:test", limit=2, max_atoms=40)]
     settings = RelaxSettings(fmax=0.01)
     base = {"baseline": "test_eval_relax:scaled_calc"}
-    proc = start_baseline_relaxations(crystals, base, tmp_path / "a", settings)
+    student = {"student": "test_eval_relax:scaled_calc"}
+    kw = dict(workers=1, references=False, progress=False)
+    proc = start_baseline_relaxations(crystals, base, tmp_path / "bg", settings)
     assert proc.pid != os.getpid()
+    run_relax_benchmark(crystals, student, tmp_path / "relax", settings, report=False, **kw)
     wait_for_baselines(proc)
     assert proc.exitcode == 0
-    first = (tmp_path / "a" / "relax.jsonl").read_text().splitlines()
-    assert len(first) == 2 and all(json.loads(r)["status"] == "ok" for r in first)
-    df = run_relax_benchmark(crystals, {**base, "student": "test_eval_relax:scaled_calc"},
-                             tmp_path / "a", settings, workers=1, references=False,
-                             progress=False)  # fmt: skip
-    after = (tmp_path / "a" / "relax.jsonl").read_text().splitlines()
-    assert after[:2] == first and len(after) == 4  # nothing relaxed twice
+    bg = (tmp_path / "bg" / "relax.jsonl").read_text().splitlines()
+    assert len(bg) == 2 and all(json.loads(r)["status"] == "ok" for r in bg)
+    dst = tmp_path / "relax" / "relax.jsonl"
+    assert merge_relax_records(tmp_path / "bg" / "relax.jsonl", dst) == 2
+    assert merge_relax_records(tmp_path / "bg" / "relax.jsonl", dst) == 0  # idempotent
+    merged = dst.read_text().splitlines()
+    df = run_relax_benchmark(crystals, {**base, **student}, tmp_path / "relax", settings, **kw)
+    assert dst.read_text().splitlines() == merged and len(merged) == 4  # nothing relaxed twice
     assert sorted(df["method"]) == ["baseline", "baseline", "student", "student"]
 
     bad = start_baseline_relaxations(crystals, {"x": "no_such_module_xyz:factory"},
